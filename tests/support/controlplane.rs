@@ -1,0 +1,471 @@
+//! A real Kubernetes control plane on loopback: etcd, kube-apiserver and
+//! kube-controller-manager, built from the Kubernetes Go modules by
+//! `tests/controlplane/build.sh`.
+//!
+//! Used by the integration tests (one control plane per test binary) and by
+//! `make dev` (through the `dev-cluster` example). Blocking code on purpose: it runs
+//! before any async runtime exists and from plain threads.
+//!
+//! Cleanup: every child process gets `PR_SET_PDEATHSIG(SIGKILL)` and is spawned from
+//! a thread that lives as long as the process, so the whole control plane dies with
+//! the process that started it, whether its tests passed, failed or panicked. Data
+//! directories of processes that are gone are removed on the next start.
+
+use std::fs;
+use std::io;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+/// Token of the `admin` user (group `system:masters`) in the static token file.
+const ADMIN_USER: &str = "admin";
+
+/// A running control plane. Its processes stop when the process that started it exits.
+pub struct ControlPlane {
+    /// Working directory: certificates, kubeconfig, etcd data and one log per process.
+    pub dir: PathBuf,
+    /// Where the control-plane binaries (and kubectl and helm) are.
+    pub bin_dir: PathBuf,
+    /// Admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:<port>`.
+    pub server: String,
+    /// PEM of the CA that signed the serving certificate.
+    pub ca_pem: String,
+    /// Bearer token of the admin user.
+    pub admin_token: String,
+    children: Mutex<Vec<Child>>,
+}
+
+/// The repository root (where Cargo.toml is).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Directory of the control-plane binaries: `$CONTROLPLANE_BIN`, or
+/// `target/controlplane/bin` of the repository.
+pub fn bin_dir() -> PathBuf {
+    std::env::var_os("CONTROLPLANE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/controlplane/bin"))
+}
+
+const BINARIES: [&str; 5] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kubectl",
+    "helm",
+];
+
+/// Builds the control-plane binaries when any is missing (a cold build takes a
+/// while; `make test` does this before the tests start).
+pub fn ensure_binaries() -> io::Result<PathBuf> {
+    let dir = bin_dir();
+    if BINARIES.iter().all(|b| dir.join(b).is_file()) {
+        return Ok(dir);
+    }
+    eprintln!(
+        "control-plane binaries missing in {}: building them (this takes a while)",
+        dir.display()
+    );
+    let status = Command::new("bash")
+        .arg(repo_root().join("tests/controlplane/build.sh"))
+        .env("CONTROLPLANE_BIN", &dir)
+        .status()?;
+    if !status.success() {
+        return Err(io::Error::other(format!(
+            "tests/controlplane/build.sh failed: {status}"
+        )));
+    }
+    Ok(dir)
+}
+
+/// Spawns `cmd` from a thread that lives as long as the process, with
+/// `PR_SET_PDEATHSIG(SIGKILL)`: the child dies when this process exits, however it
+/// exits (the signal fires when the spawning *thread* ends, hence the keeper thread).
+pub fn spawn_owned(cmd: Command) -> io::Result<Child> {
+    type Request = (Command, mpsc::Sender<io::Result<Child>>);
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        thread::Builder::new()
+            .name("child-keeper".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+                    unsafe {
+                        cmd.pre_exec(|| {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                                return Err(io::Error::last_os_error());
+                            }
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(cmd.spawn());
+                }
+                // The sender lives in a static, so this loop never ends and the thread
+                // (the children's parent for PDEATHSIG) lives until the process exits.
+            })
+            .expect("spawn child-keeper thread");
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    keeper
+        .lock()
+        .expect("keeper lock")
+        .send((cmd, reply_tx))
+        .map_err(|_| io::Error::other("child-keeper thread is gone"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| io::Error::other("child-keeper thread is gone"))?
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port on 127.0.0.1")
+}
+
+fn write(path: &Path, contents: impl AsRef<[u8]>) -> io::Result<()> {
+    fs::write(path, contents)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+fn log_file(dir: &Path, name: &str) -> io::Result<Stdio> {
+    Ok(Stdio::from(fs::File::create(
+        dir.join(format!("{name}.log")),
+    )?))
+}
+
+/// Removes control-plane directories under `parent` whose owning process is gone.
+fn remove_stale_dirs(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+struct Pki {
+    ca_pem: String,
+    server_cert_pem: String,
+    server_key_pem: String,
+    sa_private_pem: String,
+    sa_public_pem: String,
+}
+
+fn generate_pki() -> Result<Pki, rcgen::Error> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "dropbox-operator test CA");
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate()?;
+    let mut server_params = CertificateParams::new(vec![
+        "127.0.0.1".to_string(),
+        "localhost".to_string(),
+        "kubernetes.default.svc".to_string(),
+    ])?;
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    let server_cert = server_params.signed_by(&server_key, &issuer)?;
+
+    let sa_key = KeyPair::generate()?;
+    Ok(Pki {
+        ca_pem: ca_cert.pem(),
+        server_cert_pem: server_cert.pem(),
+        server_key_pem: server_key.serialize_pem(),
+        sa_private_pem: sa_key.serialize_pem(),
+        sa_public_pem: sa_key.public_key_pem(),
+    })
+}
+
+/// A kubeconfig for `server` with bearer `token`.
+pub fn kubeconfig_yaml(server: &str, ca_pem: &str, user: &str, token: &str) -> String {
+    use base64::Engine;
+    use std::fmt::Write;
+    let ca_b64 = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    \
+         certificate-authority-data: {ca_b64}\nusers:\n- name: {user}\n  user:\n    token: {token}\n\
+         contexts:\n- name: local\n  context:\n    cluster: local\n    user: {user}\ncurrent-context: local\n"
+    );
+    out
+}
+
+fn random_token() -> String {
+    let bytes: [u8; 24] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ControlPlane {
+    /// Starts etcd, kube-apiserver and kube-controller-manager in a fresh directory
+    /// under `parent` and waits until the API server is ready and the
+    /// controller-manager is working.
+    pub fn start(parent: &Path, label: &str) -> io::Result<ControlPlane> {
+        let started = Instant::now();
+        let bin_dir = ensure_binaries()?;
+        fs::create_dir_all(parent)?;
+        remove_stale_dirs(parent);
+        let dir = parent.join(format!("{label}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+
+        let pki = generate_pki().map_err(io::Error::other)?;
+        write(&dir.join("ca.crt"), &pki.ca_pem)?;
+        write(&dir.join("apiserver.crt"), &pki.server_cert_pem)?;
+        write(&dir.join("apiserver.key"), &pki.server_key_pem)?;
+        write(&dir.join("sa.key"), &pki.sa_private_pem)?;
+        write(&dir.join("sa.pub"), &pki.sa_public_pem)?;
+        let admin_token = random_token();
+        let kcm_token = random_token();
+        write(
+            &dir.join("tokens.csv"),
+            format!(
+                "{admin_token},{ADMIN_USER},admin-uid,\"system:masters\"\n\
+                 {kcm_token},system:kube-controller-manager,kcm-uid\n"
+            ),
+        )?;
+
+        let mut children = Vec::new();
+        let etcd_port = free_port();
+        let peer_port = free_port();
+        let mut etcd = Command::new(bin_dir.join("etcd"));
+        etcd.args([
+            "--name=controlplane",
+            &format!("--data-dir={}", dir.join("etcd").display()),
+            &format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+            &format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+            &format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+            &format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+            &format!("--initial-cluster=controlplane=http://127.0.0.1:{peer_port}"),
+            // Test data is disposable: skipping fsync makes every write much cheaper.
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+        ])
+        .stdout(log_file(&dir, "etcd")?)
+        .stderr(log_file(&dir, "etcd")?);
+        children.push(spawn_owned(etcd)?);
+
+        let api_port = free_port();
+        let server = format!("https://127.0.0.1:{api_port}");
+        let mut apiserver = Command::new(bin_dir.join("kube-apiserver"));
+        apiserver
+            .args([
+                &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                // No kubelet or Service routing here: the `kubernetes` Service endpoints
+                // (which may not be loopback) are not needed.
+                "--endpoint-reconciler-type=none",
+                &format!("--secure-port={api_port}"),
+                &format!("--cert-dir={}", dir.join("certs").display()),
+                &format!("--tls-cert-file={}", dir.join("apiserver.crt").display()),
+                &format!(
+                    "--tls-private-key-file={}",
+                    dir.join("apiserver.key").display()
+                ),
+                &format!("--client-ca-file={}", dir.join("ca.crt").display()),
+                &format!("--token-auth-file={}", dir.join("tokens.csv").display()),
+                "--authorization-mode=RBAC",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                &format!(
+                    "--service-account-key-file={}",
+                    dir.join("sa.pub").display()
+                ),
+                &format!(
+                    "--service-account-signing-key-file={}",
+                    dir.join("sa.key").display()
+                ),
+                "--service-cluster-ip-range=10.96.0.0/24",
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+                "--v=1",
+            ])
+            .stdout(log_file(&dir, "kube-apiserver")?)
+            .stderr(log_file(&dir, "kube-apiserver")?);
+        children.push(spawn_owned(apiserver)?);
+
+        let kubeconfig = dir.join("kubeconfig");
+        write(
+            &kubeconfig,
+            kubeconfig_yaml(&server, &pki.ca_pem, ADMIN_USER, &admin_token),
+        )?;
+        let kcm_kubeconfig = dir.join("kcm.kubeconfig");
+        write(
+            &kcm_kubeconfig,
+            kubeconfig_yaml(
+                &server,
+                &pki.ca_pem,
+                "system:kube-controller-manager",
+                &kcm_token,
+            ),
+        )?;
+
+        let cp = ControlPlane {
+            dir: dir.clone(),
+            bin_dir: bin_dir.clone(),
+            kubeconfig,
+            server,
+            ca_pem: pki.ca_pem.clone(),
+            admin_token,
+            children: Mutex::new(children),
+        };
+        cp.wait_until(Duration::from_secs(120), "kube-apiserver /readyz", || {
+            cp.kubectl_quiet(&["get", "--raw=/readyz"])
+                .is_some_and(|out| out.trim() == "ok")
+        })?;
+
+        let mut kcm = Command::new(bin_dir.join("kube-controller-manager"));
+        kcm.args([
+            &format!("--kubeconfig={}", kcm_kubeconfig.display()),
+            &format!("--authentication-kubeconfig={}", kcm_kubeconfig.display()),
+            &format!("--authorization-kubeconfig={}", kcm_kubeconfig.display()),
+            "--bind-address=127.0.0.1",
+            &format!("--secure-port={}", free_port()),
+            &format!("--cert-dir={}", dir.join("kcm-certs").display()),
+            "--leader-elect=false",
+            // Each controller runs as its own ServiceAccount (tokens from TokenRequest), as
+            // in a real cluster: the garbage collector gets its wide read rights that way.
+            "--use-service-account-credentials=true",
+            "--controllers=garbage-collector-controller,namespace-controller,deployment-controller,\
+             replicaset-controller,serviceaccount-controller",
+            // Short resync of discovery so the garbage collector sees new CRDs quickly.
+            "--concurrent-gc-syncs=5",
+            "--v=1",
+        ])
+        .stdout(log_file(&dir, "kube-controller-manager")?)
+        .stderr(log_file(&dir, "kube-controller-manager")?);
+        cp.children
+            .lock()
+            .expect("children lock")
+            .push(spawn_owned(kcm)?);
+
+        // The serviceaccount controller creates `default` in every namespace: seeing it
+        // proves the controller-manager is connected and running controllers.
+        cp.wait_until(
+            Duration::from_secs(120),
+            "kube-controller-manager (default ServiceAccount)",
+            || {
+                cp.kubectl_quiet(&[
+                    "get",
+                    "serviceaccount",
+                    "default",
+                    "-n",
+                    "default",
+                    "-o",
+                    "name",
+                ])
+                .is_some_and(|out| out.trim() == "serviceaccount/default")
+            },
+        )?;
+        eprintln!(
+            "control plane ready in {:.1}s: {} (kubeconfig {})",
+            started.elapsed().as_secs_f64(),
+            cp.server,
+            cp.kubeconfig.display()
+        );
+        Ok(cp)
+    }
+
+    fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut ready: impl FnMut() -> bool,
+    ) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ready() {
+                return Ok(());
+            }
+            if let Some(exited) = self.exited_child() {
+                return Err(io::Error::other(format!(
+                    "{exited} while waiting for {what}; logs in {}",
+                    self.dir.display()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "timed out after {timeout:?} waiting for {what}; logs in {}",
+                    self.dir.display()
+                )));
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn exited_child(&self) -> Option<String> {
+        let mut children = self.children.lock().expect("children lock");
+        children.iter_mut().find_map(|c| match c.try_wait() {
+            Ok(Some(status)) => Some(format!(
+                "control-plane process {} exited with {status}",
+                c.id()
+            )),
+            _ => None,
+        })
+    }
+
+    /// A kubectl command for this control plane (admin credentials).
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join("kubectl"));
+        cmd.env("KUBECONFIG", &self.kubeconfig);
+        cmd
+    }
+
+    /// A helm command for this control plane (admin credentials).
+    pub fn helm(&self) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join("helm"));
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", self.dir.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.dir.join("helm/config"))
+            .env("HELM_DATA_HOME", self.dir.join("helm/data"));
+        cmd
+    }
+
+    fn kubectl_quiet(&self, args: &[&str]) -> Option<String> {
+        let out = self
+            .kubectl()
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Stops every process (SIGKILL) now instead of at process exit.
+    pub fn stop(&self) {
+        let mut children = self.children.lock().expect("children lock");
+        for child in children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        children.clear();
+    }
+}
