@@ -1,7 +1,11 @@
 //! Command line of the `dropbox-operator` binary. Every flag has an environment
 //! variable twin, so the same settings work from a shell, a Deployment or Helm.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use url::Url;
 
 /// Kubernetes operator for Dropbox element instances.
 ///
@@ -40,6 +44,110 @@ pub enum Command {
     /// The output is what crds/ and the Helm chart ship; install it with
     /// `dropbox-operator crd | kubectl apply --server-side -f -`.
     Crd,
+
+    /// Reconcile DropboxElementInstances: read credentials from Secrets, exchange
+    /// OAuth codes, keep tokens fresh, revoke them on deletion, report status.
+    ///
+    /// Uses the in-cluster service account, or KUBECONFIG outside a cluster. With
+    /// leader election on (the default), only the replica holding the Lease
+    /// reconciles; the others wait on standby.
+    Controller(Box<ControllerArgs>),
+}
+
+/// Where Dropbox is: base URLs, so tests, proxies and regional endpoints work.
+#[derive(Debug, Clone, Args)]
+pub struct DropboxArgs {
+    /// Base URL of the Dropbox API (`/oauth2/token`, `/2/...`).
+    #[arg(
+        long,
+        env = "DROPBOX_API_URL",
+        default_value = "https://api.dropboxapi.com"
+    )]
+    pub dropbox_api_url: Url,
+
+    /// Base URL of the Dropbox website, used to build `/oauth2/authorize` links.
+    #[arg(
+        long,
+        env = "DROPBOX_WWW_URL",
+        default_value = "https://www.dropbox.com"
+    )]
+    pub dropbox_www_url: Url,
+
+    /// Timeout of one Dropbox request, connection included (e.g. `10s`).
+    #[arg(long, env = "DROPBOX_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub dropbox_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub dropbox: DropboxArgs,
+
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Refresh access tokens at the latest this long before they expire (at most
+    /// half a token's lifetime).
+    #[arg(long, env = "TOKEN_REFRESH_MARGIN", default_value = "5m", value_parser = parse_duration)]
+    pub token_refresh_margin: Duration,
+
+    /// Upper bound on revoking the token when an instance is deleted; deletion goes
+    /// on after it whatever Dropbox answered.
+    #[arg(long, env = "REVOKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub revoke_timeout: Duration,
+
+    /// A healthy instance is checked again at least this often.
+    #[arg(long, env = "RESYNC_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// Upper bound of the retry backoff for transient errors.
+    #[arg(long, env = "MAX_BACKOFF", default_value = "5m", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+
+    /// How many instances are reconciled at the same time.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+
+    /// Elect a leader with a Lease, so several replicas are safe.
+    #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+
+    /// Namespace of the leader Lease (normally the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub leader_election_namespace: String,
+
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "LEADER_ELECTION_LEASE",
+        default_value = "dropbox-operator-controller"
+    )]
+    pub leader_election_lease: String,
+
+    /// Identity of this replica in the Lease (default: the pod name, else host name and a random suffix).
+    #[arg(long, env = "POD_NAME")]
+    pub leader_election_identity: Option<String>,
+
+    /// How long a lease is valid without renewal; a standby takes over after it.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// Renew the lease this long before it expires.
+    #[arg(long, env = "LEASE_RENEW_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub lease_renew_grace: Duration,
+}
+
+/// Parses `10s`, `5m`, `1h30m`, `250ms` (and ISO 8601 `PT10S`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    Duration::try_from(d).map_err(|_| format!("duration {s:?} must not be negative"))
 }
 
 #[cfg(test)]
@@ -50,6 +158,16 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_parse_in_friendly_units() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("-5s").is_err());
+        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

@@ -2,6 +2,16 @@
 //!
 //! - [`api`]: the `DropboxElementInstance` custom resource.
 //! - [`cli`]: the command line of the `dropbox-operator` binary.
+//! - [`conditions`]: condition types, reasons and status helpers.
+//! - [`controller`]: the reconciler (OAuth lifecycle, status, finalizer).
+//! - [`dropbox`]: the Dropbox API client.
+//! - [`metrics`], [`server`]: Prometheus metrics and the probe/metrics HTTP server.
 
 pub mod api;
 pub mod cli;
+pub mod conditions;
+pub mod controller;
+pub mod dropbox;
+pub mod metrics;
+pub mod server;
+pub mod tls;

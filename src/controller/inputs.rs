@@ -1,0 +1,220 @@
+//! Step 1 of a reconcile: read what the instance refers to. Secrets are read from
+//! the instance's own namespace only; a missing Secret or key is a [`Problem`]
+//! (a condition for the user), not an error.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::{Client, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use crate::api::{AuthenticationType, DropboxElementInstance};
+use crate::conditions::Reason;
+use crate::controller::token::{self, StoredToken};
+
+/// The Dropbox app key and secret. Debug output hides the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AppCredentials {
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+impl fmt::Debug for AppCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppCredentials")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A secret string whose Debug output is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(pub String);
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// What the instance's credentials resolve to.
+#[derive(Debug)]
+pub enum Credentials {
+    OAuth2 {
+        app: AppCredentials,
+        code: SecretString,
+        /// `sha256:<hex>` of the code.
+        code_fingerprint: String,
+        redirect_uri: Option<String>,
+    },
+    ApiKey {
+        token: SecretString,
+    },
+}
+
+/// Everything a reconcile needs from the cluster besides the instance itself.
+#[derive(Debug)]
+pub struct Inputs {
+    pub credentials: Credentials,
+    /// The token Secret this controller owns, when it exists.
+    pub token: Option<StoredToken>,
+}
+
+/// A referenced Secret or key that is not there: the user has to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: Reason,
+    pub message: String,
+}
+
+/// `sha256:<hex>` fingerprint of an authorization code.
+pub fn fingerprint(code: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(code.as_bytes())))
+}
+
+/// Secrets read once per reconcile, so two references to one Secret cost one GET.
+struct SecretReader {
+    api: Api<Secret>,
+    cache: BTreeMap<String, Option<Secret>>,
+}
+
+impl SecretReader {
+    async fn value(
+        &mut self,
+        name: &str,
+        key: &str,
+    ) -> Result<Result<String, Problem>, kube::Error> {
+        if !self.cache.contains_key(name) {
+            let secret = self.api.get_opt(name).await?;
+            self.cache.insert(name.to_owned(), secret);
+        }
+        let Some(secret) = self.cache.get(name).and_then(Option::as_ref) else {
+            return Ok(Err(Problem {
+                reason: Reason::SecretNotFound,
+                message: format!("Secret {name:?} not found in the instance's namespace"),
+            }));
+        };
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|ByteString(bytes)| String::from_utf8_lossy(bytes).trim().to_owned())
+            .filter(|v| !v.is_empty());
+        Ok(value.ok_or_else(|| Problem {
+            reason: Reason::SecretKeyMissing,
+            message: format!("Secret {name:?} has no (non-empty) key {key:?}"),
+        }))
+    }
+}
+
+/// Reads the instance's credentials and its token Secret.
+pub async fn read(
+    client: &Client,
+    instance: &DropboxElementInstance,
+) -> Result<Result<Inputs, Problem>, kube::Error> {
+    let namespace = instance.namespace().unwrap_or_default();
+    let mut secrets = SecretReader {
+        api: Api::namespaced(client.clone(), &namespace),
+        cache: BTreeMap::new(),
+    };
+    let auth = &instance.spec.authentication;
+    let credentials = match auth.auth_type {
+        AuthenticationType::OAuth2 => {
+            // CEL admission guarantees the references; a missing one (an object
+            // created before the CRD had its rules) is reported, not unwrapped.
+            let (Some(app_ref), Some(code_ref)) = (&auth.app_secret_ref, &auth.code_secret_ref)
+            else {
+                return Ok(Err(Problem {
+                    reason: Reason::SecretNotFound,
+                    message: "oauth2 needs spec.authentication.appSecretRef and codeSecretRef"
+                        .into(),
+                }));
+            };
+            let client_id = match secrets.value(&app_ref.name, &app_ref.client_id_key).await? {
+                Ok(v) => v,
+                Err(p) => return Ok(Err(p)),
+            };
+            let client_secret = match secrets
+                .value(&app_ref.name, &app_ref.client_secret_key)
+                .await?
+            {
+                Ok(v) => v,
+                Err(p) => return Ok(Err(p)),
+            };
+            let code = match secrets.value(&code_ref.name, &code_ref.key).await? {
+                Ok(v) => v,
+                Err(p) => return Ok(Err(p)),
+            };
+            Credentials::OAuth2 {
+                app: AppCredentials {
+                    client_id,
+                    client_secret,
+                },
+                code_fingerprint: fingerprint(&code),
+                code: SecretString(code),
+                redirect_uri: auth.callback_url.clone(),
+            }
+        }
+        AuthenticationType::ApiKey => {
+            let Some(key_ref) = &auth.api_key_secret_ref else {
+                return Ok(Err(Problem {
+                    reason: Reason::SecretNotFound,
+                    message: "apiKey needs spec.authentication.apiKeySecretRef".into(),
+                }));
+            };
+            match secrets.value(&key_ref.name, &key_ref.key).await? {
+                Ok(token) => Credentials::ApiKey {
+                    token: SecretString(token),
+                },
+                Err(p) => return Ok(Err(p)),
+            }
+        }
+    };
+    let token = match credentials {
+        Credentials::OAuth2 { .. } => {
+            let name = token::secret_name(&instance.name_any());
+            secrets
+                .api
+                .get_opt(&name)
+                .await?
+                .and_then(|s| StoredToken::from_secret(&s, instance))
+        }
+        Credentials::ApiKey { .. } => None,
+    };
+    Ok(Ok(Inputs { credentials, token }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_is_sha256_hex() {
+        assert_eq!(
+            fingerprint("abc"),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let c = Credentials::OAuth2 {
+            app: AppCredentials {
+                client_id: "key".into(),
+                client_secret: "TOPSECRET".into(),
+            },
+            code: SecretString("CODESECRET".into()),
+            code_fingerprint: fingerprint("CODESECRET"),
+            redirect_uri: None,
+        };
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("TOPSECRET") && !shown.contains("CODESECRET"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,426 @@
+//! `dropbox-operator controller`: reconciles DropboxElementInstances.
+//!
+//! - [`inputs`]: reads the referenced Secrets and the token Secret.
+//! - [`reconcile`]: the OAuth lifecycle, status, events and the deletion finalizer.
+//! - [`token`]: the token Secret the controller owns.
+//!
+//! This module wires them into a kube-runtime controller with leader election,
+//! metrics, probes and graceful shutdown.
+
+pub mod inputs;
+pub mod reconcile;
+pub mod token;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::DropboxElementInstance;
+use crate::dropbox::DropboxClient;
+use crate::metrics::ControllerMetrics;
+use crate::server::{self, Readiness};
+
+/// Settings of the controller (from the command line).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Refresh access tokens at the latest this long before they expire.
+    pub refresh_margin: Duration,
+    /// Bound on revoking a token when an instance is deleted.
+    pub revoke_timeout: Duration,
+    /// A healthy instance is looked at again at least this often.
+    pub resync_interval: Duration,
+    /// Upper bound of the retry backoff.
+    pub max_backoff: Duration,
+}
+
+/// Everything reconciles share.
+pub struct Context {
+    pub client: Client,
+    pub dropbox: DropboxClient,
+    pub recorder: Recorder,
+    pub metrics: ControllerMetrics,
+    pub config: Config,
+    /// The controller's cache of all instances (for cross-instance code checks).
+    pub store: Store<DropboxElementInstance>,
+    pub codes: CodeRegistry,
+    pub backoff: Backoff,
+}
+
+/// Authorization codes this process has sent or is sending, by fingerprint, so a
+/// code is never sent twice, not even by two instances at the same moment.
+#[derive(Default)]
+pub struct CodeRegistry {
+    claimed: Mutex<HashMap<String, String>>,
+}
+
+impl CodeRegistry {
+    /// Claims `fingerprint` for instance `uid`. Fails with the holder's name when
+    /// another instance exchanged the code (its status says so) or is exchanging it.
+    pub fn claim(
+        &self,
+        fingerprint: &str,
+        uid: &str,
+        store: &Store<DropboxElementInstance>,
+    ) -> Result<(), String> {
+        let mut claimed = self.claimed.lock().expect("code registry lock");
+        if let Some(holder) = claimed.get(fingerprint)
+            && holder != uid
+        {
+            let name = store
+                .state()
+                .iter()
+                .find(|i| i.uid().as_deref() == Some(holder.as_str()))
+                .map(|i| format!("{}/{}", i.namespace().unwrap_or_default(), i.name_any()))
+                .unwrap_or_else(|| "(deleted)".into());
+            return Err(name);
+        }
+        let other = store.state().into_iter().find(|i| {
+            i.uid().as_deref() != Some(uid)
+                && i.status
+                    .as_ref()
+                    .and_then(|s| s.code_fingerprint.as_deref())
+                    == Some(fingerprint)
+        });
+        if let Some(other) = other {
+            return Err(format!(
+                "{}/{}",
+                other.namespace().unwrap_or_default(),
+                other.name_any()
+            ));
+        }
+        claimed.insert(fingerprint.to_owned(), uid.to_owned());
+        Ok(())
+    }
+
+    /// Gives a claim back when Dropbox did not consume the code (transient error,
+    /// invalid client).
+    pub fn release(&self, fingerprint: &str, uid: &str) {
+        let mut claimed = self.claimed.lock().expect("code registry lock");
+        if claimed.get(fingerprint).map(String::as_str) == Some(uid) {
+            claimed.remove(fingerprint);
+        }
+    }
+}
+
+/// Per-instance exponential backoff with jitter ("equal jitter": a random delay
+/// between half and all of the exponential step), reset on success.
+pub struct Backoff {
+    attempts: Mutex<HashMap<String, u32>>,
+    base: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            attempts: Mutex::default(),
+            base,
+            max,
+        }
+    }
+
+    /// The delay before the next attempt for `key`, never below `at_least`
+    /// (e.g. Dropbox's Retry-After).
+    pub fn next_delay(&self, key: &str, at_least: Option<Duration>) -> Duration {
+        let attempt = {
+            let mut attempts = self.attempts.lock().expect("backoff lock");
+            let n = attempts.entry(key.to_owned()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        };
+        let step = self
+            .base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+            .min(self.max);
+        let half = step / 2;
+        let jitter = Duration::from_secs_f64(half.as_secs_f64() * rand::random::<f64>());
+        (half + jitter).max(at_least.unwrap_or_default())
+    }
+
+    pub fn reset(&self, key: &str) {
+        self.attempts.lock().expect("backoff lock").remove(key);
+    }
+}
+
+/// Command-line settings of `dropbox-operator controller`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub config: Config,
+    pub dropbox: DropboxClient,
+    pub namespace: Option<String>,
+    pub metrics_addr: SocketAddr,
+    pub concurrency: u16,
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// Lease-based leader election settings.
+#[derive(Clone, Debug)]
+pub struct LeaderElection {
+    pub namespace: String,
+    pub lease_name: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub renew_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot connect to Kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("leader election failed: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("lost the leader lease; exiting so another replica takes over")]
+    LostLease,
+    #[error("the metrics server failed: {0}")]
+    Server(#[from] std::io::Error),
+}
+
+/// Runs the controller until SIGTERM/SIGINT (or, with leader election, until the
+/// lease is lost).
+pub async fn run(options: RunOptions) -> Result<(), RunError> {
+    let client = Client::try_default().await?;
+    let mut registry = Registry::default();
+    let metrics = ControllerMetrics::register(&mut registry);
+    let ready = Arc::new(Readiness::default());
+    let shutdown = CancellationToken::new();
+
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            server::shutdown_signal().await;
+            shutdown.cancel();
+        }
+    });
+    let http = tokio::spawn(server::serve(
+        options.metrics_addr,
+        server::probe_routes(Arc::new(registry), ready.clone()),
+        shutdown.clone(),
+    ));
+
+    let result = match options.leader_election.clone() {
+        None => {
+            ready.set(true);
+            run_controller(client, &options, metrics, shutdown.clone()).await;
+            Ok(())
+        }
+        Some(election) => {
+            run_as_leader(client, &options, election, metrics, ready, shutdown.clone()).await
+        }
+    };
+    shutdown.cancel();
+    if let Ok(Err(e)) = http.await {
+        return Err(RunError::Server(e));
+    }
+    result
+}
+
+async fn run_as_leader(
+    client: Client,
+    options: &RunOptions,
+    election: LeaderElection,
+    metrics: ControllerMetrics,
+    ready: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let manager = LeaseManagerBuilder::new(client.clone(), &election.lease_name)
+        .with_namespace(&election.namespace)
+        .with_identity(&election.identity)
+        .with_duration(election.lease_duration.as_secs().max(2))
+        .with_grace(election.renew_grace.as_secs().max(1))
+        .with_field_manager(format!("dropbox-operator-leader-{}", election.identity))
+        .build()
+        .await?;
+    let (mut leader, lease_task) = manager.watch().await;
+    // A standby replica is healthy and ready: it is waiting for its turn.
+    ready.set(true);
+    tracing::info!(lease = %election.lease_name, identity = %election.identity, "waiting for the leader lease");
+    let became_leader = loop {
+        if *leader.borrow_and_update() {
+            break true;
+        }
+        tokio::select! {
+            changed = leader.changed() => if changed.is_err() { break false },
+            _ = shutdown.cancelled() => break false,
+        }
+    };
+    let result = if became_leader {
+        tracing::info!(identity = %election.identity, "acquired the leader lease; starting the controller");
+        metrics.leader.set(1);
+        let controller_stop = shutdown.child_token();
+        let lost = async {
+            loop {
+                if leader.changed().await.is_err() || !*leader.borrow() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = run_controller(client, options, metrics.clone(), controller_stop.clone()) => Ok(()),
+            _ = lost => {
+                controller_stop.cancel();
+                metrics.leader.set(0);
+                Err(RunError::LostLease)
+            }
+        }
+    } else {
+        Ok(())
+    };
+    // Closing the channel makes the lease task release the lease, so a standby
+    // takes over at once instead of waiting for expiry.
+    drop(leader);
+    match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
+        Ok(Ok(Ok(_))) => tracing::info!("released the leader lease"),
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader lease failed"),
+        _ => tracing::warn!("releasing the leader lease did not finish"),
+    }
+    result
+}
+
+/// Instances that a Secret event concerns: the owner of a token Secret, and every
+/// instance in the Secret's namespace that references it.
+fn instances_for_secret(
+    store: &Store<DropboxElementInstance>,
+    namespace: Option<String>,
+    name: &str,
+    owners: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference],
+) -> Vec<ObjectRef<DropboxElementInstance>> {
+    let Some(namespace) = namespace else {
+        return Vec::new();
+    };
+    let kind = DropboxElementInstance::kind(&());
+    let mut refs: Vec<ObjectRef<DropboxElementInstance>> = owners
+        .iter()
+        .filter(|o| o.kind == kind)
+        .map(|o| ObjectRef::new(&o.name).within(&namespace))
+        .collect();
+    for instance in store.state() {
+        if instance.namespace().as_deref() == Some(namespace.as_str())
+            && references_secret(&instance, name)
+        {
+            refs.push(ObjectRef::from_obj(instance.as_ref()));
+        }
+    }
+    refs
+}
+
+/// Whether the instance refers to Secret `name` (same namespace implied).
+pub fn references_secret(instance: &DropboxElementInstance, name: &str) -> bool {
+    let auth = &instance.spec.authentication;
+    auth.app_secret_ref.as_ref().is_some_and(|r| r.name == name)
+        || auth
+            .code_secret_ref
+            .as_ref()
+            .is_some_and(|r| r.name == name)
+        || auth
+            .api_key_secret_ref
+            .as_ref()
+            .is_some_and(|r| r.name == name)
+        || instance
+            .spec
+            .events
+            .as_ref()
+            .and_then(|e| e.signature_key_secret_ref.as_ref())
+            .is_some_and(|r| r.name == name)
+}
+
+async fn run_controller(
+    client: Client,
+    options: &RunOptions,
+    metrics: ControllerMetrics,
+    stop: CancellationToken,
+) {
+    let (instances, secrets): (Api<DropboxElementInstance>, Api<PartialObjectMeta<Secret>>) =
+        match &options.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    let controller = Controller::new(instances, watcher::Config::default().any_semantic())
+        .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency));
+    let store = controller.store();
+
+    // Secrets are watched as metadata only: the mapper needs names and owners, and
+    // Secret contents (possibly large, e.g. Helm releases) never sit in memory.
+    let secret_events = watcher(secrets, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects();
+    let mapper_store = store.clone();
+    let controller = controller.watches_stream(secret_events, move |secret| {
+        instances_for_secret(
+            &mapper_store,
+            secret.namespace(),
+            &secret.name_any(),
+            secret.owner_references(),
+        )
+    });
+
+    let reporter = Reporter {
+        controller: "dropbox-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        dropbox: options.dropbox.clone(),
+        metrics,
+        config: options.config.clone(),
+        store,
+        codes: CodeRegistry::default(),
+        backoff: Backoff::new(Duration::from_secs(1), options.config.max_backoff),
+    });
+    tracing::info!(namespace = ?options.namespace, "controller started");
+    controller
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                // Object-level failures are already logged by the error policy;
+                // these are watch/queue errors, retried by kube-runtime.
+                tracing::debug!(error = %e, "controller stream error");
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_honours_retry_after() {
+        let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let d1 = b.next_delay("x", None);
+        assert!(
+            d1 >= Duration::from_millis(500) && d1 <= Duration::from_secs(1),
+            "{d1:?}"
+        );
+        let d2 = b.next_delay("x", None);
+        assert!(
+            d2 >= Duration::from_secs(1) && d2 <= Duration::from_secs(2),
+            "{d2:?}"
+        );
+        for _ in 0..20 {
+            b.next_delay("x", None);
+        }
+        assert!(b.next_delay("x", None) <= Duration::from_secs(60));
+        b.reset("x");
+        assert!(b.next_delay("x", Some(Duration::from_secs(7))) >= Duration::from_secs(7));
+    }
+}

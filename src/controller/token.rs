@@ -1,0 +1,119 @@
+//! The token Secret `<name>-dropbox-token`, owned by the instance (so the garbage
+//! collector removes it with the instance): `access_token`, `refresh_token`,
+//! `expires_at`, `account_id`, `scope`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{Resource, ResourceExt};
+
+use crate::api::DropboxElementInstance;
+
+pub const ACCESS_TOKEN: &str = "access_token";
+pub const REFRESH_TOKEN: &str = "refresh_token";
+pub const EXPIRES_AT: &str = "expires_at";
+pub const ACCOUNT_ID: &str = "account_id";
+pub const SCOPE: &str = "scope";
+
+/// Label on every object the operator creates for an instance.
+pub const INSTANCE_LABEL: &str = "elements.dropbox-operator.dev/instance";
+/// Annotation on the token Secret: fingerprint of the code the tokens came from.
+pub const CODE_FINGERPRINT_ANNOTATION: &str = "elements.dropbox-operator.dev/code-fingerprint";
+
+/// Name of the token Secret of instance `name`.
+pub fn secret_name(instance: &str) -> String {
+    format!("{instance}-dropbox-token")
+}
+
+/// Tokens as stored in the token Secret. Debug output hides the tokens.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    pub access_token: String,
+    pub refresh_token: Option<String>,
+    pub expires_at: Option<jiff::Timestamp>,
+    pub account_id: Option<String>,
+    pub scope: Option<String>,
+    pub code_fingerprint: Option<String>,
+}
+
+impl fmt::Debug for StoredToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredToken")
+            .field("expires_at", &self.expires_at)
+            .field("account_id", &self.account_id)
+            .field("has_refresh_token", &self.refresh_token.is_some())
+            .finish()
+    }
+}
+
+fn text(data: &BTreeMap<String, ByteString>, key: &str) -> Option<String> {
+    data.get(key)
+        .map(|ByteString(b)| String::from_utf8_lossy(b).into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+impl StoredToken {
+    /// Parses the token Secret; `None` when it is not this instance's (another
+    /// owner) or holds no access token.
+    pub fn from_secret(secret: &Secret, owner: &DropboxElementInstance) -> Option<StoredToken> {
+        let owned = secret
+            .owner_references()
+            .iter()
+            .any(|r| Some(&r.uid) == owner.meta().uid.as_ref());
+        if !owned {
+            return None;
+        }
+        let data = secret.data.as_ref()?;
+        Some(StoredToken {
+            access_token: text(data, ACCESS_TOKEN)?,
+            refresh_token: text(data, REFRESH_TOKEN),
+            expires_at: text(data, EXPIRES_AT).and_then(|t| t.parse().ok()),
+            account_id: text(data, ACCOUNT_ID),
+            scope: text(data, SCOPE),
+            code_fingerprint: secret
+                .annotations()
+                .get(CODE_FINGERPRINT_ANNOTATION)
+                .cloned(),
+        })
+    }
+
+    /// The desired token Secret, for server-side apply.
+    pub fn to_secret(&self, owner: &DropboxElementInstance) -> Secret {
+        let mut data = BTreeMap::new();
+        let mut put = |k: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                data.insert(k.to_owned(), ByteString(v.clone().into_bytes()));
+            }
+        };
+        put(ACCESS_TOKEN, &Some(self.access_token.clone()));
+        put(REFRESH_TOKEN, &self.refresh_token);
+        put(EXPIRES_AT, &self.expires_at.map(|t| t.to_string()));
+        put(ACCOUNT_ID, &self.account_id);
+        put(SCOPE, &self.scope);
+        let name = owner.name_any();
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(secret_name(&name)),
+                namespace: owner.namespace(),
+                labels: Some(BTreeMap::from([
+                    (
+                        "app.kubernetes.io/managed-by".to_owned(),
+                        "dropbox-operator".to_owned(),
+                    ),
+                    (INSTANCE_LABEL.to_owned(), name),
+                ])),
+                annotations: self.code_fingerprint.as_ref().map(|fp| {
+                    BTreeMap::from([(CODE_FINGERPRINT_ANNOTATION.to_owned(), fp.clone())])
+                }),
+                owner_references: owner.controller_owner_ref(&()).map(|r| vec![r]),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(data),
+            ..Default::default()
+        }
+    }
+}

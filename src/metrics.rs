@@ -1,0 +1,168 @@
+//! Prometheus metrics (prometheus-client). Labels are low-cardinality except the
+//! per-instance token expiry, which is one series per instance by design (it is
+//! what an alert on "token about to expire" needs).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Token expiry per instance, exported as "seconds until expiry" computed at
+/// scrape time (so it needs no timer to stay current).
+#[derive(Debug, Default)]
+pub struct TokenExpiry {
+    expiries: Mutex<BTreeMap<(String, String), jiff::Timestamp>>,
+}
+
+impl TokenExpiry {
+    pub fn set(&self, namespace: &str, name: &str, expires_at: jiff::Timestamp) {
+        self.expiries
+            .lock()
+            .expect("token expiry lock")
+            .insert((namespace.to_owned(), name.to_owned()), expires_at);
+    }
+
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.expiries
+            .lock()
+            .expect("token expiry lock")
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+}
+
+impl Collector for TokenExpiry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = jiff::Timestamp::now();
+        let expiries = self.expiries.lock().expect("token expiry lock").clone();
+        let gauge = ConstGauge::new(0.0f64);
+        let mut family = encoder.encode_descriptor(
+            "dropbox_operator_token_expiry_seconds",
+            "Seconds until the access token of an instance expires (negative: expired)",
+            None,
+            gauge.metric_type(),
+        )?;
+        for ((namespace, name), expires_at) in expiries {
+            let seconds = (expires_at.as_millisecond() - now.as_millisecond()) as f64 / 1000.0;
+            let labels = InstanceLabels { namespace, name };
+            ConstGauge::new(seconds).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Metrics of the controller.
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_errors: Family<ReasonLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub token_refreshes: Family<ResultLabels, Counter>,
+    pub code_exchanges: Family<ResultLabels, Counter>,
+    pub revocations: Family<ResultLabels, Counter>,
+    pub token_expiry: Arc<TokenExpiry>,
+    pub leader: Gauge,
+}
+
+impl ControllerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = ControllerMetrics {
+            reconciles: Family::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            token_refreshes: Family::default(),
+            code_exchanges: Family::default(),
+            revocations: Family::default(),
+            token_expiry: Arc::new(TokenExpiry::default()),
+            leader: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("dropbox_operator");
+        r.register(
+            "reconciles",
+            "Reconciles of DropboxElementInstances by result",
+            m.reconciles.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Reconciles that ended in an error or a failing condition, by reason",
+            m.reconcile_errors.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconcile",
+            m.reconcile_duration.clone(),
+        );
+        r.register(
+            "token_refreshes",
+            "Access-token refreshes by result",
+            m.token_refreshes.clone(),
+        );
+        r.register(
+            "code_exchanges",
+            "Authorization-code exchanges by result",
+            m.code_exchanges.clone(),
+        );
+        r.register(
+            "token_revocations",
+            "Token revocations on deletion by result",
+            m.revocations.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            m.leader.clone(),
+        );
+        registry.register_collector(Box::new(m.token_expiry.clone()));
+        m
+    }
+
+    /// Starts a reconcile timer; the duration is observed when it is dropped.
+    pub fn time_reconcile(&self) -> ReconcileTimer {
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: self.reconcile_duration.clone(),
+        }
+    }
+}
+
+/// Observes the reconcile duration on drop, whichever way the reconcile ends.
+pub struct ReconcileTimer {
+    start: Instant,
+    histogram: Histogram,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Renders a registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
