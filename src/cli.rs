@@ -52,6 +52,56 @@ pub enum Command {
     /// leader election on (the default), only the replica holding the Lease
     /// reconciles; the others wait on standby.
     Controller(Box<ControllerArgs>),
+
+    /// Run the webhook ingress: receive Dropbox webhooks, fetch the changes,
+    /// deliver standardized, signed events to each instance's callback URL.
+    ///
+    /// The controller runs it as the `dropbox-webhook-ingress` Deployment; any
+    /// number of replicas is safe (cursor commits use preconditions).
+    Ingress(Box<IngressArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IngressArgs {
+    #[command(flatten)]
+    pub dropbox: DropboxArgs,
+
+    /// Address of the webhook, /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// Watch only instances in this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// The operator's namespace, where the ingress renews its heartbeat Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub operator_namespace: String,
+
+    /// Name of this replica (default: the pod name, else host name and a random suffix).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// CIDRs callbacks may point to although they are loopback, private,
+    /// link-local, ... (comma-separated, e.g. `10.0.0.0/8,fd00::/8`). Default: none.
+    #[arg(long, env = "ALLOWED_CALLBACK_CIDRS", default_value = "")]
+    pub allowed_callback_cidrs: String,
+
+    /// Timeout of one delivery to a callback URL.
+    #[arg(long, env = "DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub delivery_timeout: Duration,
+
+    /// First retry delay of a failed delivery (doubles, with jitter).
+    #[arg(long, env = "DELIVERY_BASE_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    pub delivery_base_backoff: Duration,
+
+    /// Upper bound of the delay between delivery attempts.
+    #[arg(long, env = "DELIVERY_MAX_BACKOFF", default_value = "5m", value_parser = parse_duration)]
+    pub delivery_max_backoff: Duration,
+
+    /// How often the ingress renews its heartbeat (the controller's EventsReady).
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
 }
 
 /// Where Dropbox is: base URLs, so tests, proxies and regional endpoints work.
@@ -117,9 +167,9 @@ pub struct ControllerArgs {
     #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_elect: bool,
 
-    /// Namespace of the leader Lease (normally the operator's own namespace).
+    /// The operator's own namespace: the leader Lease and the webhook ingress live there.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub leader_election_namespace: String,
+    pub operator_namespace: String,
 
     /// Name of the leader Lease.
     #[arg(
@@ -140,6 +190,51 @@ pub struct ControllerArgs {
     /// Renew the lease this long before it expires.
     #[arg(long, env = "LEASE_RENEW_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub lease_renew_grace: Duration,
+
+    #[command(flatten)]
+    pub ingress: IngressDeploymentArgs,
+}
+
+/// How the controller runs the webhook ingress Deployment.
+#[derive(Debug, Clone, Args)]
+pub struct IngressDeploymentArgs {
+    /// Container image of the webhook ingress (the operator's own image).
+    #[arg(long, env = "INGRESS_IMAGE", default_value = concat!("dropbox-operator:", env!("CARGO_PKG_VERSION")))]
+    pub ingress_image: String,
+
+    /// Image pull policy of the webhook ingress.
+    #[arg(
+        long,
+        env = "INGRESS_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
+    pub ingress_image_pull_policy: String,
+
+    /// Replicas of the webhook ingress Deployment.
+    #[arg(long, env = "INGRESS_REPLICAS", default_value_t = 2)]
+    pub ingress_replicas: i32,
+
+    /// ServiceAccount of the webhook ingress pods (created by the Helm chart).
+    #[arg(
+        long,
+        env = "INGRESS_SERVICE_ACCOUNT",
+        default_value = "dropbox-webhook-ingress"
+    )]
+    pub ingress_service_account: String,
+
+    /// Resource requests and limits of the ingress container, as JSON
+    /// (`{"requests":{"cpu":"50m","memory":"64Mi"},"limits":{"memory":"128Mi"}}`).
+    #[arg(long, env = "INGRESS_RESOURCES", value_parser = parse_resources)]
+    pub ingress_resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+
+    /// CIDRs the ingress may deliver events to although they are loopback, private
+    /// or link-local (comma-separated, e.g. `10.0.0.0/8,fd00::/8`).
+    #[arg(long, env = "ALLOWED_CALLBACK_CIDRS", default_value = "")]
+    pub allowed_callback_cidrs: String,
+}
+
+fn parse_resources(s: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {
+    serde_json::from_str(s).map_err(|e| format!("invalid resources JSON: {e}"))
 }
 
 /// Parses `10s`, `5m`, `1h30m`, `250ms` (and ISO 8601 `PT10S`).

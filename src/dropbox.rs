@@ -281,14 +281,20 @@ impl DropboxClient {
         }
         match serde_json::from_slice::<OAuthErrorBody>(&body) {
             Ok(e) => {
-                let description = e.error_description.unwrap_or_default();
-                Err(match e.error.as_str() {
+                // Dropbox sometimes folds the description into `error`
+                // ("invalid_client: Invalid client_id or client_secret").
+                let (code, inline) = match e.error.split_once(':') {
+                    Some((code, rest)) => (code.trim().to_owned(), Some(rest.trim().to_owned())),
+                    None => (e.error.clone(), None),
+                };
+                let description = e.error_description.or(inline).unwrap_or_default();
+                Err(match code.as_str() {
                     "invalid_grant" => DropboxError::InvalidGrant { description },
                     "invalid_client" | "unauthorized_client" => {
                         DropboxError::InvalidClient { description }
                     }
                     _ => DropboxError::OAuth {
-                        error: e.error,
+                        error: code,
                         description,
                     },
                 })
@@ -431,18 +437,7 @@ fn transport(err: reqwest::Error) -> DropboxError {
     } else {
         "request failed"
     };
-    DropboxError::Transport(format!("{kind}: {}", error_chain(&err)))
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
+    DropboxError::Transport(format!("{kind}: {}", crate::retry::error_chain(&err)))
 }
 
 /// The first line of an unexpected body, bounded, for error messages.

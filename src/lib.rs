@@ -5,6 +5,7 @@
 //! - [`conditions`]: condition types, reasons and status helpers.
 //! - [`controller`]: the reconciler (OAuth lifecycle, status, finalizer).
 //! - [`dropbox`]: the Dropbox API client.
+//! - [`ingress`]: the webhook ingress (verification, syncs, delivery).
 //! - [`metrics`], [`server`]: Prometheus metrics and the probe/metrics HTTP server.
 
 pub mod api;
@@ -12,6 +13,8 @@ pub mod cli;
 pub mod conditions;
 pub mod controller;
 pub mod dropbox;
+pub mod ingress;
 pub mod metrics;
+pub mod retry;
 pub mod server;
 pub mod tls;

@@ -2,9 +2,9 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use dropbox_operator::cli::{Cli, Command, ControllerArgs, DropboxArgs, LogFormat};
+use dropbox_operator::cli::{Cli, Command, ControllerArgs, DropboxArgs, IngressArgs, LogFormat};
 use dropbox_operator::dropbox::DropboxClient;
-use dropbox_operator::{api, controller};
+use dropbox_operator::{api, controller, ingress};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(cli: &Cli) {
@@ -37,7 +37,10 @@ fn identity(explicit: Option<&str>) -> String {
     })
 }
 
-fn controller_options(args: &ControllerArgs) -> Result<controller::RunOptions, BoxError> {
+fn controller_options(
+    args: &ControllerArgs,
+    log_format: &str,
+) -> Result<controller::RunOptions, BoxError> {
     Ok(controller::RunOptions {
         config: controller::Config {
             refresh_margin: args.token_refresh_margin,
@@ -49,14 +52,50 @@ fn controller_options(args: &ControllerArgs) -> Result<controller::RunOptions, B
         namespace: args.namespace.clone(),
         metrics_addr: args.metrics_addr,
         concurrency: args.concurrency,
+        ingress: controller::events::IngressSettings {
+            namespace: args.operator_namespace.clone(),
+            image: args.ingress.ingress_image.clone(),
+            image_pull_policy: args.ingress.ingress_image_pull_policy.clone(),
+            replicas: args.ingress.ingress_replicas,
+            service_account: args.ingress.ingress_service_account.clone(),
+            resources: args.ingress.ingress_resources.clone(),
+            allowed_callback_cidrs: args.ingress.allowed_callback_cidrs.clone(),
+            dropbox_api_url: args.dropbox.dropbox_api_url.to_string(),
+            watch_namespace: args.namespace.clone(),
+            log_format: log_format.into(),
+        },
         leader_election: args.leader_elect.then(|| controller::LeaderElection {
-            namespace: args.leader_election_namespace.clone(),
+            namespace: args.operator_namespace.clone(),
             lease_name: args.leader_election_lease.clone(),
             identity: identity(args.leader_election_identity.as_deref()),
             lease_duration: args.lease_duration,
             renew_grace: args.lease_renew_grace,
         }),
     })
+}
+
+fn ingress_options(args: &IngressArgs) -> Result<ingress::RunOptions, BoxError> {
+    Ok(ingress::RunOptions {
+        listen_addr: args.listen_addr,
+        dropbox: dropbox_client(&args.dropbox)?,
+        namespace: args.namespace.clone(),
+        operator_namespace: args.operator_namespace.clone(),
+        identity: identity(args.identity.as_deref()),
+        policy: ingress::ssrf::AddressPolicy::parse(&args.allowed_callback_cidrs)?,
+        delivery: ingress::sync::DeliveryConfig {
+            timeout: args.delivery_timeout,
+            base_backoff: args.delivery_base_backoff,
+            max_backoff: args.delivery_max_backoff,
+        },
+        heartbeat_interval: args.heartbeat_interval,
+    })
+}
+
+fn log_format_name(f: LogFormat) -> &'static str {
+    match f {
+        LogFormat::Json => "json",
+        LogFormat::Text => "text",
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
@@ -75,9 +114,15 @@ fn main() -> ExitCode {
                 .write_all(yaml.as_bytes())
                 .map_err(Into::into)
         }),
-        Command::Controller(args) => controller_options(args).and_then(|options| {
+        Command::Controller(args) => controller_options(args, log_format_name(cli.log_format))
+            .and_then(|options| {
+                runtime()?
+                    .block_on(controller::run(options))
+                    .map_err(Into::into)
+            }),
+        Command::Ingress(args) => ingress_options(args).and_then(|options| {
             runtime()?
-                .block_on(controller::run(options))
+                .block_on(ingress::run(options))
                 .map_err(Into::into)
         }),
     };

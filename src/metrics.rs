@@ -166,3 +166,80 @@ pub fn render(registry: &Registry) -> String {
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
 }
+
+/// Metrics of the webhook ingress.
+#[derive(Clone)]
+pub struct IngressMetrics {
+    pub webhooks: Family<ResultLabels, Counter>,
+    pub syncs: Family<ResultLabels, Counter>,
+    pub events_delivered: Counter,
+    pub notifications_delivered: Counter,
+    pub delivery_failures: Family<ReasonLabels, Counter>,
+    pub delivery_retries: Counter,
+    pub delivery_latency: Histogram,
+    pub cursor_conflicts: Counter,
+    pub queue_depth: Gauge,
+}
+
+impl IngressMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = IngressMetrics {
+            webhooks: Family::default(),
+            syncs: Family::default(),
+            events_delivered: Counter::default(),
+            notifications_delivered: Counter::default(),
+            delivery_failures: Family::default(),
+            delivery_retries: Counter::default(),
+            delivery_latency: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
+            cursor_conflicts: Counter::default(),
+            queue_depth: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("dropbox_ingress");
+        r.register(
+            "webhooks",
+            "Dropbox webhook requests by result (accepted, forbidden, too_large, malformed)",
+            m.webhooks.clone(),
+        );
+        r.register(
+            "syncs",
+            "Syncs of an instance's changes by result",
+            m.syncs.clone(),
+        );
+        r.register(
+            "events_delivered",
+            "Events delivered to callback URLs",
+            m.events_delivered.clone(),
+        );
+        r.register(
+            "notifications_delivered",
+            "Notifications (batches of at most 20 events) delivered",
+            m.notifications_delivered.clone(),
+        );
+        r.register(
+            "delivery_failures",
+            "Failed delivery attempts by reason",
+            m.delivery_failures.clone(),
+        );
+        r.register(
+            "delivery_retries",
+            "Delivery attempts that are retried",
+            m.delivery_retries.clone(),
+        );
+        r.register(
+            "delivery_latency_seconds",
+            "From the webhook that announced a change to the delivery of its events",
+            m.delivery_latency.clone(),
+        );
+        r.register(
+            "cursor_conflicts",
+            "Cursor commits lost to another replica (their events were delivered by both)",
+            m.cursor_conflicts.clone(),
+        );
+        r.register(
+            "queue_depth",
+            "Instances with a sync waiting to run",
+            m.queue_depth.clone(),
+        );
+        m
+    }
+}

@@ -45,7 +45,6 @@ impl fmt::Debug for SecretString {
 #[derive(Debug)]
 pub enum Credentials {
     OAuth2 {
-        app: AppCredentials,
         code: SecretString,
         /// `sha256:<hex>` of the code.
         code_fingerprint: String,
@@ -59,6 +58,9 @@ pub enum Credentials {
 /// Everything a reconcile needs from the cluster besides the instance itself.
 #[derive(Debug)]
 pub struct Inputs {
+    /// App key and secret: required for oauth2, optional for apiKey (where they
+    /// only verify webhook signatures).
+    pub app: Option<AppCredentials>,
     pub credentials: Credentials,
     /// The token Secret this controller owns, when it exists.
     pub token: Option<StoredToken>,
@@ -122,18 +124,8 @@ pub async fn read(
         cache: BTreeMap::new(),
     };
     let auth = &instance.spec.authentication;
-    let credentials = match auth.auth_type {
-        AuthenticationType::OAuth2 => {
-            // CEL admission guarantees the references; a missing one (an object
-            // created before the CRD had its rules) is reported, not unwrapped.
-            let (Some(app_ref), Some(code_ref)) = (&auth.app_secret_ref, &auth.code_secret_ref)
-            else {
-                return Ok(Err(Problem {
-                    reason: Reason::SecretNotFound,
-                    message: "oauth2 needs spec.authentication.appSecretRef and codeSecretRef"
-                        .into(),
-                }));
-            };
+    let app = match &auth.app_secret_ref {
+        Some(app_ref) => {
             let client_id = match secrets.value(&app_ref.name, &app_ref.client_id_key).await? {
                 Ok(v) => v,
                 Err(p) => return Ok(Err(p)),
@@ -145,15 +137,29 @@ pub async fn read(
                 Ok(v) => v,
                 Err(p) => return Ok(Err(p)),
             };
+            Some(AppCredentials {
+                client_id,
+                client_secret,
+            })
+        }
+        None => None,
+    };
+    let credentials = match auth.auth_type {
+        AuthenticationType::OAuth2 => {
+            // CEL admission guarantees the references; a missing one (an object
+            // created before the CRD had its rules) is reported, not unwrapped.
+            let (true, Some(code_ref)) = (app.is_some(), &auth.code_secret_ref) else {
+                return Ok(Err(Problem {
+                    reason: Reason::SecretNotFound,
+                    message: "oauth2 needs spec.authentication.appSecretRef and codeSecretRef"
+                        .into(),
+                }));
+            };
             let code = match secrets.value(&code_ref.name, &code_ref.key).await? {
                 Ok(v) => v,
                 Err(p) => return Ok(Err(p)),
             };
             Credentials::OAuth2 {
-                app: AppCredentials {
-                    client_id,
-                    client_secret,
-                },
                 code_fingerprint: fingerprint(&code),
                 code: SecretString(code),
                 redirect_uri: auth.callback_url.clone(),
@@ -185,7 +191,11 @@ pub async fn read(
         }
         Credentials::ApiKey { .. } => None,
     };
-    Ok(Ok(Inputs { credentials, token }))
+    Ok(Ok(Inputs {
+        app,
+        credentials,
+        token,
+    }))
 }
 
 #[cfg(test)]
@@ -202,16 +212,16 @@ mod tests {
 
     #[test]
     fn debug_hides_secrets() {
+        let app = AppCredentials {
+            client_id: "key".into(),
+            client_secret: "TOPSECRET".into(),
+        };
         let c = Credentials::OAuth2 {
-            app: AppCredentials {
-                client_id: "key".into(),
-                client_secret: "TOPSECRET".into(),
-            },
             code: SecretString("CODESECRET".into()),
             code_fingerprint: fingerprint("CODESECRET"),
             redirect_uri: None,
         };
-        let shown = format!("{c:?}");
+        let shown = format!("{c:?} {app:?}");
         assert!(
             !shown.contains("TOPSECRET") && !shown.contains("CODESECRET"),
             "{shown}"

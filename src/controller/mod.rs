@@ -7,6 +7,7 @@
 //! This module wires them into a kube-runtime controller with leader election,
 //! metrics, probes and graceful shutdown.
 
+pub mod events;
 pub mod inputs;
 pub mod reconcile;
 pub mod token;
@@ -58,6 +59,8 @@ pub struct Context {
     pub store: Store<DropboxElementInstance>,
     pub codes: CodeRegistry,
     pub backoff: Backoff,
+    /// The webhook ingress objects and liveness.
+    pub ingress: Arc<events::IngressManager>,
 }
 
 /// Authorization codes this process has sent or is sending, by fingerprint, so a
@@ -118,41 +121,58 @@ impl CodeRegistry {
 
 /// Per-instance exponential backoff with jitter ("equal jitter": a random delay
 /// between half and all of the exponential step), reset on success.
+///
+/// The controller's own status write wakes the instance up again at once; the
+/// backoff remembers until when the instance should wait and for which inputs,
+/// so that wake-up does not retry early, while a real change (a new code, a
+/// fixed Secret, a new generation) is acted on immediately.
 pub struct Backoff {
-    attempts: Mutex<HashMap<String, u32>>,
+    state: Mutex<HashMap<String, BackoffState>>,
     base: Duration,
     max: Duration,
+}
+
+struct BackoffState {
+    attempts: u32,
+    not_before: tokio::time::Instant,
+    inputs: u64,
 }
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
         Backoff {
-            attempts: Mutex::default(),
+            state: Mutex::default(),
             base,
             max,
         }
     }
 
     /// The delay before the next attempt for `key`, never below `at_least`
-    /// (e.g. Dropbox's Retry-After).
-    pub fn next_delay(&self, key: &str, at_least: Option<Duration>) -> Duration {
-        let attempt = {
-            let mut attempts = self.attempts.lock().expect("backoff lock");
-            let n = attempts.entry(key.to_owned()).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        };
-        let step = self
-            .base
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
-            .min(self.max);
-        let half = step / 2;
-        let jitter = Duration::from_secs_f64(half.as_secs_f64() * rand::random::<f64>());
-        (half + jitter).max(at_least.unwrap_or_default())
+    /// (e.g. Dropbox's Retry-After). `inputs` identifies what the attempt used.
+    pub fn next_delay(&self, key: &str, at_least: Option<Duration>, inputs: u64) -> Duration {
+        let mut state = self.state.lock().expect("backoff lock");
+        let entry = state.entry(key.to_owned()).or_insert(BackoffState {
+            attempts: 0,
+            not_before: tokio::time::Instant::now(),
+            inputs,
+        });
+        entry.attempts = entry.attempts.saturating_add(1);
+        let delay = crate::retry::backoff_delay(self.base, self.max, entry.attempts, at_least);
+        entry.not_before = tokio::time::Instant::now() + delay;
+        entry.inputs = inputs;
+        delay
+    }
+
+    /// How long `key` still has to wait, when it is backing off for the same inputs.
+    pub fn remaining(&self, key: &str, inputs: u64) -> Option<Duration> {
+        let state = self.state.lock().expect("backoff lock");
+        let entry = state.get(key).filter(|e| e.inputs == inputs)?;
+        let now = tokio::time::Instant::now();
+        (entry.not_before > now).then(|| entry.not_before - now)
     }
 
     pub fn reset(&self, key: &str) {
-        self.attempts.lock().expect("backoff lock").remove(key);
+        self.state.lock().expect("backoff lock").remove(key);
     }
 }
 
@@ -165,6 +185,7 @@ pub struct RunOptions {
     pub metrics_addr: SocketAddr,
     pub concurrency: u16,
     pub leader_election: Option<LeaderElection>,
+    pub ingress: events::IngressSettings,
 }
 
 /// Lease-based leader election settings.
@@ -370,6 +391,23 @@ async fn run_controller(
         )
     });
 
+    // Ingress liveness changes re-reconcile every instance (their EventsReady).
+    let (liveness_tx, liveness_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let liveness = futures::stream::unfold(liveness_rx, |mut rx| async move {
+        rx.recv().await.map(|()| ((), rx))
+    });
+    let controller = controller.reconcile_all_on(liveness);
+
+    let ingress = events::IngressManager::new(options.ingress.clone());
+    tokio::spawn(ingress.clone().run(
+        client.clone(),
+        store.clone(),
+        move || {
+            let _ = liveness_tx.send(());
+        },
+        stop.clone(),
+    ));
+
     let reporter = Reporter {
         controller: "dropbox-operator".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -383,6 +421,7 @@ async fn run_controller(
         store,
         codes: CodeRegistry::default(),
         backoff: Backoff::new(Duration::from_secs(1), options.config.max_backoff),
+        ingress,
     });
     tracing::info!(namespace = ?options.namespace, "controller started");
     controller
@@ -406,21 +445,24 @@ mod tests {
     #[test]
     fn backoff_grows_with_jitter_and_honours_retry_after() {
         let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let d1 = b.next_delay("x", None);
+        let d1 = b.next_delay("x", None, 1);
         assert!(
             d1 >= Duration::from_millis(500) && d1 <= Duration::from_secs(1),
             "{d1:?}"
         );
-        let d2 = b.next_delay("x", None);
+        let d2 = b.next_delay("x", None, 1);
         assert!(
             d2 >= Duration::from_secs(1) && d2 <= Duration::from_secs(2),
             "{d2:?}"
         );
         for _ in 0..20 {
-            b.next_delay("x", None);
+            b.next_delay("x", None, 1);
         }
-        assert!(b.next_delay("x", None) <= Duration::from_secs(60));
+        assert!(b.next_delay("x", None, 1) <= Duration::from_secs(60));
         b.reset("x");
-        assert!(b.next_delay("x", Some(Duration::from_secs(7))) >= Duration::from_secs(7));
+        assert!(b.next_delay("x", Some(Duration::from_secs(7)), 1) >= Duration::from_secs(7));
+        // Waiting applies to the same inputs only.
+        assert!(b.remaining("x", 1).is_some());
+        assert!(b.remaining("x", 2).is_none());
     }
 }

@@ -22,10 +22,11 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::Context;
+use super::events::{self, EventsStep};
 use super::inputs::{self, AppCredentials, Credentials, Inputs, Problem, SecretString};
 use super::token::{self, StoredToken};
 use crate::api::{
-    AccountStatus, DropboxElementInstance, DropboxElementInstanceStatus, TokenStatus,
+    AccountStatus, DropboxElementInstance, DropboxElementInstanceStatus, EventsStatus, TokenStatus,
 };
 use crate::conditions::{self, AUTHORIZED, Desired, EVENTS_DELIVERING, READY, Reason};
 use crate::dropbox::{DropboxError, TokenResponse};
@@ -83,6 +84,8 @@ pub struct AuthStep {
     pub code_fingerprint: Option<String>,
     pub authorize_url: Option<String>,
     pub next: Next,
+    /// The working access token, when Authorized is True (for the events step).
+    pub access_token: Option<SecretString>,
 }
 
 impl AuthStep {
@@ -95,6 +98,7 @@ impl AuthStep {
             code_fingerprint: prev.code_fingerprint.clone(),
             authorize_url: None,
             next,
+            access_token: None,
         }
     }
 }
@@ -149,35 +153,95 @@ pub fn error_policy(
         })
         .inc();
     tracing::warn!(instance = %object_key(&instance), error = %error, "reconcile failed; retrying with backoff");
-    Action::requeue(ctx.backoff.next_delay(&object_key(&instance), None))
+    Action::requeue(ctx.backoff.next_delay(&object_key(&instance), None, 0))
 }
 
 async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Action, Error> {
     let prev = instance.status.clone().unwrap_or_default();
-    let step = match inputs::read(&ctx.client, instance).await? {
-        Err(Problem { reason, message }) => AuthStep::from_previous(
-            &prev,
-            Desired::new(AUTHORIZED, Some(false), reason, message),
-            Next::WaitForChange,
+    let key = object_key(instance);
+    let inputs = inputs::read(&ctx.client, instance).await?;
+    let inputs_hash = inputs_fingerprint(instance, &inputs);
+    if let Some(wait) = ctx.backoff.remaining(&key, inputs_hash) {
+        // Woken up by our own status write while backing off: nothing changed.
+        return Ok(Action::requeue(wait));
+    }
+    let (step, app_key) = match inputs {
+        Err(Problem { reason, message }) => (
+            AuthStep::from_previous(
+                &prev,
+                Desired::new(AUTHORIZED, Some(false), reason, message),
+                Next::WaitForChange,
+            ),
+            None,
         ),
-        Ok(Inputs { credentials, token }) => match credentials {
-            Credentials::OAuth2 {
-                app,
-                code,
-                code_fingerprint,
-                redirect_uri,
-            } => {
-                let creds = OAuthCredentials {
-                    app: &app,
-                    code: &code,
-                    fingerprint: &code_fingerprint,
-                    redirect_uri: redirect_uri.as_deref(),
-                };
-                oauth2(instance, &prev, creds, token, ctx).await?
-            }
-            Credentials::ApiKey { token } => api_key(&prev, &token, ctx).await,
-        },
+        Ok(Inputs {
+            app,
+            credentials,
+            token,
+        }) => {
+            let app_key = app.as_ref().map(|a| a.client_id.clone());
+            let step = match (credentials, app) {
+                (
+                    Credentials::OAuth2 {
+                        code,
+                        code_fingerprint,
+                        redirect_uri,
+                    },
+                    Some(app),
+                ) => {
+                    let creds = OAuthCredentials {
+                        app: &app,
+                        code: &code,
+                        fingerprint: &code_fingerprint,
+                        redirect_uri: redirect_uri.as_deref(),
+                    };
+                    oauth2(instance, &prev, creds, token, ctx).await?
+                }
+                (Credentials::ApiKey { token }, _) => api_key(&prev, &token, ctx).await,
+                // inputs::read reports a missing app Secret for oauth2 as a Problem.
+                (Credentials::OAuth2 { .. }, None) => AuthStep::from_previous(
+                    &prev,
+                    Desired::new(
+                        AUTHORIZED,
+                        Some(false),
+                        Reason::SecretNotFound,
+                        "oauth2 needs appSecretRef",
+                    ),
+                    Next::WaitForChange,
+                ),
+            };
+            (step, app_key)
+        }
     };
+
+    let events_enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled);
+    let events = if events_enabled {
+        let authorized = step.authorized.is_true();
+        let account_id = step.account.as_ref().and_then(|a| a.account_id.as_deref());
+        let token = step
+            .access_token
+            .as_ref()
+            .filter(|_| authorized)
+            .map(|t| t.0.as_str());
+        Some(
+            events::ensure_cursor(
+                &ctx.client,
+                &ctx.dropbox,
+                instance,
+                app_key.as_deref(),
+                account_id,
+                token,
+                ctx.ingress.alive(),
+            )
+            .await?,
+        )
+    } else {
+        if prev.events.is_some() {
+            events::remove_cursor(&ctx.client, instance).await?;
+        }
+        None
+    };
+    ctx.ingress.poke();
 
     if !step.authorized.is_true() {
         ctx.metrics
@@ -199,21 +263,44 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
         ),
     }
 
-    let desired = desired_status(instance, &step, &Time(now()));
+    let desired = desired_status(instance, &step, events.as_ref(), &Time(now()));
     if conditions::status_differs(instance.status.as_ref(), &desired) {
         write_status(instance, &desired, ctx).await?;
         publish_transitions(instance, &prev, &desired, ctx).await;
     }
-    Ok(next_action(&object_key(instance), step.next, ctx))
+    Ok(next_action(&key, step.next, inputs_hash, ctx))
 }
 
-fn next_action(key: &str, next: Next, ctx: &Context) -> Action {
+/// Identifies what an attempt was made with: the spec generation and the
+/// credentials. A change of any of them ends a backoff wait at once.
+fn inputs_fingerprint(instance: &DropboxElementInstance, inputs: &Result<Inputs, Problem>) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    instance.metadata.generation.hash(&mut h);
+    if let Ok(inputs) = inputs {
+        if let Some(app) = &inputs.app {
+            app.client_id.hash(&mut h);
+            app.client_secret.hash(&mut h);
+        }
+        match &inputs.credentials {
+            Credentials::OAuth2 {
+                code_fingerprint, ..
+            } => code_fingerprint.hash(&mut h),
+            Credentials::ApiKey { token } => token.0.hash(&mut h),
+        }
+    }
+    h.finish()
+}
+
+fn next_action(key: &str, next: Next, inputs: u64, ctx: &Context) -> Action {
     match next {
         Next::After(delay) => {
             ctx.backoff.reset(key);
             Action::requeue(delay.min(ctx.config.resync_interval))
         }
-        Next::Backoff { at_least } => Action::requeue(ctx.backoff.next_delay(key, at_least)),
+        Next::Backoff { at_least } => {
+            Action::requeue(ctx.backoff.next_delay(key, at_least, inputs))
+        }
         Next::WaitForChange => {
             ctx.backoff.reset(key);
             Action::await_change()
@@ -381,6 +468,12 @@ async fn oauth2(
 
     let prev_authorized = conditions::find(&prev.conditions, AUTHORIZED);
     let prev_reason = prev_authorized.map(|c| c.reason.as_str());
+    // Tokens minted from an older code do not make this (spent) code good.
+    let stored = stored.filter(|s| {
+        s.code_fingerprint
+            .as_deref()
+            .is_none_or(|f| f == creds.fingerprint)
+    });
     let Some(mut stored) = stored else {
         // The code was spent and there are no tokens: keep a permanent verdict
         // about this code as it is, otherwise the token Secret was lost.
@@ -552,6 +645,7 @@ async fn oauth2(
     }
 
     let mut step = AuthStep::from_previous(prev, token_valid(&stored), Next::WaitForChange);
+    step.access_token = Some(SecretString(stored.access_token.clone()));
     step.token = Some(token_status(instance, &stored, last_refresh.clone()));
     step.code_fingerprint = Some(creds.fingerprint.to_owned());
     if let Err(next) = ensure_account(&mut step, &stored, ctx).await {
@@ -651,6 +745,7 @@ async fn exchange(
             apply_token_secret(instance, &stored, ctx).await?;
             tracing::info!(instance = %object_key(instance), account_id = ?stored.account_id, "authorization code exchanged");
             let mut step = AuthStep::from_previous(prev, token_valid(&stored), Next::WaitForChange);
+            step.access_token = Some(SecretString(stored.access_token.clone()));
             step.code_fingerprint = Some(creds.fingerprint.to_owned());
             step.token = Some(token_status(instance, &stored, Some(Time(issued_at))));
             step.account = None;
@@ -751,6 +846,7 @@ async fn api_key(
             step.account = Some(account_status(account));
             step.token = None;
             step.code_fingerprint = None;
+            step.access_token = Some(token.clone());
             step
         }
         Err(DropboxError::Unauthorized { tag }) => AuthStep::from_previous(
@@ -782,38 +878,45 @@ async fn api_key(
 pub fn desired_status(
     instance: &DropboxElementInstance,
     step: &AuthStep,
+    events: Option<&EventsStep>,
     now: &Time,
 ) -> DropboxElementInstanceStatus {
     let prev = instance.status.clone().unwrap_or_default();
     let generation = instance.metadata.generation;
     let existing = &prev.conditions;
-    let events_enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled);
 
-    let delivering = conditions::find(existing, EVENTS_DELIVERING).filter(|_| events_enabled);
-    let ready = match delivering {
-        _ if !step.authorized.is_true() => Desired::new(
+    let delivering = events.and_then(|_| conditions::find(existing, EVENTS_DELIVERING));
+    let ready = if !step.authorized.is_true() {
+        Desired::new(
             READY,
             Some(false),
             step.authorized.reason,
             step.authorized.message.clone(),
-        ),
-        Some(d) if d.status == "False" => Desired::new(
+        )
+    } else if let Some(e) = events.filter(|e| !e.ready.is_true()) {
+        Desired::new(READY, Some(false), e.ready.reason, e.ready.message.clone())
+    } else if let Some(d) = delivering.filter(|d| d.status == "False") {
+        Desired::new(
             READY,
             Some(false),
             delivery_reason(&d.reason),
             format!("Event delivery is failing: {}", d.message),
-        ),
-        _ => Desired::new(
+        )
+    } else {
+        Desired::new(
             READY,
             Some(true),
             Reason::Ready,
             "The instance is connected to Dropbox",
-        ),
+        )
     };
     let mut conditions = vec![
         step.authorized.to_condition(existing, generation, now),
         ready.to_condition(existing, generation, now),
     ];
+    if let Some(e) = events {
+        conditions.push(e.ready.to_condition(existing, generation, now));
+    }
     if let Some(d) = delivering {
         conditions.push(d.clone());
     }
@@ -825,7 +928,13 @@ pub fn desired_status(
         token: step.token.clone(),
         code_fingerprint: step.code_fingerprint.clone(),
         authorize_url: step.authorize_url.clone(),
-        events: prev.events.clone().filter(|_| events_enabled),
+        events: events.map(|e| EventsStatus {
+            webhook_path: e.webhook_path.clone(),
+            last_delivery_time: prev
+                .events
+                .as_ref()
+                .and_then(|p| p.last_delivery_time.clone()),
+        }),
     }
 }
 
@@ -1008,10 +1117,7 @@ async fn revoke(
     let mut access_token = stored.access_token.clone();
     if expired
         && let Some(refresh_token) = &stored.refresh_token
-        && let Ok(Ok(Inputs {
-            credentials: Credentials::OAuth2 { app, .. },
-            ..
-        })) = inputs::read(&ctx.client, instance).await
+        && let Ok(Ok(Inputs { app: Some(app), .. })) = inputs::read(&ctx.client, instance).await
     {
         access_token = ctx
             .dropbox

@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod controlplane;
+pub mod dropbox;
+pub mod operator;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -1,0 +1,570 @@
+//! Syncs: from a Dropbox notification to delivered events and a committed cursor.
+//!
+//! One worker per instance serializes its syncs; triggers that arrive while a
+//! sync runs are coalesced into one more sync. A sync reads the committed cursor
+//! from `<name>-dropbox-events`, pages through `list_folder/continue`, turns the
+//! entries into events, delivers them in batches of at most 20 (retrying until
+//! the callback takes them), and only then commits the new cursor, with a
+//! resourceVersion precondition so two replicas never both commit.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::payload::{self, Format, InstanceInfo, Notification};
+use super::secrets::SecretCache;
+use super::ssrf::{self, AddressPolicy};
+use crate::api::{AuthenticationType, DropboxElementInstance, EventFormat};
+use crate::conditions::{self, Desired, EVENTS_DELIVERING, Reason};
+use crate::controller::events::{CURSOR_KEY, events_configmap_name};
+use crate::controller::token;
+use crate::dropbox::{DropboxClient, DropboxError};
+use crate::metrics::IngressMetrics;
+use crate::retry::{backoff_delay, error_chain};
+
+/// Field manager of everything the ingress writes.
+pub const FIELD_MANAGER: &str = "dropbox-operator-ingress";
+/// Entries gathered before delivering, so a huge backlog is sent in parts.
+const MAX_ENTRIES_PER_SYNC: usize = 2000;
+
+/// Settings of deliveries.
+#[derive(Clone, Debug)]
+pub struct DeliveryConfig {
+    pub timeout: Duration,
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// Shared state of the ingress's sync machinery.
+pub struct Syncer {
+    pub client: Client,
+    pub dropbox: DropboxClient,
+    pub secrets: SecretCache,
+    pub policy: AddressPolicy,
+    pub callbacks: reqwest::Client,
+    pub metrics: IngressMetrics,
+    pub config: DeliveryConfig,
+    pub instances: kube::runtime::reflector::Store<DropboxElementInstance>,
+    workers: Mutex<HashMap<String, Arc<Worker>>>,
+    stop: CancellationToken,
+}
+
+/// The pending work of one instance.
+#[derive(Default)]
+struct Worker {
+    wake: Notify,
+    /// The latest webhook body and when the oldest unsynced one arrived.
+    pending: Mutex<Option<(Value, Instant)>>,
+}
+
+/// Why a sync stopped early; it is retried when the next trigger arrives or,
+/// for `Retry`, after a backoff.
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("Dropbox: {0}")]
+    Dropbox(#[from] DropboxError),
+    #[error("{0}")]
+    NotReady(String),
+    #[error("stopped")]
+    Stopped,
+}
+
+impl Syncer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        client: Client,
+        dropbox: DropboxClient,
+        policy: AddressPolicy,
+        callbacks: reqwest::Client,
+        metrics: IngressMetrics,
+        config: DeliveryConfig,
+        instances: kube::runtime::reflector::Store<DropboxElementInstance>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Syncer {
+            secrets: SecretCache::new(client.clone()),
+            client,
+            dropbox,
+            policy,
+            callbacks,
+            metrics,
+            config,
+            instances,
+            workers: Mutex::default(),
+            stop,
+        })
+    }
+
+    /// Queues a sync of the instance with `uid` (never runs it inline).
+    pub fn trigger(self: &Arc<Self>, uid: &str, raw: &Value) {
+        let (worker, new) = {
+            let mut workers = self.workers.lock().expect("workers lock");
+            match workers.get(uid) {
+                Some(w) => (w.clone(), false),
+                None => {
+                    let w = Arc::new(Worker::default());
+                    workers.insert(uid.to_owned(), w.clone());
+                    (w, true)
+                }
+            }
+        };
+        {
+            let mut pending = worker.pending.lock().expect("pending lock");
+            let since = pending
+                .as_ref()
+                .map(|(_, t)| *t)
+                .unwrap_or_else(Instant::now);
+            *pending = Some((raw.clone(), since));
+        }
+        worker.wake.notify_one();
+        if new {
+            tokio::spawn(self.clone().run_worker(uid.to_owned(), worker));
+        }
+        self.update_queue_depth();
+    }
+
+    fn update_queue_depth(&self) {
+        let workers = self.workers.lock().expect("workers lock");
+        let depth = workers
+            .values()
+            .filter(|w| w.pending.lock().expect("pending lock").is_some())
+            .count();
+        self.metrics.queue_depth.set(depth as i64);
+    }
+
+    async fn run_worker(self: Arc<Self>, uid: String, worker: Arc<Worker>) {
+        let mut failures: u32 = 0;
+        loop {
+            tokio::select! {
+                _ = worker.wake.notified() => {}
+                _ = self.stop.cancelled() => return,
+            }
+            let Some((raw, since)) = worker.pending.lock().expect("pending lock").clone() else {
+                continue;
+            };
+            // Taken now: triggers from here on are a new sync.
+            *worker.pending.lock().expect("pending lock") = None;
+            self.update_queue_depth();
+            match self.sync(&uid, &raw, since).await {
+                Ok(more) => {
+                    failures = 0;
+                    self.metrics
+                        .syncs
+                        .get_or_create(&crate::metrics::ResultLabels { result: "success" })
+                        .inc();
+                    if more {
+                        self.requeue(&worker, raw, since);
+                    }
+                }
+                Err(SyncError::Stopped) => return,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    self.metrics
+                        .syncs
+                        .get_or_create(&crate::metrics::ResultLabels { result: "error" })
+                        .inc();
+                    let delay = backoff_delay(
+                        self.config.base_backoff,
+                        self.config.max_backoff,
+                        failures,
+                        None,
+                    );
+                    tracing::warn!(instance_uid = %uid, error = %e, retry_in = ?delay, "sync failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.stop.cancelled() => return,
+                    }
+                    self.requeue(&worker, raw, since);
+                }
+            }
+        }
+    }
+
+    fn requeue(&self, worker: &Worker, raw: Value, since: Instant) {
+        let mut pending = worker.pending.lock().expect("pending lock");
+        if pending.is_none() {
+            *pending = Some((raw, since));
+        }
+        drop(pending);
+        worker.wake.notify_one();
+    }
+
+    fn instance(&self, uid: &str) -> Option<Arc<DropboxElementInstance>> {
+        self.instances
+            .state()
+            .into_iter()
+            .find(|i| i.uid().as_deref() == Some(uid))
+    }
+
+    /// The access token of an instance (`force` re-reads it).
+    async fn access_token(
+        &self,
+        instance: &DropboxElementInstance,
+        force: bool,
+    ) -> Result<String, SyncError> {
+        let ns = instance.namespace().unwrap_or_default();
+        let auth = &instance.spec.authentication;
+        let (name, key) = match (auth.auth_type, &auth.api_key_secret_ref) {
+            (AuthenticationType::ApiKey, Some(r)) => (r.name.clone(), r.key.clone()),
+            _ => (
+                token::secret_name(&instance.name_any()),
+                token::ACCESS_TOKEN.to_owned(),
+            ),
+        };
+        let value = self.secrets.get(&ns, &name, &key, force).await?;
+        value
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .ok_or_else(|| SyncError::NotReady(format!("no access token in Secret {name:?}")))
+    }
+
+    /// One sync. Returns whether more changes are waiting (a capped backlog).
+    async fn sync(&self, uid: &str, raw: &Value, since: Instant) -> Result<bool, SyncError> {
+        let Some(instance) = self.instance(uid) else {
+            return Ok(false);
+        };
+        let Some(events) = instance.spec.events.clone().filter(|e| e.enabled) else {
+            return Ok(false);
+        };
+        let ns = instance.namespace().unwrap_or_default();
+        let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
+        let cm_name = events_configmap_name(&instance.name_any());
+        let Some(cm) = configmaps.get_opt(&cm_name).await? else {
+            return Err(SyncError::NotReady(
+                "the first cursor is not set yet".into(),
+            ));
+        };
+        let Some(cursor_before) = cm.data.as_ref().and_then(|d| d.get(CURSOR_KEY)).cloned() else {
+            return Err(SyncError::NotReady(
+                "the first cursor is not set yet".into(),
+            ));
+        };
+
+        // List the changes since the committed cursor.
+        let mut token = self.access_token(&instance, false).await?;
+        let mut cursor = cursor_before.clone();
+        let mut entries = Vec::new();
+        let mut reset = false;
+        let mut more = false;
+        let mut refreshed_token = false;
+        loop {
+            match self.dropbox.list_folder_continue(&token, &cursor).await {
+                Ok(page) => {
+                    entries.extend(page.entries);
+                    cursor = page.cursor;
+                    if !page.has_more {
+                        break;
+                    }
+                    if entries.len() >= MAX_ENTRIES_PER_SYNC {
+                        more = true;
+                        break;
+                    }
+                }
+                Err(e) if e.tag() == Some("reset") => {
+                    // The cursor is no longer valid: start again from now and tell
+                    // the receiver that it has to re-read what it tracks.
+                    tracing::info!(instance = %format!("{ns}/{}", instance.name_any()), "cursor reset by Dropbox; re-baselining");
+                    cursor = self.dropbox.latest_cursor(&token).await?;
+                    entries.clear();
+                    reset = true;
+                    break;
+                }
+                Err(DropboxError::Unauthorized { .. }) if !refreshed_token => {
+                    // The controller may have refreshed the token meanwhile.
+                    refreshed_token = true;
+                    token = self.access_token(&instance, true).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+
+        let now = jiff::Timestamp::now();
+        let standardized = if reset {
+            vec![payload::reset_event(now)]
+        } else {
+            payload::standardize(&entries, now)
+        };
+        let info = InstanceInfo {
+            uid: uid.to_owned(),
+            namespace: ns.clone(),
+            name: instance.name_any(),
+            display_name: instance
+                .spec
+                .name
+                .clone()
+                .unwrap_or_else(|| instance.name_any()),
+            tags: instance.spec.tags.clone().unwrap_or_default(),
+            account_id: instance
+                .status
+                .as_ref()
+                .and_then(|s| s.account.as_ref())
+                .and_then(|a| a.account_id.clone())
+                .unwrap_or_default(),
+        };
+        let format = match events.format {
+            EventFormat::Elements => Format::Elements,
+            EventFormat::CloudEvents => Format::CloudEvents,
+        };
+        let notifications =
+            payload::notifications(&info, &standardized, raw, format, &cursor_before, now);
+        for notification in &notifications {
+            self.deliver(uid, notification).await?;
+            self.metrics
+                .events_delivered
+                .inc_by(notification.event_count as u64);
+            self.metrics.notifications_delivered.inc();
+        }
+        if !notifications.is_empty() {
+            self.metrics
+                .delivery_latency
+                .observe(since.elapsed().as_secs_f64());
+        }
+
+        // Commit only after delivery, and only over the cursor this sync started from.
+        if cursor != cursor_before {
+            let mut updated = cm.clone();
+            updated
+                .data
+                .get_or_insert_with(Default::default)
+                .insert(CURSOR_KEY.to_owned(), cursor);
+            match configmaps
+                .replace(&cm_name, &PostParams::default(), &updated)
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    // Another replica committed first; what we sent carried the same
+                    // event ids as what it sent. Look again from its cursor.
+                    self.metrics.cursor_conflicts.inc();
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !notifications.is_empty() {
+            self.report(
+                uid,
+                Desired::new(
+                    EVENTS_DELIVERING,
+                    Some(true),
+                    Reason::Delivered,
+                    "The last delivery succeeded",
+                ),
+                true,
+            )
+            .await;
+        }
+        Ok(more)
+    }
+
+    /// Delivers one notification, retrying until the callback accepts it. The
+    /// instance is re-read before every attempt so a fixed callback URL or key is
+    /// used at once.
+    async fn deliver(&self, uid: &str, notification: &Notification) -> Result<(), SyncError> {
+        let mut attempt: u32 = 0;
+        loop {
+            let Some(instance) = self.instance(uid) else {
+                return Err(SyncError::NotReady("the instance is gone".into()));
+            };
+            let Some(events) = instance.spec.events.clone().filter(|e| e.enabled) else {
+                return Err(SyncError::NotReady("events were disabled".into()));
+            };
+            let outcome = self.attempt(&instance, &events, notification).await;
+            let (reason, message, retry_after) = match outcome {
+                Ok(()) => return Ok(()),
+                Err(failure) => failure,
+            };
+            attempt = attempt.saturating_add(1);
+            self.metrics
+                .delivery_failures
+                .get_or_create(&crate::metrics::ReasonLabels {
+                    reason: reason.as_str(),
+                })
+                .inc();
+            self.report(
+                uid,
+                Desired::new(EVENTS_DELIVERING, Some(false), reason, message.clone()),
+                false,
+            )
+            .await;
+            let delay = backoff_delay(
+                self.config.base_backoff,
+                self.config.max_backoff,
+                attempt,
+                retry_after,
+            );
+            tracing::warn!(
+                instance = %format!("{}/{}", instance.namespace().unwrap_or_default(), instance.name_any()),
+                event_id = %notification.event_id, %reason, %message, retry_in = ?delay,
+                "delivery failed; retrying"
+            );
+            self.metrics.delivery_retries.inc();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stop.cancelled() => return Err(SyncError::Stopped),
+            }
+        }
+    }
+
+    /// One POST to the callback URL.
+    async fn attempt(
+        &self,
+        instance: &DropboxElementInstance,
+        events: &crate::api::EventsSpec,
+        n: &Notification,
+    ) -> Result<(), (Reason, String, Option<Duration>)> {
+        let url = events
+            .callback_url
+            .as_deref()
+            .and_then(|u| url::Url::parse(u).ok())
+            .ok_or_else(|| {
+                (
+                    Reason::CallbackRejected,
+                    "events.callbackUrl is not a valid URL".to_owned(),
+                    None,
+                )
+            })?;
+        ssrf::check_url(&self.policy, &url)
+            .map_err(|e| (Reason::CallbackForbidden, e.to_string(), None))?;
+        let key = match &events.signature_key_secret_ref {
+            Some(r) => match self
+                .secrets
+                .get(
+                    &instance.namespace().unwrap_or_default(),
+                    &r.name,
+                    &r.key,
+                    false,
+                )
+                .await
+            {
+                Ok(Some(k)) => Some(k),
+                Ok(None) => {
+                    return Err((
+                        Reason::CallbackRejected,
+                        format!(
+                            "the signature key Secret {:?} (key {:?}) is missing",
+                            r.name, r.key
+                        ),
+                        None,
+                    ));
+                }
+                Err(e) => {
+                    return Err((
+                        Reason::CallbackUnreachable,
+                        format!("reading the signature key: {e}"),
+                        None,
+                    ));
+                }
+            },
+            None => None,
+        };
+        let timestamp = jiff::Timestamp::now().as_second();
+        let mut request = self
+            .callbacks
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, n.content_type)
+            .body(n.body.clone());
+        for (name, value) in
+            payload::signature_headers(key.as_deref(), &n.event_id, timestamp, &n.body)
+        {
+            request = request.header(name, value);
+        }
+        let response = request.send().await.map_err(|e| {
+            if let Some(forbidden) = ssrf::forbidden_in(&e) {
+                (Reason::CallbackForbidden, forbidden.to_string(), None)
+            } else {
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "could not connect"
+                };
+                (
+                    Reason::CallbackUnreachable,
+                    format!("the callback {what}: {}", error_chain(&e)),
+                    None,
+                )
+            }
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let reason = if status.as_u16() == 429 || status.is_server_error() {
+            Reason::CallbackUnreachable
+        } else {
+            Reason::CallbackRejected
+        };
+        Err((
+            reason,
+            format!("the callback answered HTTP {}", status.as_u16()),
+            retry_after,
+        ))
+    }
+
+    /// Writes EventsDelivering (and lastDeliveryTime after a delivery) with the
+    /// ingress's field manager, only when something changes.
+    async fn report(&self, uid: &str, desired: Desired, delivered: bool) {
+        let Some(instance) = self.instance(uid) else {
+            return;
+        };
+        let status = instance.status.clone().unwrap_or_default();
+        let current = conditions::find(&status.conditions, EVENTS_DELIVERING);
+        let same = current.is_some_and(|c| {
+            c.status == if desired.is_true() { "True" } else { "False" }
+                && c.reason == desired.reason.as_str()
+                && c.message == desired.message
+        });
+        if same && !delivered {
+            return;
+        }
+        let now = Time(jiff::Timestamp::now());
+        let condition: Condition =
+            desired.to_condition(&status.conditions, instance.metadata.generation, &now);
+        let last_delivery = if delivered {
+            Some(now.clone())
+        } else {
+            status
+                .events
+                .as_ref()
+                .and_then(|e| e.last_delivery_time.clone())
+        };
+        let mut events = json!({});
+        if let Some(t) = last_delivery {
+            events["lastDeliveryTime"] = serde_json::to_value(t).unwrap_or(Value::Null);
+        }
+        let patch = json!({
+            "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+            "kind": "DropboxElementInstance",
+            "status": {"conditions": [condition], "events": events},
+        });
+        let api: Api<DropboxElementInstance> = Api::namespaced(
+            self.client.clone(),
+            &instance.namespace().unwrap_or_default(),
+        );
+        if let Err(e) = api
+            .patch_status(
+                &instance.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "could not write EventsDelivering");
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Runs the real `dropbox-operator` binary as a local process against the test
+//! control plane, the way a Deployment would run it, with its logs captured to a
+//! file (so tests can search them for secrets).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::controlplane::{free_port, spawn_owned};
+
+/// A running `dropbox-operator <subcommand>` process.
+pub struct Process {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub metrics_port: u16,
+    pub name: String,
+}
+
+/// Builder for a controller process scoped to one test namespace.
+pub struct ControllerProcess {
+    pub namespace: String,
+    pub dropbox_api_url: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub name: String,
+}
+
+impl ControllerProcess {
+    pub fn new(namespace: &str, dropbox_api_url: &str) -> Self {
+        ControllerProcess {
+            namespace: namespace.to_owned(),
+            dropbox_api_url: dropbox_api_url.to_owned(),
+            args: Vec::new(),
+            env: Vec::new(),
+            name: "controller".into(),
+        }
+    }
+
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_owned());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = name.to_owned();
+        self
+    }
+
+    /// Starts the process and waits until its metrics endpoint answers.
+    pub async fn start(self) -> Process {
+        let port = free_port();
+        let cluster = super::cluster();
+        let log = cluster
+            .dir
+            .join(format!("{}-{}-{port}.log", self.namespace, self.name));
+        let file = std::fs::File::create(&log).expect("create controller log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dropbox-operator"));
+        cmd.arg("controller")
+            .args(&self.args)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("DROPBOX_API_URL", &self.dropbox_api_url)
+            .env("DROPBOX_WWW_URL", "https://www.dropbox.com")
+            .env("WATCH_NAMESPACE", &self.namespace)
+            .env("POD_NAMESPACE", &self.namespace)
+            .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("LOG_LEVEL", "info,dropbox_operator=debug")
+            .env("DROPBOX_TIMEOUT", "3s")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::from(file.try_clone().expect("clone log handle")))
+            .stderr(Stdio::from(file));
+        let child = spawn_owned(cmd).expect("start dropbox-operator");
+        let process = Process {
+            child: Some(child),
+            log,
+            metrics_port: port,
+            name: self.name,
+        };
+        process.wait_healthy().await;
+        process
+    }
+}
+
+impl Process {
+    async fn wait_healthy(&self) {
+        let client = super::dropbox::http_client();
+        for _ in 0..150 {
+            if let Ok(r) = client
+                .get(format!("http://127.0.0.1:{}/healthz", self.metrics_port))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "{} did not become healthy; log:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
+    /// The Prometheus text of /metrics.
+    pub async fn metrics(&self) -> String {
+        super::dropbox::http_client()
+            .get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// The sum of every sample of `metric` whose labels contain `label_filter`.
+    pub async fn metric_sum(&self, metric: &str, label_filter: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with(['{', ' ']))
+            .filter(|l| l.contains(label_filter))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, then wait up to `grace` for a clean exit; returns whether it exited
+    /// on its own.
+    pub fn terminate(&mut self, grace: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// SIGKILL (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => true,
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
