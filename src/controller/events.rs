@@ -207,7 +207,7 @@ impl IngressManager {
         stop: CancellationToken,
     ) {
         tokio::select! {
-            _ = store.wait_until_ready() => {}
+            _ = wait_until_ready(&store) => {}
             _ = stop.cancelled() => return,
         }
         let mut applied: Option<bool> = None;
@@ -303,6 +303,28 @@ impl IngressManager {
             };
             renewed.0 + jiff::SignedDuration::from_secs(i64::from(duration)) > now
         })
+    }
+}
+
+/// Waits until the store has its first full list. `Store::wait_until_ready` keeps
+/// only the waker of the last task that polled it (kube-runtime 5.0 polls one
+/// oneshot receiver from every waiter), so with the controller's own runner also
+/// waiting, a second waiter may never be woken; polling it again in short slices
+/// sidesteps that.
+pub async fn wait_until_ready<K>(store: &Store<K>)
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(result) =
+            tokio::time::timeout(Duration::from_millis(250), store.wait_until_ready()).await
+        {
+            if result.is_err() {
+                tracing::warn!("the instance cache was dropped before it was filled");
+            }
+            return;
+        }
     }
 }
 

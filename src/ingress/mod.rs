@@ -111,10 +111,9 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         let store = store.clone();
         let ready = ready.clone();
         async move {
-            if store.wait_until_ready().await.is_ok() {
-                ready.set(true);
-                tracing::info!("instances cache synced; ready");
-            }
+            crate::controller::events::wait_until_ready(&store).await;
+            ready.set(true);
+            tracing::info!("instances cache synced; ready");
         }
     });
     let heartbeat = tokio::spawn(heartbeat(

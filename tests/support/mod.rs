@@ -5,6 +5,7 @@
 pub mod controlplane;
 pub mod dropbox;
 pub mod operator;
+pub mod receiver;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -16,23 +16,38 @@ pub struct Process {
     pub name: String,
 }
 
-/// Builder for a controller process scoped to one test namespace.
+/// Builder for a `dropbox-operator controller` (or `ingress`) process scoped to
+/// one test namespace.
 pub struct ControllerProcess {
+    pub subcommand: &'static str,
     pub namespace: String,
     pub dropbox_api_url: String,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Variables removed from the process's environment (after `env`).
+    pub unset: Vec<String>,
     pub name: String,
 }
 
 impl ControllerProcess {
     pub fn new(namespace: &str, dropbox_api_url: &str) -> Self {
         ControllerProcess {
+            subcommand: "controller",
             namespace: namespace.to_owned(),
             dropbox_api_url: dropbox_api_url.to_owned(),
             args: Vec::new(),
             env: Vec::new(),
+            unset: Vec::new(),
             name: "controller".into(),
+        }
+    }
+
+    /// The same, for `dropbox-operator ingress` (listening on the process's port).
+    pub fn ingress(namespace: &str, dropbox_api_url: &str) -> Self {
+        ControllerProcess {
+            subcommand: "ingress",
+            name: "ingress".into(),
+            ..ControllerProcess::new(namespace, dropbox_api_url)
         }
     }
 
@@ -43,6 +58,12 @@ impl ControllerProcess {
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Removes `key` from the environment, e.g. `WATCH_NAMESPACE` to watch all namespaces.
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.unset.push(key.to_owned());
         self
     }
 
@@ -60,7 +81,7 @@ impl ControllerProcess {
             .join(format!("{}-{}-{port}.log", self.namespace, self.name));
         let file = std::fs::File::create(&log).expect("create controller log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dropbox-operator"));
-        cmd.arg("controller")
+        cmd.arg(self.subcommand)
             .args(&self.args)
             .env("KUBECONFIG", &cluster.kubeconfig)
             .env("DROPBOX_API_URL", &self.dropbox_api_url)
@@ -68,11 +89,15 @@ impl ControllerProcess {
             .env("WATCH_NAMESPACE", &self.namespace)
             .env("POD_NAMESPACE", &self.namespace)
             .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
             .env("LOG_LEVEL", "info,dropbox_operator=debug")
             .env("DROPBOX_TIMEOUT", "3s")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(file.try_clone().expect("clone log handle")))
             .stderr(Stdio::from(file));
+        for key in &self.unset {
+            cmd.env_remove(key);
+        }
         let child = spawn_owned(cmd).expect("start dropbox-operator");
         let process = Process {
             child: Some(child),
@@ -104,6 +129,11 @@ impl Process {
             self.name,
             self.log_text()
         );
+    }
+
+    /// `http://127.0.0.1:<port>`: the metrics address, and the ingress's webhook address.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.metrics_port)
     }
 
     /// The Prometheus text of /metrics.

@@ -1,0 +1,875 @@
+//! Event delivery end to end: the controller (managing the ingress objects and
+//! cursors) and the ingress (run as local processes of the same binary, as the
+//! Deployment would run them) on a real control plane, with the Dropbox emulator
+//! and a callback receiver that verifies both signature schemes.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use dropbox_operator::api::DropboxElementInstance;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use support::dropbox::Emulator;
+use support::operator::{ControllerProcess, Process};
+use support::receiver::Receiver;
+
+const APP_KEY: &str = "app-key-ingress";
+const APP_SECRET: &str = "APP-SECRET-1ngr3ss";
+const ACCOUNT: &str = "dbid:AAB-ingress-account-0001";
+const OTHER_ACCOUNT: &str = "dbid:AAB-ingress-account-0002";
+const SIGNING_KEY: &str = "my-callback-signing-key";
+const REDIRECT: &str = "https://www.mycoolapp.com/auth";
+
+struct Fixture {
+    client: Client,
+    ns: String,
+    emu: Emulator,
+    instances: Api<DropboxElementInstance>,
+    _controller: Process,
+}
+
+async fn fixture(test: &str) -> Fixture {
+    let client = support::client().await;
+    support::install_crd(&client).await.expect("install CRD");
+    let ns = support::namespace(&client, test).await;
+    let emu = Emulator::start().await;
+    emu.add_app(APP_KEY, APP_SECRET);
+    emu.add_account(ACCOUNT, "ada@example.com", "Ada Lovelace");
+    emu.add_account(OTHER_ACCOUNT, "alan@example.com", "Alan Turing");
+    let controller = ControllerProcess::new(&ns, &emu.url)
+        .env(
+            "INGRESS_IMAGE",
+            "registry.example.com/dropbox-operator:test",
+        )
+        .env("INGRESS_REPLICAS", "3")
+        .env("INGRESS_SERVICE_ACCOUNT", "webhook-sa")
+        .env(
+            "INGRESS_RESOURCES",
+            r#"{"requests":{"cpu":"50m","memory":"64Mi"}}"#,
+        )
+        .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8")
+        .start()
+        .await;
+    let f = Fixture {
+        instances: Api::namespaced(client.clone(), &ns),
+        client,
+        ns,
+        emu,
+        _controller: controller,
+    };
+    f.put_secret(
+        "dropbox-app",
+        &[("oauth.api.key", APP_KEY), ("oauth.api.secret", APP_SECRET)],
+    )
+    .await;
+    f.put_secret(
+        "events-key",
+        &[("event.notification.signature.key", SIGNING_KEY)],
+    )
+    .await;
+    f
+}
+
+impl Fixture {
+    fn ingress(&self) -> ControllerProcess {
+        ControllerProcess::ingress(&self.ns, &self.emu.url)
+            .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8,::1/128")
+            .env("DELIVERY_BASE_BACKOFF", "200ms")
+            .env("DELIVERY_MAX_BACKOFF", "2s")
+            .env("HEARTBEAT_INTERVAL", "1s")
+    }
+
+    async fn put_secret(&self, name: &str, data: &[(&str, &str)]) {
+        let string_data: serde_json::Map<String, Value> = data
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), json!(v)))
+            .collect();
+        let secret: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": string_data
+        }))
+        .expect("secret manifest");
+        Api::<Secret>::namespaced(self.client.clone(), &self.ns)
+            .patch(
+                name,
+                &PatchParams::apply("tests").force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .expect("apply secret");
+    }
+
+    /// An oauth2 instance of `account` with events to `callback`.
+    async fn instance(&self, name: &str, account: &str, callback: &str, format: &str) {
+        let code = self.emu.issue_code(APP_KEY, account, Some(REDIRECT));
+        self.put_secret(&format!("{name}-code"), &[("code", &code)])
+            .await;
+        let instance: DropboxElementInstance = serde_json::from_value(json!({
+            "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+            "kind": "DropboxElementInstance",
+            "metadata": {"name": name},
+            "spec": {
+                "element": {"key": "dropbox"},
+                "name": format!("{name} display"),
+                "tags": ["t1", "t2"],
+                "authentication": {
+                    "type": "oauth2",
+                    "appSecretRef": {"name": "dropbox-app"},
+                    "codeSecretRef": {"name": format!("{name}-code")},
+                    "callbackUrl": REDIRECT
+                },
+                "events": {
+                    "enabled": true,
+                    "callbackUrl": callback,
+                    "signatureKeySecretRef": {"name": "events-key"},
+                    "format": format
+                }
+            }
+        }))
+        .expect("instance manifest");
+        self.instances
+            .create(&PostParams::default(), &instance)
+            .await
+            .expect("create instance");
+    }
+
+    async fn wait_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<DropboxElementInstance> {
+        let api = self.instances.clone();
+        support::eventually(
+            &format!("{name}: {type_}={status} {reason:?}"),
+            Duration::from_secs(60),
+            || {
+                let api = api.clone();
+                async move { Ok(api.get(name).await?) }
+            },
+            |i: &DropboxElementInstance| {
+                condition(i, type_)
+                    .is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r))
+            },
+        )
+        .await
+    }
+
+    async fn cursor(&self, name: &str) -> Option<String> {
+        Api::<ConfigMap>::namespaced(self.client.clone(), &self.ns)
+            .get_opt(&format!("{name}-dropbox-events"))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|cm| cm.data)
+            .and_then(|d| d.get("cursor").cloned())
+    }
+
+    async fn webhook(&self, ingress: &Process, accounts: &[&str]) -> reqwest::Response {
+        self.emu
+            .send_webhook(
+                &format!("{}/webhooks/dropbox/{APP_KEY}", ingress.url()),
+                APP_KEY,
+                accounts,
+            )
+            .await
+    }
+}
+
+fn condition<'a>(
+    i: &'a DropboxElementInstance,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    i.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+async fn wait_events(receiver: &Receiver, count: usize, timeout: Duration) -> Result<Vec<Value>> {
+    support::eventually(
+        &format!("{count} delivered events"),
+        timeout,
+        || async { Ok(receiver.accepted_events()) },
+        |events: &Vec<Value>| events.len() >= count,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn controller_runs_the_ingress_objects_and_reports_events_ready() -> Result<()> {
+    let f = fixture("ingress-objects").await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    f.instance("objects", ACCOUNT, &receiver.url, "elements")
+        .await;
+
+    // Authorized, but no ingress replica is running yet.
+    let waiting = f
+        .wait_condition(
+            "objects",
+            "EventsReady",
+            "False",
+            Some("IngressUnavailable"),
+        )
+        .await?;
+    let status = waiting.status.clone().context("status")?;
+    assert_eq!(
+        status.events.and_then(|e| e.webhook_path).as_deref(),
+        Some("/webhooks/dropbox/app-key-ingress")
+    );
+    assert!(
+        f.cursor("objects").await.is_some(),
+        "the first cursor is set"
+    );
+    let cm = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns)
+        .get("objects-dropbox-events")
+        .await?;
+    assert_eq!(
+        cm.owner_references()[0].uid,
+        waiting.uid().unwrap_or_default()
+    );
+
+    // The Deployment and Service, as objects (no kubelet runs pods here).
+    let deployments: Api<Deployment> = Api::namespaced(f.client.clone(), &f.ns);
+    let services: Api<Service> = Api::namespaced(f.client.clone(), &f.ns);
+    let deployment = support::eventually(
+        "the ingress Deployment",
+        Duration::from_secs(30),
+        || support::get_opt(&deployments, "dropbox-webhook-ingress"),
+        Option::is_some,
+    )
+    .await?
+    .context("deployment")?;
+    let spec = deployment.spec.clone();
+    assert_eq!(spec.replicas, Some(3));
+    let pod = spec.template.spec.context("pod spec")?;
+    assert_eq!(pod.service_account_name.as_deref(), Some("webhook-sa"));
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.image.as_deref(),
+        Some("registry.example.com/dropbox-operator:test")
+    );
+    assert_eq!(container.args.as_deref(), Some(&["ingress".to_owned()][..]));
+    assert_eq!(
+        container
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.as_deref()),
+        Some("/readyz")
+    );
+    assert_eq!(
+        container
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.as_deref()),
+        Some("/healthz")
+    );
+    let env: BTreeMap<String, String> = container
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| e.value.map(|v| (e.name, v)))
+        .collect();
+    assert_eq!(
+        env.get("ALLOWED_CALLBACK_CIDRS").map(String::as_str),
+        Some("127.0.0.0/8")
+    );
+    assert_eq!(
+        env.get("DROPBOX_API_URL").map(|u| u.trim_end_matches('/')),
+        Some(f.emu.url.as_str())
+    );
+    let requests = container
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .context("requests")?;
+    assert_eq!(requests.get("cpu").map(|q| q.0.as_str()), Some("50m"));
+    assert_eq!(
+        deployment
+            .labels()
+            .get("app.kubernetes.io/component")
+            .map(String::as_str),
+        Some("webhook-ingress")
+    );
+    let service = services.get("dropbox-webhook-ingress").await?;
+    let service_spec = service.spec.context("service spec")?;
+    assert_eq!(service_spec.selector, spec.selector.match_labels);
+
+    // An ingress replica comes up: EventsReady and Ready.
+    let _ingress = f.ingress().start().await;
+    f.wait_condition("objects", "EventsReady", "True", Some("IngressReady"))
+        .await?;
+    f.wait_condition("objects", "Ready", "True", None).await?;
+
+    // No instance wants events any more: the ingress objects go away.
+    f.instances
+        .patch(
+            "objects",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"events": {"enabled": false}}})),
+        )
+        .await?;
+    support::eventually(
+        "the ingress Deployment to be removed",
+        Duration::from_secs(30),
+        || support::get_opt(&deployments, "dropbox-webhook-ingress"),
+        Option::is_none,
+    )
+    .await?;
+    assert!(services.get_opt("dropbox-webhook-ingress").await?.is_none());
+    let instance = f.wait_condition("objects", "Ready", "True", None).await?;
+    assert!(condition(&instance, "EventsReady").is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn file_changes_are_delivered_standardized_signed_and_batched() -> Result<()> {
+    let f = fixture("end-to-end").await;
+    let ingress = f.ingress().start().await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    f.instance("docs", ACCOUNT, &receiver.url, "elements").await;
+    f.wait_condition("docs", "Ready", "True", None).await?;
+
+    // Create, modify, delete.
+    f.emu.upload(ACCOUNT, "/Reports/q1.txt", b"first");
+    f.emu.upload(ACCOUNT, "/Reports/q1.txt", b"second");
+    f.emu.delete(ACCOUNT, "/Reports/q1.txt");
+    let started = Instant::now();
+    let response = f.webhook(&ingress, &[ACCOUNT]).await;
+    assert_eq!(response.status(), 200);
+    let ack = started.elapsed();
+    let events = wait_events(&receiver, 1, Duration::from_secs(30)).await?;
+    eprintln!(
+        "webhook acknowledged in {ack:?}; delivered after {:?}",
+        started.elapsed()
+    );
+    let types: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["eventType"].as_str().unwrap_or(""),
+                e["objectType"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(types.contains(&("DELETED", "files")), "{types:?}");
+    assert!(
+        types.contains(&("UPDATED", "folders")),
+        "the implicit folder: {types:?}"
+    );
+    let delivery = &receiver.accepted()[0];
+    assert_eq!(delivery.elements_signature_ok, Some(true));
+    assert_eq!(delivery.standard_webhooks_ok, Some(true));
+    assert_eq!(delivery.content_type, "application/json");
+    let message = &delivery.body["message"];
+    assert_eq!(message["eventId"], json!(delivery.event_id));
+    assert_eq!(message["elementKey"], json!("dropbox"));
+    assert_eq!(message["instanceId"], json!(format!("{}/docs", f.ns)));
+    assert_eq!(message["instanceName"], json!("docs display"));
+    assert_eq!(message["instanceTags"], json!(["t1", "t2"]));
+    assert_eq!(message["accountId"], json!(ACCOUNT));
+    assert_eq!(message["raw"]["list_folder"]["accounts"], json!([ACCOUNT]));
+    for e in &events {
+        assert!(
+            e["objectId"].is_string() && e["eventDate"].is_string() && e["data"].is_object(),
+            "{e}"
+        );
+    }
+
+    // 45 changes: notifications of 20, 20 and 5, in order, with distinct ids.
+    let before = receiver.accepted().len();
+    for i in 0..45 {
+        f.emu.upload(
+            ACCOUNT,
+            &format!("/batch/file-{i:02}.txt"),
+            format!("{i}").as_bytes(),
+        );
+    }
+    // The folder /batch is an entry of its own: 46 entries.
+    let response = f.webhook(&ingress, &[ACCOUNT]).await;
+    assert_eq!(response.status(), 200);
+    let cursor_before = f.cursor("docs").await;
+    wait_events(&receiver, events.len() + 46, Duration::from_secs(30)).await?;
+    let batch: Vec<_> = receiver.accepted().into_iter().skip(before).collect();
+    let sizes: Vec<usize> = batch.iter().map(|d| d.events().len()).collect();
+    assert_eq!(sizes, vec![20, 20, 6], "batches of at most 20, in order");
+    let ids: BTreeSet<_> = batch.iter().map(|d| d.event_id.clone()).collect();
+    assert_eq!(ids.len(), 3, "distinct event ids");
+    let names: Vec<String> = batch
+        .iter()
+        .flat_map(|d| d.events())
+        .filter(|e| e["objectType"] == "files")
+        .map(|e| e["data"]["name"].as_str().unwrap_or("").to_owned())
+        .collect();
+    let expected: Vec<String> = (0..45).map(|i| format!("file-{i:02}.txt")).collect();
+    assert_eq!(names, expected, "events in order");
+    assert!(
+        batch
+            .iter()
+            .all(|d| d.elements_signature_ok == Some(true) && d.standard_webhooks_ok == Some(true))
+    );
+    // The cursor moved after delivery.
+    support::eventually(
+        "the cursor to be committed",
+        Duration::from_secs(10),
+        || async { Ok(f.cursor("docs").await) },
+        |c: &Option<String>| *c != cursor_before,
+    )
+    .await?;
+    let instance = f.instances.get("docs").await?;
+    assert!(
+        condition(&instance, "EventsDelivering")
+            .is_some_and(|c| c.status == "True" && c.reason == "Delivered")
+    );
+    assert!(
+        instance
+            .status
+            .and_then(|s| s.events)
+            .and_then(|e| e.last_delivery_time)
+            .is_some()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn cloudevents_format_is_structured_mode_with_the_same_signatures() -> Result<()> {
+    let f = fixture("cloudevents").await;
+    let ingress = f.ingress().start().await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    f.instance("ce", ACCOUNT, &receiver.url, "cloudevents")
+        .await;
+    f.wait_condition("ce", "Ready", "True", None).await?;
+    f.emu.upload(ACCOUNT, "/a.txt", b"a");
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    wait_events(&receiver, 1, Duration::from_secs(30)).await?;
+    let d = &receiver.accepted()[0];
+    assert_eq!(d.content_type, "application/cloudevents+json");
+    assert_eq!(d.body["specversion"], json!("1.0"));
+    assert_eq!(d.body["id"], json!(d.event_id));
+    assert!(
+        d.body["source"].as_str().is_some_and(
+            |s| s.ends_with(&format!("/namespaces/{}/dropboxelementinstances/ce", f.ns))
+        )
+    );
+    assert!(d.body["type"].is_string() && d.body["time"].is_string());
+    assert_eq!(d.events()[0]["eventType"], json!("UPDATED"));
+    assert_eq!(
+        (d.elements_signature_ok, d.standard_webhooks_ok),
+        (Some(true), Some(true))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn instances_on_the_same_account_both_receive_and_others_none() -> Result<()> {
+    let f = fixture("fan-out").await;
+    let ingress = f.ingress().start().await;
+    let (a, b, other) = (
+        Receiver::start(Some(SIGNING_KEY.as_bytes())).await,
+        Receiver::start(Some(SIGNING_KEY.as_bytes())).await,
+        Receiver::start(Some(SIGNING_KEY.as_bytes())).await,
+    );
+    f.instance("first", ACCOUNT, &a.url, "elements").await;
+    f.instance("second", ACCOUNT, &b.url, "elements").await;
+    f.instance("elsewhere", OTHER_ACCOUNT, &other.url, "elements")
+        .await;
+    for name in ["first", "second", "elsewhere"] {
+        f.wait_condition(name, "Ready", "True", None).await?;
+    }
+    f.emu.upload(ACCOUNT, "/shared.txt", b"x");
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    wait_events(&a, 1, Duration::from_secs(30)).await?;
+    wait_events(&b, 1, Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        other.all().is_empty(),
+        "an instance on another account received events"
+    );
+    // Each instance has its own ids.
+    assert_ne!(a.accepted()[0].event_id, b.accepted()[0].event_id);
+    Ok(())
+}
+
+#[tokio::test]
+async fn webhook_endpoint_verifies_signatures_limits_and_echoes_challenges() -> Result<()> {
+    let f = fixture("webhook-http").await;
+    let ingress = f.ingress().start().await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    f.instance("guarded", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("guarded", "Ready", "True", None).await?;
+    let http = support::dropbox::http_client();
+    let url = format!("{}/webhooks/dropbox/{APP_KEY}", ingress.url());
+
+    // Challenge.
+    let r = http
+        .get(format!("{url}?challenge=abc123XYZ"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/plain");
+    assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(r.text().await?, "abc123XYZ");
+
+    f.emu.upload(ACCOUNT, "/secret-plans.txt", b"x");
+    let (body, good_signature) = f.emu.webhook_body(APP_KEY, &[ACCOUNT]);
+    // Wrong signature, missing signature: 403, nothing happens.
+    let bad = http
+        .post(&url)
+        .header("X-Dropbox-Signature", "00".repeat(32))
+        .body(body.clone())
+        .send()
+        .await?;
+    assert_eq!(bad.status(), 403);
+    let missing = http.post(&url).body(body.clone()).send().await?;
+    assert_eq!(missing.status(), 403);
+    // Too large.
+    let big = vec![b' '; 1024 * 1024 + 1];
+    let large = http
+        .post(&url)
+        .header("X-Dropbox-Signature", &good_signature)
+        .body(big)
+        .send()
+        .await?;
+    assert_eq!(large.status(), 413);
+    // Malformed JSON behind a valid signature.
+    let junk = b"{not json".to_vec();
+    let junk_signature = hex::encode(support::dropbox::hmac_sha256(APP_SECRET.as_bytes(), &junk));
+    let malformed = http
+        .post(&url)
+        .header("X-Dropbox-Signature", junk_signature)
+        .body(junk)
+        .send()
+        .await?;
+    assert_eq!(malformed.status(), 400);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        receiver.all().is_empty(),
+        "nothing may be delivered for refused webhooks"
+    );
+    assert!(
+        f.emu.calls_to("/2/files/list_folder/continue").is_empty(),
+        "nothing may be fetched for refused webhooks"
+    );
+
+    // The genuine one is accepted and delivered.
+    let ok = http
+        .post(&url)
+        .header("X-Dropbox-Signature", good_signature)
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(ok.status(), 200);
+    wait_events(&receiver, 1, Duration::from_secs(30)).await?;
+    assert!(
+        ingress
+            .metric_sum("dropbox_ingress_webhooks_total", "forbidden")
+            .await
+            >= 2.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_callback_is_retried_and_the_cursor_waits() -> Result<()> {
+    let f = fixture("retry").await;
+    let ingress = f.ingress().start().await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    f.instance("patient", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("patient", "Ready", "True", None).await?;
+    let cursor_before = f.cursor("patient").await;
+
+    receiver.fail_for(503, Duration::from_secs(6));
+    for name in ["one", "two", "three"] {
+        f.emu
+            .upload(ACCOUNT, &format!("/{name}.txt"), name.as_bytes());
+    }
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    let failing = f
+        .wait_condition(
+            "patient",
+            "EventsDelivering",
+            "False",
+            Some("CallbackUnreachable"),
+        )
+        .await?;
+    assert!(condition(&failing, "Ready").is_some_and(|c| c.status == "False"));
+    assert_eq!(
+        f.cursor("patient").await,
+        cursor_before,
+        "the cursor must not move while delivery fails"
+    );
+
+    let events = wait_events(&receiver, 3, Duration::from_secs(30)).await?;
+    let names: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["data"]["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["one.txt", "two.txt", "three.txt"],
+        "exactly the pending events, in order"
+    );
+    let refused = receiver.all().iter().filter(|d| d.status == 503).count();
+    assert!(refused >= 2, "retried: {refused} refused attempts");
+    // Every attempt carried the same id.
+    let ids: BTreeSet<_> = receiver.all().iter().map(|d| d.event_id.clone()).collect();
+    assert_eq!(ids.len(), 1);
+    f.wait_condition("patient", "EventsDelivering", "True", Some("Delivered"))
+        .await?;
+    f.wait_condition("patient", "Ready", "True", None).await?;
+    assert_ne!(f.cursor("patient").await, cursor_before);
+    assert!(
+        ingress
+            .metric_sum("dropbox_ingress_delivery_retries_total", "")
+            .await
+            >= 2.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_killed_ingress_redelivers_with_the_same_event_ids() -> Result<()> {
+    let f = fixture("crash").await;
+    let mut ingress = f.ingress().start().await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    f.instance("sturdy", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("sturdy", "Ready", "True", None).await?;
+
+    // The callback is slow: the ingress is killed while a delivery is in flight.
+    receiver.stall(Some(Duration::from_secs(3)));
+    for i in 0..25 {
+        f.emu.upload(ACCOUNT, &format!("/c/{i:02}.txt"), b"x");
+    }
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    support::eventually(
+        "a delivery in flight",
+        Duration::from_secs(20),
+        || async { Ok(receiver.all().len()) },
+        |n: &usize| *n >= 1,
+    )
+    .await?;
+    ingress.kill();
+    receiver.stall(None);
+
+    // Restarted, and told again (Dropbox retries unanswered webhooks; here a new one).
+    let ingress = f.ingress().start().await;
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    let events = wait_events(&receiver, 26, Duration::from_secs(30)).await?;
+    let names: BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| e["data"]["name"].as_str())
+        .collect();
+    for i in 0..25 {
+        assert!(
+            names.contains(format!("{i:02}.txt").as_str()),
+            "change {i} lost"
+        );
+    }
+    // Duplicates carry the same id: the same batch (the same changes; eventDate
+    // of folders is the observation time) has the same id each time.
+    let mut by_id: BTreeMap<String, Vec<Vec<Value>>> = BTreeMap::new();
+    for d in receiver.all() {
+        let changes = d
+            .events()
+            .iter()
+            .map(|e| json!([e["eventType"], e["objectId"], e["data"]]))
+            .collect();
+        by_id.entry(d.event_id.clone()).or_default().push(changes);
+    }
+    for (id, bodies) in &by_id {
+        assert!(
+            bodies.windows(2).all(|w| w[0] == w[1]),
+            "id {id} carried different events"
+        );
+    }
+    assert!(
+        receiver.all().len() > by_id.len(),
+        "the interrupted batch was redelivered"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_ingress_replicas_lose_nothing_and_never_commit_a_cursor_twice() -> Result<()> {
+    let f = fixture("replicas").await;
+    let a = f.ingress().name("ingress-a").start().await;
+    let b = f.ingress().name("ingress-b").start().await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    f.instance("shared", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("shared", "Ready", "True", None).await?;
+
+    // Record every committed cursor.
+    let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
+    let commits = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let recorder = {
+        let commits = commits.clone();
+        let stream = watcher(
+            configmaps,
+            watcher::Config::default().fields("metadata.name=shared-dropbox-events"),
+        )
+        .applied_objects();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(cm)) = stream.next().await {
+                if let Some(c) = cm.data.and_then(|d| d.get("cursor").cloned()) {
+                    let mut commits = commits.lock().expect("commits lock");
+                    if commits.last() != Some(&c) {
+                        commits.push(c);
+                    }
+                }
+            }
+        })
+    };
+
+    let mut expected = BTreeSet::new();
+    for round in 0..6 {
+        for i in 0..3 {
+            let name = format!("r{round}-{i}.txt");
+            f.emu.upload(ACCOUNT, &format!("/{name}"), b"x");
+            expected.insert(name);
+        }
+        // Both replicas are told at once, as a load balancer might.
+        let (ra, rb) = tokio::join!(f.webhook(&a, &[ACCOUNT]), f.webhook(&b, &[ACCOUNT]));
+        assert_eq!((ra.status().as_u16(), rb.status().as_u16()), (200, 200));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let all = support::eventually(
+        "every change delivered",
+        Duration::from_secs(40),
+        || async { Ok(receiver.accepted_events()) },
+        |events: &Vec<Value>| {
+            let names: BTreeSet<String> = events
+                .iter()
+                .filter_map(|e| e["data"]["name"].as_str().map(str::to_owned))
+                .collect();
+            expected.is_subset(&names)
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    recorder.abort();
+    let commits = commits.lock().expect("commits lock").clone();
+    let distinct: BTreeSet<_> = commits.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        commits.len(),
+        "a cursor was committed twice: {commits:?}"
+    );
+    // Duplicates (both replicas syncing the same range) share ids.
+    let mut by_id: BTreeMap<String, String> = BTreeMap::new();
+    for d in receiver.accepted() {
+        let events = d.body["message"]["events"].to_string();
+        if let Some(previous) = by_id.insert(d.event_id.clone(), events.clone()) {
+            assert_eq!(previous, events, "one id, different events");
+        }
+    }
+    eprintln!(
+        "{} events received for {} changes; {} commits; conflicts a={} b={}",
+        all.len(),
+        expected.len(),
+        commits.len(),
+        a.metric_sum("dropbox_ingress_cursor_conflicts_total", "")
+            .await,
+        b.metric_sum("dropbox_ingress_cursor_conflicts_total", "")
+            .await
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cursor_reset_sends_one_unknown_event_then_normal_flow() -> Result<()> {
+    let f = fixture("reset").await;
+    let ingress = f.ingress().start().await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    f.instance("again", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("again", "Ready", "True", None).await?;
+
+    f.emu.upload(ACCOUNT, "/before-reset.txt", b"x");
+    f.emu.reset_cursors(ACCOUNT);
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    let events = wait_events(&receiver, 1, Duration::from_secs(30)).await?;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["eventType"], json!("UNKNOWN"));
+
+    f.emu.upload(ACCOUNT, "/after-reset.txt", b"x");
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    let events = wait_events(&receiver, 2, Duration::from_secs(30)).await?;
+    assert_eq!(events[1]["eventType"], json!("UPDATED"));
+    assert_eq!(events[1]["data"]["name"], json!("after-reset.txt"));
+    assert_eq!(events.len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn callbacks_to_internal_addresses_are_refused_unless_allowed() -> Result<()> {
+    let f = fixture("ssrf").await;
+    // This ingress allows nothing: the defaults a production install has.
+    let ingress = ControllerProcess::ingress(&f.ns, &f.emu.url)
+        .env("DELIVERY_BASE_BACKOFF", "200ms")
+        .env("DELIVERY_MAX_BACKOFF", "2s")
+        .env("HEARTBEAT_INTERVAL", "1s")
+        .start()
+        .await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    let port = receiver
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .unwrap_or("80")
+        .to_owned();
+    // Nothing is ever sent to these: the check happens before connecting.
+    let targets = [
+        ("loopback", format!("http://127.0.0.1:{port}/events")),
+        ("ipv6-loopback", format!("http://[::1]:{port}/events")),
+        (
+            "metadata",
+            "http://169.254.169.254/latest/meta-data".to_owned(),
+        ),
+        ("ten", "http://10.1.2.3/hook".to_owned()),
+        ("one-seven-two", "http://172.16.5.4/hook".to_owned()),
+        ("one-nine-two", "http://192.168.1.20/hook".to_owned()),
+        ("cgnat", "http://100.64.0.7/hook".to_owned()),
+        ("link-local-v6", "http://[fe80::1]/hook".to_owned()),
+        ("unique-local-v6", "http://[fd00::1]/hook".to_owned()),
+        ("unspecified", format!("http://0.0.0.0:{port}/events")),
+        ("localhost-name", format!("http://localhost:{port}/events")),
+    ];
+    for (name, url) in &targets {
+        f.instance(name, ACCOUNT, url, "elements").await;
+    }
+    for (name, _) in &targets {
+        f.wait_condition(name, "EventsReady", "True", None).await?;
+    }
+    f.emu.upload(ACCOUNT, "/ssrf.txt", b"x");
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    for (name, url) in &targets {
+        let refused = f
+            .wait_condition(name, "EventsDelivering", "False", Some("CallbackForbidden"))
+            .await
+            .with_context(|| format!("{name} ({url})"))?;
+        let message = &condition(&refused, "EventsDelivering")
+            .context("condition")?
+            .message;
+        assert!(message.contains("not allowed"), "{name}: {message}");
+    }
+    assert!(receiver.all().is_empty(), "a forbidden callback was called");
+    Ok(())
+}
