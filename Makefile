@@ -4,7 +4,12 @@ CONTROLPLANE_BIN ?= $(CURDIR)/target/controlplane/bin
 export CONTROLPLANE_BIN
 CARGO ?= cargo
 
-.PHONY: dev test lint controlplane crd build
+.PHONY: demo dev test lint bench controlplane crd build
+
+## demo: the whole story offline: control plane, operator, ingress, Dropbox emulator, a signed event
+demo: controlplane
+	$(CARGO) build --bins --example demo
+	$(CARGO) run --quiet --example demo
 
 ## dev: start a local control plane with the CRD and the operator; Ctrl-C stops it
 dev: controlplane
@@ -14,6 +19,11 @@ dev: controlplane
 ## test: build what is missing, then run every test against a real control plane
 test: controlplane
 	$(CARGO) test --all-targets --no-fail-fast
+
+## bench: the benchmarks (release build, real control plane); results in target/bench/
+bench: controlplane
+	$(CARGO) build --release --examples
+	$(CARGO) test --release --test bench -- --ignored --nocapture --test-threads=1
 
 ## lint: formatting and clippy, as CI checks them
 lint:

@@ -22,8 +22,6 @@ pub const READY: &str = "Ready";
 pub enum Reason {
     /// Authorized=True: the access token works.
     TokenValid,
-    /// Authorized=Unknown: not reconciled yet.
-    Reconciling,
     /// A referenced Secret does not exist in the instance's namespace.
     SecretNotFound,
     /// A referenced Secret lacks the referenced key (or it is empty).
@@ -64,7 +62,6 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::TokenValid => "TokenValid",
-            Reason::Reconciling => "Reconciling",
             Reason::SecretNotFound => "SecretNotFound",
             Reason::SecretKeyMissing => "SecretKeyMissing",
             Reason::CodeExchangeFailed => "CodeExchangeFailed",
@@ -213,6 +210,38 @@ pub fn status_differs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ALL: [Reason; 18] = [
+        Reason::TokenValid,
+        Reason::SecretNotFound,
+        Reason::SecretKeyMissing,
+        Reason::CodeExchangeFailed,
+        Reason::CodeAlreadyUsed,
+        Reason::ReauthorizationRequired,
+        Reason::InvalidClient,
+        Reason::InvalidApiKey,
+        Reason::DropboxUnavailable,
+        Reason::RateLimited,
+        Reason::IngressReady,
+        Reason::IngressUnavailable,
+        Reason::AwaitingAuthorization,
+        Reason::Delivered,
+        Reason::CallbackRejected,
+        Reason::CallbackUnreachable,
+        Reason::CallbackForbidden,
+        Reason::Ready,
+    ];
+
+    #[test]
+    fn the_readme_documents_every_reason() {
+        let readme = include_str!("../README.md");
+        for reason in ALL {
+            assert!(
+                readme.contains(&format!("| `{reason}` |")),
+                "README.md's condition table lacks {reason}"
+            );
+        }
+    }
 
     fn time(s: &str) -> Time {
         Time(s.parse().expect("timestamp"))

@@ -263,23 +263,28 @@ impl IngressManager {
                 .await?;
             tracing::info!(namespace = %ns, "webhook ingress Deployment and Service applied");
         } else {
-            for result in [
+            // Delete only what exists and is ours (a Deployment of the same name made
+            // by someone else stays), so an operator without events makes no writes.
+            let ours = |labels: Option<&BTreeMap<String, String>>| {
+                labels
+                    .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+                    .map(String::as_str)
+                    == Some("dropbox-operator")
+            };
+            if let Some(d) = deployments.get_opt(INGRESS_NAME).await?
+                && ours(d.metadata.labels.as_ref())
+            {
                 deployments
                     .delete(INGRESS_NAME, &DeleteParams::background())
-                    .await
-                    .map(|_| ()),
+                    .await?;
+                tracing::info!(namespace = %ns, "no instance has events enabled: webhook ingress Deployment removed");
+            }
+            if let Some(s) = services.get_opt(INGRESS_NAME).await?
+                && ours(s.metadata.labels.as_ref())
+            {
                 services
                     .delete(INGRESS_NAME, &DeleteParams::background())
-                    .await
-                    .map(|_| ()),
-            ] {
-                match result {
-                    Ok(()) => {
-                        tracing::info!(namespace = %ns, "no instance has events enabled: webhook ingress removed")
-                    }
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e),
-                }
+                    .await?;
             }
         }
         Ok(())

@@ -61,6 +61,51 @@ pub struct Context {
     pub backoff: Backoff,
     /// The webhook ingress objects and liveness.
     pub ingress: Arc<events::IngressManager>,
+    pub written: WrittenStatus,
+}
+
+/// The resourceVersion each of our status writes was made over. Reconciles read
+/// instances from the watch cache, which can lag behind our own write (a Secret
+/// event may wake an instance before its status update arrives); reconciling that
+/// stale copy would compute from a status that no longer exists. Seeing the very
+/// version we already wrote over means "wait for the watch to catch up".
+#[derive(Default)]
+pub struct WrittenStatus {
+    over: Mutex<HashMap<String, String>>,
+}
+
+impl WrittenStatus {
+    fn key(instance: &DropboxElementInstance) -> String {
+        instance.uid().unwrap_or_default()
+    }
+
+    /// Records a status write made over `read` that produced `written`.
+    pub fn record(&self, read: &DropboxElementInstance, written: &DropboxElementInstance) {
+        let mut over = self.over.lock().expect("written status lock");
+        match read.resource_version() {
+            // A write the server found to be a no-op leaves the version as it was.
+            Some(rv) if written.resource_version().as_ref() != Some(&rv) => {
+                over.insert(Self::key(read), rv);
+            }
+            _ => {
+                over.remove(&Self::key(read));
+            }
+        }
+    }
+
+    /// True when `instance` is the version our last status write replaced.
+    pub fn is_stale(&self, instance: &DropboxElementInstance) -> bool {
+        let over = self.over.lock().expect("written status lock");
+        over.get(&Self::key(instance))
+            .is_some_and(|rv| Some(rv) == instance.resource_version().as_ref())
+    }
+
+    pub fn forget(&self, instance: &DropboxElementInstance) {
+        self.over
+            .lock()
+            .expect("written status lock")
+            .remove(&Self::key(instance));
+    }
 }
 
 /// Authorization codes this process has sent or is sending, by fingerprint, so a
@@ -422,6 +467,7 @@ async fn run_controller(
         codes: CodeRegistry::default(),
         backoff: Backoff::new(Duration::from_secs(1), options.config.max_backoff),
         ingress,
+        written: WrittenStatus::default(),
     });
     tracing::info!(namespace = ?options.namespace, "controller started");
     controller

@@ -103,8 +103,11 @@ impl AuthStep {
     }
 }
 
+/// Now, in whole seconds: metav1.Time is serialized with second precision, so
+/// anything finer would make the stored status look different on every reconcile.
 fn now() -> jiff::Timestamp {
-    jiff::Timestamp::now()
+    jiff::Timestamp::from_second(jiff::Timestamp::now().as_second())
+        .unwrap_or_else(|_| jiff::Timestamp::now())
 }
 
 fn object_key(instance: &DropboxElementInstance) -> String {
@@ -159,6 +162,10 @@ pub fn error_policy(
 async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Action, Error> {
     let prev = instance.status.clone().unwrap_or_default();
     let key = object_key(instance);
+    if ctx.written.is_stale(instance) {
+        // The watch has not delivered our own status write yet; it will wake us.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let inputs = inputs::read(&ctx.client, instance).await?;
     let inputs_hash = inputs_fingerprint(instance, &inputs);
     if let Some(wait) = ctx.backoff.remaining(&key, inputs_hash) {
@@ -265,6 +272,12 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
 
     let desired = desired_status(instance, &step, events.as_ref(), &Time(now()));
     if conditions::status_differs(instance.status.as_ref(), &desired) {
+        tracing::debug!(
+            instance = %key,
+            current = %serde_json::to_string(&instance.status).unwrap_or_default(),
+            desired = %serde_json::to_string(&desired).unwrap_or_default(),
+            "status changed"
+        );
         write_status(instance, &desired, ctx).await?;
         publish_transitions(instance, &prev, &desired, ctx).await;
     }
@@ -967,65 +980,55 @@ async fn write_status(
         ctx.client.clone(),
         &instance.namespace().unwrap_or_default(),
     );
-    api.patch_status(
-        &instance.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let written = api
+        .patch_status(
+            &instance.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.written.record(instance, &written);
     Ok(())
 }
 
-/// Kubernetes Events for changes a person should see: the Authorized and Ready
-/// conditions changing status or reason.
+/// A Kubernetes Event for a change a person should see: Ready (or, while Ready
+/// holds its status, Authorized) changing status or reason. The first success of a
+/// new instance gets none (status says it); problems are Warnings, recoveries
+/// Normal.
 async fn publish_transitions(
     instance: &DropboxElementInstance,
     prev: &DropboxElementInstanceStatus,
     desired: &DropboxElementInstanceStatus,
     ctx: &Context,
 ) {
-    for type_ in [AUTHORIZED, READY] {
-        let (Some(new), old) = (
-            conditions::find(&desired.conditions, type_),
-            conditions::find(&prev.conditions, type_),
-        ) else {
-            continue;
-        };
-        if old.is_some_and(|o| o.status == new.status && o.reason == new.reason) {
-            continue;
-        }
-        // Ready=False repeats Authorized=False; one Warning is enough.
-        if type_ == READY && new.status != "True" && desired_reason_is_authorized(desired) {
-            continue;
-        }
-        let event = KubeEvent {
-            type_: if new.status == "True" {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            },
-            reason: new.reason.clone(),
-            note: Some(new.message.chars().take(1000).collect()),
-            action: if type_ == AUTHORIZED {
-                "Authorize"
-            } else {
-                "Reconcile"
-            }
-            .into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx
-            .recorder
-            .publish(&event, &instance.object_ref(&()))
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish a Kubernetes Event");
-        }
+    let changed = |type_: &str| {
+        let new = conditions::find(&desired.conditions, type_)?;
+        let old = conditions::find(&prev.conditions, type_);
+        let same = old.is_some_and(|o| o.status == new.status && o.reason == new.reason);
+        let first_success = old.is_none() && new.status == "True";
+        (!same && !first_success).then_some(new)
+    };
+    let Some(condition) = changed(READY).or_else(|| changed(AUTHORIZED)) else {
+        return;
+    };
+    let event = KubeEvent {
+        type_: if condition.status == "True" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: condition.reason.clone(),
+        note: Some(condition.message.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx
+        .recorder
+        .publish(&event, &instance.object_ref(&()))
+        .await
+    {
+        tracing::warn!(error = %e, "could not publish a Kubernetes Event");
     }
-}
-
-fn desired_reason_is_authorized(desired: &DropboxElementInstanceStatus) -> bool {
-    conditions::find(&desired.conditions, AUTHORIZED).is_some_and(|c| c.status != "True")
 }
 
 /// Deletion: revoke the token once, within `revoke_timeout`, then let the
@@ -1037,6 +1040,7 @@ async fn cleanup(instance: &DropboxElementInstance, ctx: &Context) -> Result<Act
         &instance.name_any(),
     );
     ctx.backoff.reset(&key);
+    ctx.written.forget(instance);
     let secrets: Api<Secret> = Api::namespaced(
         ctx.client.clone(),
         &instance.namespace().unwrap_or_default(),

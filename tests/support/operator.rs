@@ -8,6 +8,14 @@ use std::time::Duration;
 
 use super::controlplane::{free_port, spawn_owned};
 
+/// The operator binary: cargo's for integration tests, else target/debug (the
+/// demo and dev examples run after `cargo build`).
+pub fn binary() -> PathBuf {
+    option_env!("CARGO_BIN_EXE_dropbox-operator")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| super::controlplane::repo_root().join("target/debug/dropbox-operator"))
+}
+
 /// A running `dropbox-operator <subcommand>` process.
 pub struct Process {
     child: Option<Child>,
@@ -80,7 +88,7 @@ impl ControllerProcess {
             .dir
             .join(format!("{}-{}-{port}.log", self.namespace, self.name));
         let file = std::fs::File::create(&log).expect("create controller log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dropbox-operator"));
+        let mut cmd = Command::new(binary());
         cmd.arg(self.subcommand)
             .args(&self.args)
             .env("KUBECONFIG", &cluster.kubeconfig)

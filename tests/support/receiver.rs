@@ -17,6 +17,8 @@ use serde_json::Value;
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub event_id: String,
+    /// Request headers (names lower-cased).
+    pub headers: Vec<(String, String)>,
     pub content_type: String,
     pub body: Value,
     pub raw: Vec<u8>,
@@ -162,12 +164,17 @@ async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) 
         ),
         None => (None, None),
     };
+    let all_headers = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
     shared
         .received
         .lock()
         .expect("received lock")
         .push(Delivery {
             event_id,
+            headers: all_headers,
             content_type: header("content-type").unwrap_or_default(),
             body: serde_json::from_slice(&body).unwrap_or(Value::Null),
             raw: body.to_vec(),
