@@ -13,7 +13,7 @@ demo: controlplane
 
 ## dev: start a local control plane with the CRD and the operator; Ctrl-C stops it
 dev: controlplane
-	$(CARGO) build --bins
+	$(CARGO) build --bins --example dev-cluster
 	$(CARGO) run --quiet --example dev-cluster
 
 ## test: build what is missing, then run every test against a real control plane

@@ -4,8 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use url::Url;
+
+use crate::api::EventFormat;
 
 /// Kubernetes operator for Dropbox element instances.
 ///
@@ -59,6 +62,48 @@ pub enum Command {
     /// The controller runs it as the `dropbox-webhook-ingress` Deployment; any
     /// number of replicas is safe (cursor commits use preconditions).
     Ingress(Box<IngressArgs>),
+
+    /// Convert a Cloud Elements instance JSON (the body POSTed to /instances) into
+    /// Secrets and a DropboxElementInstance, printed as YAML for `kubectl apply -f -`.
+    ///
+    /// Secret values (oauth.api.key/oauth.api.secret, providerData.code,
+    /// event.notification.signature.key, the apiKey access token) go into Secrets
+    /// named `<name>-app`, `<name>-code`, `<name>-events-key` and `<name>-api-key`;
+    /// the DropboxElementInstance only references them. For
+    /// `"authentication.type": "apiKey"` the access token is read from
+    /// configuration."api.key", configuration."oauth.user.token" or
+    /// providerData.apiKey. The output contains secrets: keep it out of version
+    /// control. Example:
+    /// `dropbox-operator import instance.json | kubectl apply -f -`
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    /// The instance JSON file; `-` reads standard input.
+    #[arg(value_name = "INSTANCE_JSON")]
+    pub path: String,
+
+    /// metadata.name of the DropboxElementInstance, and prefix of its Secrets
+    /// (default: the instance's `name`, lower-cased, other characters turned into '-').
+    #[arg(long, env = "IMPORT_NAME")]
+    pub name: Option<String>,
+
+    /// Namespace written into every manifest (default: none, so kubectl's current
+    /// namespace).
+    #[arg(long, env = "IMPORT_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Payload format of the delivered events: `elements` (the Cloud Elements
+    /// event message) or `cloudevents` (CloudEvents 1.0).
+    #[arg(
+        long,
+        env = "IMPORT_EVENTS_FORMAT",
+        default_value = "elements",
+        value_parser = clap::builder::PossibleValuesParser::new(["elements", "cloudevents"])
+            .map(|s| if s == "cloudevents" { EventFormat::CloudEvents } else { EventFormat::Elements })
+    )]
+    pub events_format: EventFormat,
 }
 
 #[derive(Debug, Clone, Args)]

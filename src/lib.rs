@@ -5,6 +5,7 @@
 //! - [`conditions`]: condition types, reasons and status helpers.
 //! - [`controller`]: the reconciler (OAuth lifecycle, status, finalizer).
 //! - [`dropbox`]: the Dropbox API client.
+//! - [`import`]: converts a Cloud Elements instance JSON into Secrets and a CR.
 //! - [`ingress`]: the webhook ingress (verification, syncs, delivery).
 //! - [`metrics`], [`server`]: Prometheus metrics and the probe/metrics HTTP server.
 
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod conditions;
 pub mod controller;
 pub mod dropbox;
+pub mod import;
 pub mod ingress;
 pub mod metrics;
 pub mod retry;

@@ -11,6 +11,7 @@ fn init_logging(cli: &Cli) {
     let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -125,6 +126,8 @@ fn main() -> ExitCode {
                 .block_on(ingress::run(options))
                 .map_err(Into::into)
         }),
+        // Prints its own errors: a CLI user wants `error: <field> ...`, not a log line.
+        Command::Import(args) => return dropbox_operator::import::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -355,3 +355,40 @@ async fn owned_configmap_is_garbage_collected_with_its_instance() -> Result<()> 
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn imported_cloud_elements_instance_is_accepted_by_the_api_server() -> Result<()> {
+    let client = support::client().await;
+    support::install_crd(&client).await?;
+    let ns = support::namespace(&client, "import").await;
+    // The instance JSON as Cloud Elements documents it (DESIGN §8), with values.
+    let json = r#"{
+      "element": { "key": "dropbox" },
+      "providerData": { "code": "Xo0C2mBkUiAAAAAAAAAAFm3pQwz9Lr7Tn5VhY1cD8sK" },
+      "configuration": {
+        "oauth.api.key": "7q3kz1m9xw2b5vd",
+        "oauth.api.secret": "hq04ptz8c1n6yre",
+        "oauth.callback.url": "https://www.mycoolapp.com/auth",
+        "event.notification.enabled": "true",
+        "event.notification.callback.url": "https://app.example.com/dropbox-events",
+        "event.notification.signature.key": "evt-sig-3b9d0c71f2a8"
+      },
+      "tags": ["marketing"],
+      "name": "Marketing Dropbox"
+    }"#;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dropbox-operator"))
+        .args(["import", "-", "--namespace", &ns])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), json.as_bytes())?;
+    let out = child.wait_with_output()?;
+    assert!(out.status.success(), "import failed");
+    let yaml = String::from_utf8(out.stdout)?;
+    let (ok, stdout, err) =
+        support::kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &yaml);
+    assert!(ok, "the API server refused the imported manifests: {err}");
+    assert!(stdout.contains("dropboxelementinstance.elements.dropbox-operator.dev/marketing-dropbox created (server dry run)"), "{stdout}");
+    assert_eq!(stdout.matches("secret/").count(), 3, "{stdout}");
+    Ok(())
+}

@@ -26,6 +26,19 @@ use super::sync::Syncer;
 use crate::api::DropboxElementInstance;
 use crate::metrics::{IngressMetrics, ResultLabels};
 
+/// The part of a notification that routes it: `{"list_folder": {"accounts": [...]}}`.
+#[derive(serde::Deserialize)]
+struct Notice<'a> {
+    #[serde(borrow, default)]
+    list_folder: Option<ListFolder<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListFolder<'a> {
+    #[serde(borrow, default)]
+    accounts: Vec<std::borrow::Cow<'a, str>>,
+}
+
 /// Largest notification body accepted (Dropbox's are tiny).
 pub const MAX_BODY: usize = 1024 * 1024;
 /// The header Dropbox signs notifications with.
@@ -100,26 +113,39 @@ async fn notification(
         count(&state.metrics, "forbidden");
         return (StatusCode::FORBIDDEN, "invalid signature").into_response();
     }
-    let Ok(raw) = serde_json::from_slice::<Value>(&body) else {
+    // Only the account list decides where the work goes; the full body (sent along
+    // as `raw`) is only built when an instance is concerned.
+    let Ok(notice) = serde_json::from_slice::<Notice>(&body) else {
         count(&state.metrics, "malformed");
-        return (StatusCode::BAD_REQUEST, "body is not JSON").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "body is not a Dropbox notification",
+        )
+            .into_response();
     };
-    let accounts: BTreeSet<&str> = raw
-        .pointer("/list_folder/accounts")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+    let accounts: BTreeSet<&str> = notice
+        .list_folder
+        .iter()
+        .flat_map(|l| l.accounts.iter().map(|a| a.as_ref()))
+        .collect();
+    let concerned: Vec<_> = candidates
+        .iter()
+        .filter(|i| {
+            i.status
+                .as_ref()
+                .and_then(|s| s.account.as_ref())
+                .and_then(|a| a.account_id.as_deref())
+                .is_some_and(|a| accounts.contains(a))
+        })
+        .collect();
     let mut triggered = 0;
-    for instance in candidates.iter().filter(|i| {
-        i.status
-            .as_ref()
-            .and_then(|s| s.account.as_ref())
-            .and_then(|a| a.account_id.as_deref())
-            .is_some_and(|a| accounts.contains(a))
-    }) {
-        if let Some(uid) = instance.uid() {
-            state.syncer.trigger(&uid, &raw);
-            triggered += 1;
+    if !concerned.is_empty() {
+        let raw: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        for instance in concerned {
+            if let Some(uid) = instance.uid() {
+                state.syncer.trigger(&uid, &raw);
+                triggered += 1;
+            }
         }
     }
     count(&state.metrics, "accepted");

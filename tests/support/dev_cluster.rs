@@ -1,79 +1,80 @@
-//! `make dev`: a local control plane with the CRD installed and the operator's
-//! binary ready to run against it. Stays up until Ctrl-C (or SIGTERM), then stops
-//! everything it started.
+//! `make dev`: a local control plane with the CRD installed and the operator
+//! running against it — the controller and the webhook ingress as local processes
+//! of the binary, and the Dropbox emulator standing in for Dropbox (this machine
+//! cannot reach it). The emulator accepts the placeholder credentials of
+//! examples/secrets.yaml, so `kubectl apply -f examples/` gives a Ready instance.
+//! Stays up until Ctrl-C (or SIGTERM), then stops everything it started.
 
-#[allow(dead_code)] // shared with the tests, which use more of it
-#[path = "controlplane.rs"]
-mod controlplane;
+#[path = "mod.rs"]
+mod support;
 
-use std::path::Path;
+use support::dropbox::Emulator;
+use support::operator::ControllerProcess;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = controlplane::repo_root();
-    let parent = root.join("target/dev-cluster");
-    let cp = controlplane::ControlPlane::start(&parent, "dev")?;
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let root = support::controlplane::repo_root();
+    let cluster = support::cluster();
+    let client = support::client().await;
+    support::install_crd(&client).await?;
 
     // A stable path for the kubeconfig, so it can be exported once per shell.
-    let stable = parent.join("kubeconfig");
-    std::fs::copy(&cp.kubeconfig, &stable)?;
+    let stable = root.join("target/dev-cluster/kubeconfig");
+    std::fs::create_dir_all(stable.parent().ok_or("no parent")?)?;
+    std::fs::copy(&cluster.kubeconfig, &stable)?;
 
-    let crd = root.join("crds");
-    let status = cp
-        .kubectl()
-        .args(["apply", "--server-side", "-f"])
-        .arg(&crd)
-        .status()?;
-    if !status.success() {
-        return Err(format!("installing the CRD from {} failed", crd.display()).into());
-    }
-    let status = cp
-        .kubectl()
-        .args([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/dropboxelementinstances.elements.dropbox-operator.dev",
-        ])
-        .status()?;
-    if !status.success() {
-        return Err("the CRD did not become Established".into());
-    }
+    let emu = Emulator::start().await;
+    emu.set_code_ttl(std::time::Duration::from_secs(24 * 3600));
+    emu.add_app("<CLIENT_ID>", "<CLIENT_SECRET>");
+    emu.add_account("dbid:AADevAccount-0001", "dev@example.com", "Dev User");
+    emu.issue_code_value(
+        "<CLIENT_ID>",
+        "dbid:AADevAccount-0001",
+        Some("https://www.mycoolapp.com/auth"),
+        "<AUTHORIZATION_GRANT_CODE>",
+    );
 
-    let examples = relative(&root.join("examples"), &root);
+    // The operator watches every namespace here, as a cluster-wide install would.
+    let controller = ControllerProcess::new("default", &emu.url)
+        .env_remove("WATCH_NAMESPACE")
+        .env("LOG_LEVEL", "info")
+        .name("dev-controller")
+        .start()
+        .await;
+    let ingress = ControllerProcess::ingress("default", &emu.url)
+        .env_remove("WATCH_NAMESPACE")
+        .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8,::1/128")
+        .env("LOG_LEVEL", "info")
+        .name("dev-ingress")
+        .start()
+        .await;
+
     println!();
-    println!("Local control plane is up: {}", cp.server);
+    println!("Local control plane is up: {}", cluster.server);
     println!("  export KUBECONFIG={}", stable.display());
-    println!("  kubectl apply -f {examples}/");
-    println!("  kubectl get dbxi");
+    println!("  kubectl apply -f examples/");
+    println!("  kubectl get dbxi -w");
     println!(
-        "Logs of etcd, kube-apiserver and kube-controller-manager: {}",
-        cp.dir.display()
+        "Dropbox emulator (accepts examples/secrets.yaml's placeholders): {}",
+        emu.url
+    );
+    println!(
+        "Webhook ingress: {}/webhooks/dropbox/<CLIENT_ID>",
+        ingress.url()
+    );
+    println!(
+        "Logs: controller {}, ingress {}",
+        controller.log.display(),
+        ingress.log.display()
+    );
+    println!(
+        "      etcd, kube-apiserver, kube-controller-manager in {}",
+        cluster.dir.display()
     );
     println!("Press Ctrl-C to stop.");
-
-    wait_for_signal();
-    println!("stopping the control plane");
-    cp.stop();
+    tokio::signal::ctrl_c().await?;
+    println!("stopping");
     Ok(())
-}
-
-fn relative(path: &Path, root: &Path) -> String {
-    path.strip_prefix(root)
-        .unwrap_or(path)
-        .display()
-        .to_string()
-}
-
-/// Blocks until SIGINT or SIGTERM.
-fn wait_for_signal() {
-    // SAFETY: plain libc signal-mask calls on this thread; sigwait returns the signal.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        let mut sig = 0;
-        libc::sigwait(&set, &mut sig);
-    }
 }

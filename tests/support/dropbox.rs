@@ -189,7 +189,7 @@ impl Emulator {
         account_id: &str,
         redirect_uri: Option<&str>,
     ) -> String {
-        let mut st = self.st();
+        let st = self.st();
         assert!(
             st.apps.contains_key(app_key),
             "issue_code: unknown app {app_key}"
@@ -200,9 +200,24 @@ impl Emulator {
         );
         // Real codes are 43 characters of URL-safe base64.
         let code = random_string(32);
+        drop(st);
+        self.issue_code_value(app_key, account_id, redirect_uri, &code);
+        code
+    }
+
+    /// Like [`Emulator::issue_code`], with a code chosen by the caller (e.g. the
+    /// placeholder of examples/secrets.yaml for `make dev`).
+    pub fn issue_code_value(
+        &self,
+        app_key: &str,
+        account_id: &str,
+        redirect_uri: Option<&str>,
+        code: &str,
+    ) {
+        let mut st = self.st();
         let expires_at = Instant::now() + st.code_ttl;
         st.codes.insert(
-            code.clone(),
+            code.to_owned(),
             Code {
                 app_key: app_key.to_owned(),
                 account_id: account_id.to_owned(),
@@ -210,7 +225,6 @@ impl Emulator {
                 expires_at,
             },
         );
-        code
     }
 
     /// A long-lived access token (legacy "generated access token"), never expires;
