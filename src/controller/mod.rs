@@ -62,6 +62,36 @@ pub struct Context {
     /// The webhook ingress objects and liveness.
     pub ingress: Arc<events::IngressManager>,
     pub written: WrittenStatus,
+    pub own_secret_writes: Arc<OwnSecretWrites>,
+}
+
+/// Versions of the token Secrets this controller wrote. The watch echoes each
+/// write back; that echo carries nothing new, so it wakes no instance.
+#[derive(Default)]
+pub struct OwnSecretWrites {
+    versions: Mutex<HashMap<(String, String), String>>,
+}
+
+impl OwnSecretWrites {
+    pub fn record(&self, secret: &Secret) {
+        if let Some(rv) = secret.resource_version() {
+            self.versions.lock().expect("own writes lock").insert(
+                (secret.namespace().unwrap_or_default(), secret.name_any()),
+                rv,
+            );
+        }
+    }
+
+    /// True when this (namespace, name, resourceVersion) is our own write.
+    pub fn is_echo(&self, namespace: &str, name: &str, resource_version: Option<&str>) -> bool {
+        let versions = self.versions.lock().expect("own writes lock");
+        resource_version.is_some_and(|rv| {
+            versions
+                .get(&(namespace.to_owned(), name.to_owned()))
+                .map(String::as_str)
+                == Some(rv)
+        })
+    }
 }
 
 /// The resourceVersion each of our status writes was made over. Reconciles read
@@ -427,7 +457,17 @@ async fn run_controller(
         .default_backoff()
         .touched_objects();
     let mapper_store = store.clone();
+    let own_secret_writes = Arc::new(OwnSecretWrites::default());
+    let echoes = own_secret_writes.clone();
     let controller = controller.watches_stream(secret_events, move |secret| {
+        let namespace = secret.namespace().unwrap_or_default();
+        if echoes.is_echo(
+            &namespace,
+            &secret.name_any(),
+            secret.resource_version().as_deref(),
+        ) {
+            return Vec::new();
+        }
         instances_for_secret(
             &mapper_store,
             secret.namespace(),
@@ -468,6 +508,7 @@ async fn run_controller(
         backoff: Backoff::new(Duration::from_secs(1), options.config.max_backoff),
         ingress,
         written: WrittenStatus::default(),
+        own_secret_writes,
     });
     tracing::info!(namespace = ?options.namespace, "controller started");
     controller

@@ -17,7 +17,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -43,8 +42,6 @@ pub const FIELD_MANAGER: &str = "dropbox-operator";
 pub enum Error {
     #[error("Kubernetes API request failed: {0}")]
     Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("the instance has no namespace")]
     NotNamespaced,
 }
@@ -54,11 +51,6 @@ impl Error {
     pub fn metric_reason(&self) -> &'static str {
         match self {
             Error::Kube(_) => "KubernetesAPI",
-            Error::Finalizer(e) => match e.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(inner)
-                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.metric_reason(),
-                _ => "Finalizer",
-            },
             Error::NotNamespaced => "NotNamespaced",
         }
     }
@@ -124,22 +116,68 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let _timer = ctx.metrics.time_reconcile();
-    let namespace = instance.namespace().ok_or(Error::NotNamespaced)?;
-    let api: Api<DropboxElementInstance> = Api::namespaced(ctx.client.clone(), &namespace);
-    let result = finalizer(&api, FINALIZER, instance, |event| async {
-        match event {
-            FinalizerEvent::Apply(instance) => apply(&instance, &ctx).await,
-            FinalizerEvent::Cleanup(instance) => cleanup(&instance, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let result = reconcile_with_finalizer(instance, &ctx).await;
     let label = if result.is_ok() { "success" } else { "error" };
     ctx.metrics
         .reconciles
         .get_or_create(&ResultLabels { result: label })
         .inc();
     result
+}
+
+/// The finalizer, managed with server-side apply (our field manager owns just our
+/// entry of the set): added before any token exists, in the same pass as the
+/// work (no extra round trip through the watch), removed after cleanup.
+async fn reconcile_with_finalizer(
+    instance: Arc<DropboxElementInstance>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let namespace = instance.namespace().ok_or(Error::NotNamespaced)?;
+    let api: Api<DropboxElementInstance> = Api::namespaced(ctx.client.clone(), &namespace);
+    let has_finalizer = instance.finalizers().iter().any(|f| f == FINALIZER);
+    let finalizers = |list: Vec<&str>| {
+        json!({
+            "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+            "kind": "DropboxElementInstance",
+            "metadata": {"name": instance.name_any(), "finalizers": list},
+        })
+    };
+    let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    if instance.meta().deletion_timestamp.is_some() {
+        if !has_finalizer {
+            return Ok(Action::await_change());
+        }
+        let action = cleanup(&instance, ctx).await?;
+        match api
+            .patch(
+                &instance.name_any(),
+                &ssa,
+                &Patch::Apply(finalizers(vec![])),
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Already gone: nothing left to release.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        return Ok(action);
+    }
+    let instance = if has_finalizer {
+        instance
+    } else {
+        // Continue with the patched object, so the status written below is
+        // recorded over the version that has the finalizer.
+        Arc::new(
+            api.patch(
+                &instance.name_any(),
+                &ssa,
+                &Patch::Apply(finalizers(vec![FINALIZER])),
+            )
+            .await?,
+        )
+    };
+    apply(&instance, ctx).await
 }
 
 /// Error policy: retry with the same jittered exponential backoff as transient
@@ -450,12 +488,14 @@ async fn apply_token_secret(
         ctx.client.clone(),
         &instance.namespace().unwrap_or_default(),
     );
-    api.patch(
-        &token::secret_name(&instance.name_any()),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&secret),
-    )
-    .await?;
+    let written = api
+        .patch(
+            &token::secret_name(&instance.name_any()),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await?;
+    ctx.own_secret_writes.record(&written);
     Ok(())
 }
 

@@ -350,6 +350,7 @@ impl Syncer {
                 Err(e) => return Err(e.into()),
             }
         }
+        tracing::debug!("cursor committed");
         if !notifications.is_empty() {
             self.report(
                 uid,

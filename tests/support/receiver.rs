@@ -30,14 +30,18 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// The events of an `elements` (or CloudEvents-wrapped) body.
-    pub fn events(&self) -> Vec<Value> {
+    fn event_array(&self) -> Option<&Vec<Value>> {
         let message = if self.body.get("specversion").is_some() {
             &self.body["data"]["message"]
         } else {
             &self.body["message"]
         };
-        message["events"].as_array().cloned().unwrap_or_default()
+        message["events"].as_array()
+    }
+
+    /// The events of an `elements` (or CloudEvents-wrapped) body.
+    pub fn events(&self) -> Vec<Value> {
+        self.event_array().cloned().unwrap_or_default()
     }
 }
 
@@ -116,6 +120,16 @@ impl Receiver {
     /// Deliveries answered 2xx.
     pub fn accepted(&self) -> Vec<Delivery> {
         self.all().into_iter().filter(|d| d.status < 300).collect()
+    }
+
+    /// How many events were accepted so far (cheap: nothing is copied).
+    pub fn accepted_event_count(&self) -> usize {
+        let received = self.shared.received.lock().expect("received lock");
+        received
+            .iter()
+            .filter(|d| d.status < 300)
+            .map(|d| d.event_array().map_or(0, Vec::len))
+            .sum()
     }
 
     /// Events of accepted deliveries, in arrival order.
