@@ -2,12 +2,15 @@
 //! the instance's own namespace only; a missing Secret or key is a [`Problem`]
 //! (a condition for the user), not an error.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
 
@@ -78,22 +81,94 @@ pub fn fingerprint(code: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(code.as_bytes())))
 }
 
-/// Secrets read once per reconcile, so two references to one Secret cost one GET.
-struct SecretReader {
-    api: Api<Secret>,
-    cache: BTreeMap<String, Option<Secret>>,
+/// Secret contents the controller has read, keyed by (namespace, name) and
+/// checked against the resourceVersion the metadata watch last saw: a Secret
+/// that did not change since it was read is not fetched again. Only Secrets that
+/// instances refer to (and the token Secrets) are held.
+pub struct SecretCache {
+    versions: Store<PartialObjectMeta<Secret>>,
+    contents: Mutex<HashMap<(String, String), Arc<Secret>>>,
 }
 
-impl SecretReader {
+impl SecretCache {
+    pub fn new(versions: Store<PartialObjectMeta<Secret>>) -> Self {
+        SecretCache {
+            versions,
+            contents: Mutex::default(),
+        }
+    }
+
+    /// The Secret, from memory when the watch says it is unchanged, else from the API.
+    pub async fn get(
+        &self,
+        api: &Api<Secret>,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Arc<Secret>>, kube::Error> {
+        let key = (namespace.to_owned(), name.to_owned());
+        let current = self
+            .versions
+            .get(&ObjectRef::new(name).within(namespace))
+            .and_then(|m| m.resource_version());
+        if let Some(rv) = current {
+            let contents = self.contents.lock().expect("secret cache lock");
+            if let Some(secret) = contents.get(&key)
+                && secret.resource_version().as_ref() == Some(&rv)
+            {
+                return Ok(Some(secret.clone()));
+            }
+        }
+        let fetched = api.get_opt(name).await?.map(|mut s| {
+            // Field-management bookkeeping is most of a small Secret's size.
+            s.metadata.managed_fields = None;
+            Arc::new(s)
+        });
+        let mut contents = self.contents.lock().expect("secret cache lock");
+        match &fetched {
+            Some(secret) => {
+                contents.insert(key, secret.clone());
+            }
+            None => {
+                contents.remove(&key);
+            }
+        }
+        Ok(fetched)
+    }
+
+    /// Remembers a Secret this controller just wrote.
+    pub fn put(&self, mut secret: Secret) {
+        secret.metadata.managed_fields = None;
+        let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+        self.contents
+            .lock()
+            .expect("secret cache lock")
+            .insert(key, Arc::new(secret));
+    }
+}
+
+/// Secrets read once per reconcile, so two references to one Secret cost one lookup.
+struct SecretReader<'a> {
+    api: Api<Secret>,
+    namespace: String,
+    shared: &'a SecretCache,
+    cache: BTreeMap<String, Option<Arc<Secret>>>,
+}
+
+impl SecretReader<'_> {
+    async fn secret(&mut self, name: &str) -> Result<Option<Arc<Secret>>, kube::Error> {
+        if !self.cache.contains_key(name) {
+            let secret = self.shared.get(&self.api, &self.namespace, name).await?;
+            self.cache.insert(name.to_owned(), secret);
+        }
+        Ok(self.cache.get(name).cloned().flatten())
+    }
+
     async fn value(
         &mut self,
         name: &str,
         key: &str,
     ) -> Result<Result<String, Problem>, kube::Error> {
-        if !self.cache.contains_key(name) {
-            let secret = self.api.get_opt(name).await?;
-            self.cache.insert(name.to_owned(), secret);
-        }
+        self.secret(name).await?;
         let Some(secret) = self.cache.get(name).and_then(Option::as_ref) else {
             return Ok(Err(Problem {
                 reason: Reason::SecretNotFound,
@@ -116,11 +191,14 @@ impl SecretReader {
 /// Reads the instance's credentials and its token Secret.
 pub async fn read(
     client: &Client,
+    shared: &SecretCache,
     instance: &DropboxElementInstance,
 ) -> Result<Result<Inputs, Problem>, kube::Error> {
     let namespace = instance.namespace().unwrap_or_default();
     let mut secrets = SecretReader {
         api: Api::namespaced(client.clone(), &namespace),
+        namespace: namespace.clone(),
+        shared,
         cache: BTreeMap::new(),
     };
     let auth = &instance.spec.authentication;
@@ -184,8 +262,7 @@ pub async fn read(
         Credentials::OAuth2 { .. } => {
             let name = token::secret_name(&instance.name_any());
             secrets
-                .api
-                .get_opt(&name)
+                .secret(&name)
                 .await?
                 .and_then(|s| StoredToken::from_secret(&s, instance))
         }

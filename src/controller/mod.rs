@@ -63,6 +63,8 @@ pub struct Context {
     pub ingress: Arc<events::IngressManager>,
     pub written: WrittenStatus,
     pub own_secret_writes: Arc<OwnSecretWrites>,
+    /// Secret contents, re-read only when the metadata watch saw them change.
+    pub secrets: inputs::SecretCache,
 }
 
 /// Versions of the token Secrets this controller wrote. The watch echoes each
@@ -453,9 +455,19 @@ async fn run_controller(
 
     // Secrets are watched as metadata only: the mapper needs names and owners, and
     // Secret contents (possibly large, e.g. Helm releases) never sit in memory.
-    let secret_events = watcher(secrets, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .touched_objects();
+    let (secret_versions, secret_writer) = kube::runtime::reflector::store();
+    let secret_events = kube::runtime::reflector(
+        secret_writer,
+        watcher(secrets, watcher::Config::default().any_semantic())
+            // Names and versions are all the cache needs: drop the rest early.
+            .modify(|s| {
+                s.metadata.managed_fields = None;
+                s.metadata.annotations = None;
+                s.metadata.labels = None;
+            }),
+    )
+    .default_backoff()
+    .touched_objects();
     let mapper_store = store.clone();
     let own_secret_writes = Arc::new(OwnSecretWrites::default());
     let echoes = own_secret_writes.clone();
@@ -509,6 +521,7 @@ async fn run_controller(
         ingress,
         written: WrittenStatus::default(),
         own_secret_writes,
+        secrets: inputs::SecretCache::new(secret_versions),
     });
     tracing::info!(namespace = ?options.namespace, "controller started");
     controller

@@ -204,7 +204,7 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
         // The watch has not delivered our own status write yet; it will wake us.
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
-    let inputs = inputs::read(&ctx.client, instance).await?;
+    let inputs = inputs::read(&ctx.client, &ctx.secrets, instance).await?;
     let inputs_hash = inputs_fingerprint(instance, &inputs);
     if let Some(wait) = ctx.backoff.remaining(&key, inputs_hash) {
         // Woken up by our own status write while backing off: nothing changed.
@@ -496,6 +496,7 @@ async fn apply_token_secret(
         )
         .await?;
     ctx.own_secret_writes.record(&written);
+    ctx.secrets.put(written);
     Ok(())
 }
 
@@ -1161,7 +1162,8 @@ async fn revoke(
     let mut access_token = stored.access_token.clone();
     if expired
         && let Some(refresh_token) = &stored.refresh_token
-        && let Ok(Ok(Inputs { app: Some(app), .. })) = inputs::read(&ctx.client, instance).await
+        && let Ok(Ok(Inputs { app: Some(app), .. })) =
+            inputs::read(&ctx.client, &ctx.secrets, instance).await
     {
         access_token = ctx
             .dropbox

@@ -33,7 +33,7 @@ use crate::retry::{backoff_delay, error_chain};
 /// Field manager of everything the ingress writes.
 pub const FIELD_MANAGER: &str = "dropbox-operator-ingress";
 /// Entries gathered before delivering, so a huge backlog is sent in parts.
-const MAX_ENTRIES_PER_SYNC: usize = 2000;
+const MAX_ENTRIES_PER_SYNC: usize = 10_000;
 
 /// Settings of deliveries.
 #[derive(Clone, Debug)]
@@ -316,6 +316,12 @@ impl Syncer {
         };
         let notifications =
             payload::notifications(&info, &standardized, raw, format, &cursor_before, now);
+        tracing::debug!(
+            entries = entries.len(),
+            notifications = notifications.len(),
+            took = ?since.elapsed(),
+            "changes fetched and standardized"
+        );
         for notification in &notifications {
             self.deliver(uid, notification).await?;
             self.metrics
@@ -350,7 +356,7 @@ impl Syncer {
                 Err(e) => return Err(e.into()),
             }
         }
-        tracing::debug!("cursor committed");
+        tracing::debug!(took = ?since.elapsed(), "delivered and committed");
         if !notifications.is_empty() {
             self.report(
                 uid,
