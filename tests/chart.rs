@@ -24,9 +24,11 @@ use kube::{Client, Config, ResourceExt};
 use serde::Deserialize as _;
 use serde_json::json;
 use serde_yaml::Value as Yaml;
+use support::condition_is;
 use support::controlplane;
 use support::dropbox::Emulator;
 use support::operator::ControllerProcess;
+use support::put_secret;
 
 const CRD_FILE: &str = "dropboxelementinstances.elements.dropbox-operator.dev.yaml";
 /// The ingress ServiceAccount's default name (values.yaml), which is also the
@@ -737,24 +739,6 @@ fn assert_nothing_forbidden(log: &str) {
     );
 }
 
-async fn put_secret(api: &Api<Secret>, name: &str, data: &[(&str, &str)]) -> Result<()> {
-    let string_data: serde_json::Map<String, serde_json::Value> = data
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), json!(v)))
-        .collect();
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": name}, "stringData": string_data
-    }))?;
-    api.patch(
-        name,
-        &PatchParams::apply("tests").force(),
-        &Patch::Apply(&secret),
-    )
-    .await?;
-    Ok(())
-}
-
 fn instance_manifest(name: &str, events: bool) -> Result<DropboxElementInstance> {
     let mut spec = json!({
         "element": {"key": "dropbox"},
@@ -777,19 +761,6 @@ fn instance_manifest(name: &str, events: bool) -> Result<DropboxElementInstance>
     }))?)
 }
 
-fn condition_is(
-    i: &DropboxElementInstance,
-    type_: &str,
-    status: &str,
-    reason: Option<&str>,
-) -> bool {
-    i.status.as_ref().is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == type_ && c.status == status && reason.is_none_or(|r| c.reason == r))
-    })
-}
-
 async fn wait_condition(
     api: &Api<DropboxElementInstance>,
     name: &str,
@@ -797,16 +768,7 @@ async fn wait_condition(
     status: &str,
     reason: Option<&str>,
 ) -> Result<DropboxElementInstance> {
-    support::eventually(
-        &format!("{name}: {type_}={status} {reason:?}"),
-        Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            async move { Ok(api.get(name).await?) }
-        },
-        |i: &DropboxElementInstance| condition_is(i, type_, status, reason),
-    )
-    .await
+    support::wait_condition(api, name, type_, status, reason, Duration::from_secs(60)).await
 }
 
 /// The chart's RBAC is enough for the real controller: run with the token of the

@@ -10,9 +10,10 @@ use anyhow::{Context as _, Result};
 use dropbox_operator::api::{DropboxElementInstance, Phase};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
+use support::condition;
 use support::dropbox::Emulator;
 use support::operator::{ControllerProcess, Process};
 
@@ -61,21 +62,7 @@ impl Fixture {
     }
 
     async fn put_secret(&self, name: &str, data: &[(&str, &str)]) {
-        let string_data: serde_json::Map<String, serde_json::Value> = data
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), json!(v)))
-            .collect();
-        let secret: Secret = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": name}, "stringData": string_data
-        }))
-        .expect("secret manifest");
-        self.secrets
-            .patch(
-                name,
-                &PatchParams::apply("tests").force(),
-                &Patch::Apply(&secret),
-            )
+        support::put_secret(&self.secrets, name, data)
             .await
             .expect("apply secret");
     }
@@ -120,20 +107,7 @@ impl Fixture {
         reason: Option<&str>,
         timeout: Duration,
     ) -> Result<DropboxElementInstance> {
-        let api = self.instances.clone();
-        support::eventually(
-            &format!("{name}: {type_}={status} {reason:?}"),
-            timeout,
-            || {
-                let api = api.clone();
-                async move { Ok(api.get(name).await?) }
-            },
-            |i: &DropboxElementInstance| {
-                condition(i, type_)
-                    .is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r))
-            },
-        )
-        .await
+        support::wait_condition(&self.instances, name, type_, status, reason, timeout).await
     }
 
     async fn wait_ready(&self, name: &str) -> Result<DropboxElementInstance> {
@@ -164,17 +138,6 @@ impl Fixture {
             .filter(|c| c.form.get("grant_type").map(String::as_str) == Some(grant_type))
             .count()
     }
-}
-
-fn condition<'a>(
-    i: &'a DropboxElementInstance,
-    type_: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    i.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
 }
 
 fn secret_text(secret: &Secret, key: &str) -> Option<String> {

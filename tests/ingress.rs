@@ -12,11 +12,12 @@ use anyhow::{Context as _, Result};
 use dropbox_operator::api::DropboxElementInstance;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
+use support::condition;
 use support::dropbox::Emulator;
 use support::operator::{ControllerProcess, Process};
 use support::receiver::Receiver;
@@ -88,20 +89,7 @@ impl Fixture {
     }
 
     async fn put_secret(&self, name: &str, data: &[(&str, &str)]) {
-        let string_data: serde_json::Map<String, Value> = data
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), json!(v)))
-            .collect();
-        let secret: Secret = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": string_data
-        }))
-        .expect("secret manifest");
-        Api::<Secret>::namespaced(self.client.clone(), &self.ns)
-            .patch(
-                name,
-                &PatchParams::apply("tests").force(),
-                &Patch::Apply(&secret),
-            )
+        support::put_secret(&Api::namespaced(self.client.clone(), &self.ns), name, data)
             .await
             .expect("apply secret");
     }
@@ -147,18 +135,13 @@ impl Fixture {
         status: &str,
         reason: Option<&str>,
     ) -> Result<DropboxElementInstance> {
-        let api = self.instances.clone();
-        support::eventually(
-            &format!("{name}: {type_}={status} {reason:?}"),
+        support::wait_condition(
+            &self.instances,
+            name,
+            type_,
+            status,
+            reason,
             Duration::from_secs(60),
-            || {
-                let api = api.clone();
-                async move { Ok(api.get(name).await?) }
-            },
-            |i: &DropboxElementInstance| {
-                condition(i, type_)
-                    .is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r))
-            },
         )
         .await
     }
@@ -182,17 +165,6 @@ impl Fixture {
             )
             .await
     }
-}
-
-fn condition<'a>(
-    i: &'a DropboxElementInstance,
-    type_: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    i.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
 }
 
 async fn wait_events(receiver: &Receiver, count: usize, timeout: Duration) -> Result<Vec<Value>> {

@@ -388,6 +388,19 @@ fn app_location(instance: &DropboxElementInstance) -> String {
         .unwrap_or_else(|| "the app Secret".into())
 }
 
+/// Authorized=False because Dropbox refused the app credentials.
+fn invalid_client(instance: &DropboxElementInstance, description: &str) -> Desired {
+    Desired::new(
+        AUTHORIZED,
+        Some(false),
+        Reason::InvalidClient,
+        format!(
+            "Dropbox refused the app key or secret in {}: {description}",
+            app_location(instance)
+        ),
+    )
+}
+
 /// `state` parameter of the authorize URL: identifies the instance to the person
 /// (and the app's redirect handler) that completes the approval.
 fn authorize_state(instance: &DropboxElementInstance) -> String {
@@ -655,15 +668,7 @@ async fn oauth2(
                         true,
                     ),
                     DropboxError::InvalidClient { description } => (
-                        Desired::new(
-                            AUTHORIZED,
-                            Some(false),
-                            Reason::InvalidClient,
-                            format!(
-                                "Dropbox refused the app key or secret in {}: {description}",
-                                app_location(instance)
-                            ),
-                        ),
+                        invalid_client(instance, description),
                         Next::WaitForChange,
                         false,
                     ),
@@ -835,15 +840,7 @@ async fn exchange(
                 // The client was refused before the code was looked at: the code may
                 // still be good once the app credentials are fixed.
                 DropboxError::InvalidClient { description } => (
-                    Desired::new(
-                        AUTHORIZED,
-                        Some(false),
-                        Reason::InvalidClient,
-                        format!(
-                            "Dropbox refused the app key or secret in {}: {description}",
-                            app_location(instance)
-                        ),
-                    ),
+                    invalid_client(instance, description),
                     Next::WaitForChange,
                     false,
                 ),

@@ -176,3 +176,71 @@ where
 {
     Ok(api.get_opt(name).await?)
 }
+
+/// The condition of `type_` in an instance's status.
+pub fn condition<'a>(
+    instance: &'a DropboxElementInstance,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    instance
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Whether condition `type_` has `status` (and `reason`, when given).
+pub fn condition_is(
+    instance: &DropboxElementInstance,
+    type_: &str,
+    status: &str,
+    reason: Option<&str>,
+) -> bool {
+    condition(instance, type_)
+        .is_some_and(|c| c.status == status && reason.is_none_or(|r| c.reason == r))
+}
+
+/// Waits until instance `name` has condition `type_` with `status` (and `reason`).
+pub async fn wait_condition(
+    api: &Api<DropboxElementInstance>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: Option<&str>,
+    timeout: Duration,
+) -> Result<DropboxElementInstance> {
+    eventually(
+        &format!("{name}: {type_}={status} {reason:?}"),
+        timeout,
+        || {
+            let api = api.clone();
+            async move { Ok(api.get(name).await?) }
+        },
+        |i: &DropboxElementInstance| condition_is(i, type_, status, reason),
+    )
+    .await
+}
+
+/// Creates or updates Secret `name` with string data (server-side apply).
+pub async fn put_secret(
+    api: &Api<k8s_openapi::api::core::v1::Secret>,
+    name: &str,
+    data: &[(&str, &str)],
+) -> Result<()> {
+    let string_data: serde_json::Map<String, serde_json::Value> = data
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), serde_json::json!(v)))
+        .collect();
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name}, "stringData": string_data
+    }))?;
+    api.patch(
+        name,
+        &PatchParams::apply("tests").force(),
+        &Patch::Apply(&secret),
+    )
+    .await?;
+    Ok(())
+}
