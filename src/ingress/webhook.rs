@@ -12,9 +12,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State as AxumState};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Path, Query, State as AxumState};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use kube::ResourceExt;
@@ -57,7 +56,6 @@ pub fn routes(state: State) -> Router {
             "/webhooks/dropbox/{app_key}",
             get(challenge).post(notification),
         )
-        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 
@@ -86,22 +84,18 @@ fn count(metrics: &IngressMetrics, result: &'static str) {
 async fn notification(
     AxumState(state): AxumState<State>,
     Path(app_key): Path<String>,
-    headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    request: axum::extract::Request,
 ) -> Response {
-    let body = match body {
+    // The request is taken apart rather than extracted piecewise, so the headers
+    // are not copied for every webhook.
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
-        Err(rejection) => {
-            let status = rejection.status();
-            count(
-                &state.metrics,
-                if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    "too_large"
-                } else {
-                    "malformed"
-                },
-            );
-            return (status, "request body rejected").into_response();
+        Err(_) => {
+            // The only failure of a local body read is the length limit.
+            count(&state.metrics, "too_large");
+            return (StatusCode::PAYLOAD_TOO_LARGE, "request body over 1 MiB").into_response();
         }
     };
     let Some(signature) = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()) else {
@@ -162,25 +156,31 @@ async fn verified(
     body: &[u8],
     signature: &str,
 ) -> bool {
-    let mut refs: BTreeSet<(String, String, String)> = BTreeSet::new();
-    for i in candidates {
-        if let Some(r) = &i.spec.authentication.app_secret_ref {
-            refs.insert((
-                i.namespace().unwrap_or_default(),
-                r.name.clone(),
-                r.client_secret_key.clone(),
-            ));
-        }
-    }
     for force in [false, true] {
-        for (ns, name, key) in &refs {
-            match state.syncer.secrets.get(ns, name, key, force).await {
+        // Instances of one app usually share one app Secret: check each once.
+        let mut seen: Vec<(&str, &str, &str)> = Vec::with_capacity(1);
+        for instance in candidates {
+            let Some(r) = &instance.spec.authentication.app_secret_ref else {
+                continue;
+            };
+            let ns = instance.metadata.namespace.as_deref().unwrap_or_default();
+            let id = (ns, r.name.as_str(), r.client_secret_key.as_str());
+            if seen.contains(&id) {
+                continue;
+            }
+            seen.push(id);
+            match state
+                .syncer
+                .secrets
+                .get(ns, &r.name, &r.client_secret_key, force)
+                .await
+            {
                 Ok(Some(secret)) if verify_dropbox_signature(&secret, body, signature) => {
                     return true;
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, secret = %name, "could not read an app secret")
+                    tracing::warn!(error = %e, secret = %r.name, "could not read an app secret")
                 }
             }
         }
