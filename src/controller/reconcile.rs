@@ -201,8 +201,9 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
     let prev = instance.status.clone().unwrap_or_default();
     let key = object_key(instance);
     if ctx.written.is_stale(instance) {
-        // The watch has not delivered our own status write yet; it will wake us.
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        // The watch has not delivered our own status write yet; it will wake us
+        // (and the requeue our write's reconcile asked for stays scheduled).
+        return Ok(Action::await_change());
     }
     let inputs = inputs::read(&ctx.client, &ctx.secrets, instance).await?;
     let inputs_hash = inputs_fingerprint(instance, &inputs);
