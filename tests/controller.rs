@@ -752,7 +752,17 @@ async fn a_no_op_resync_makes_zero_writes() -> Result<()> {
     let dropbox_calls = f.emu.calls().len();
 
     // A restarted controller reconciles everything again from scratch.
-    controller.terminate(Duration::from_secs(10));
+    // SIGTERM: a clean exit that releases the leader lease.
+    let stopped = Instant::now();
+    assert!(
+        controller.terminate(Duration::from_secs(10)),
+        "the controller did not exit on SIGTERM"
+    );
+    assert!(
+        controller.log_text().contains("released the leader lease"),
+        "the lease was not released on shutdown"
+    );
+    eprintln!("graceful shutdown took {:?}", stopped.elapsed());
     let controller = f.start_controller().await;
     support::eventually(
         "the new controller to reconcile",
