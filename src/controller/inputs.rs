@@ -135,6 +135,14 @@ impl SecretCache {
         Ok(fetched)
     }
 
+    /// Drops a Secret that is going away (the token Secret of a deleted instance).
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.contents
+            .lock()
+            .expect("secret cache lock")
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
     /// Remembers a Secret this controller just wrote.
     pub fn put(&self, mut secret: Secret) {
         secret.metadata.managed_fields = None;

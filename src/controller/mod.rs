@@ -84,6 +84,13 @@ impl OwnSecretWrites {
         }
     }
 
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.versions
+            .lock()
+            .expect("own writes lock")
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
     /// True when this (namespace, name, resourceVersion) is our own write.
     pub fn is_echo(&self, namespace: &str, name: &str, resource_version: Option<&str>) -> bool {
         let versions = self.versions.lock().expect("own writes lock");

@@ -1080,6 +1080,10 @@ async fn cleanup(instance: &DropboxElementInstance, ctx: &Context) -> Result<Act
     );
     ctx.backoff.reset(&key);
     ctx.written.forget(instance);
+    let namespace = instance.namespace().unwrap_or_default();
+    let token_secret = token::secret_name(&instance.name_any());
+    ctx.own_secret_writes.forget(&namespace, &token_secret);
+    ctx.secrets.forget(&namespace, &token_secret);
     let secrets: Api<Secret> = Api::namespaced(
         ctx.client.clone(),
         &instance.namespace().unwrap_or_default(),

@@ -152,6 +152,12 @@ impl Syncer {
             let Some((raw, since)) = worker.pending.lock().expect("pending lock").clone() else {
                 continue;
             };
+            if self.instance(&uid).is_none() {
+                // The instance is gone: so is its worker (a later trigger makes a new one).
+                self.workers.lock().expect("workers lock").remove(&uid);
+                self.update_queue_depth();
+                return;
+            }
             // Taken now: triggers from here on are a new sync.
             *worker.pending.lock().expect("pending lock") = None;
             self.update_queue_depth();
