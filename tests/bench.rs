@@ -17,7 +17,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
 use serde_json::{Value, json};
 use support::dropbox::Emulator;
-use support::operator::ControllerProcess;
+use support::operator::OperatorProcess;
 use support::receiver::Receiver;
 
 const APP_KEY: &str = "bench-app";
@@ -274,7 +274,7 @@ async fn bench_controller_1000_instances() -> Result<()> {
     let writes_before = apiserver_writes();
     let started = Instant::now();
     let log_level = std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into());
-    let controller = ControllerProcess::new(&ns, &emu.url)
+    let controller = OperatorProcess::new(&ns, &emu.url)
         .env("CONCURRENCY", &CONCURRENCY.to_string())
         .env("LOG_LEVEL", &log_level)
         .start()
@@ -296,7 +296,7 @@ async fn bench_controller_1000_instances() -> Result<()> {
     controller.terminate(Duration::from_secs(10));
     let before_resync = apiserver_writes();
     let resync_started = Instant::now();
-    let controller = ControllerProcess::new(&ns, &emu.url)
+    let controller = OperatorProcess::new(&ns, &emu.url)
         .env("CONCURRENCY", &CONCURRENCY.to_string())
         .env("LOG_LEVEL", "warn")
         .start()
@@ -441,12 +441,12 @@ async fn bench_ingress() -> Result<()> {
     let emu = Emulator::start().await;
     emu.add_app(APP_KEY, APP_SECRET);
     emu.add_account(ACCOUNT, "bench@example.com", "Bench");
-    let _controller = ControllerProcess::new(&ns, &emu.url)
+    let _controller = OperatorProcess::new(&ns, &emu.url)
         .env("LOG_LEVEL", "warn")
         .start()
         .await;
     let log_level = std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into());
-    let ingress = ControllerProcess::ingress(&ns, &emu.url)
+    let ingress = OperatorProcess::ingress(&ns, &emu.url)
         .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8")
         .env("LOG_LEVEL", &log_level)
         .env("HEARTBEAT_INTERVAL", "1s")

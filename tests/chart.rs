@@ -27,7 +27,7 @@ use serde_yaml::Value as Yaml;
 use support::condition_is;
 use support::controlplane;
 use support::dropbox::Emulator;
-use support::operator::ControllerProcess;
+use support::operator::OperatorProcess;
 use support::put_secret;
 
 const CRD_FILE: &str = "dropboxelementinstances.elements.dropbox-operator.dev.yaml";
@@ -808,7 +808,7 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
         put_secret(&secrets, &format!("{name}-code"), &[("code", &code)]).await?;
     }
 
-    let mut controller = ControllerProcess::new(&ops, &emu.url)
+    let mut controller = OperatorProcess::new(&ops, &emu.url)
         .env("KUBECONFIG", &controller_kubeconfig.display().to_string())
         .env_remove("WATCH_NAMESPACE")
         .name("chart-controller")
@@ -1019,7 +1019,7 @@ async fn events_flow_with_the_ingress_token(
     .await?;
     let code = emu.issue_code(APP_KEY, ACCOUNT, Some(REDIRECT));
     put_secret(&secrets, "flow-code", &[("code", &code)]).await?;
-    let mut ingress = ControllerProcess::ingress(ops, &emu.url)
+    let mut ingress = OperatorProcess::ingress(ops, &emu.url)
         .env("KUBECONFIG", &ingress_kubeconfig.display().to_string())
         .env_remove("WATCH_NAMESPACE")
         .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8")

@@ -15,7 +15,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use support::condition;
 use support::dropbox::Emulator;
-use support::operator::{ControllerProcess, Process};
+use support::operator::{OperatorProcess, Process};
 
 const APP_KEY: &str = "app-key-controller";
 const APP_SECRET: &str = "APP-SECRET-f00d";
@@ -53,8 +53,8 @@ async fn fixture(test: &str) -> Fixture {
 }
 
 impl Fixture {
-    fn controller(&self) -> ControllerProcess {
-        ControllerProcess::new(&self.ns, &self.emu.url)
+    fn controller(&self) -> OperatorProcess {
+        OperatorProcess::new(&self.ns, &self.emu.url)
     }
 
     async fn start_controller(&self) -> Process {

@@ -19,7 +19,7 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use support::condition;
 use support::dropbox::Emulator;
-use support::operator::{ControllerProcess, Process};
+use support::operator::{OperatorProcess, Process};
 use support::receiver::Receiver;
 
 const APP_KEY: &str = "app-key-ingress";
@@ -45,7 +45,7 @@ async fn fixture(test: &str) -> Fixture {
     emu.add_app(APP_KEY, APP_SECRET);
     emu.add_account(ACCOUNT, "ada@example.com", "Ada Lovelace");
     emu.add_account(OTHER_ACCOUNT, "alan@example.com", "Alan Turing");
-    let controller = ControllerProcess::new(&ns, &emu.url)
+    let controller = OperatorProcess::new(&ns, &emu.url)
         .env(
             "INGRESS_IMAGE",
             "registry.example.com/dropbox-operator:test",
@@ -80,8 +80,8 @@ async fn fixture(test: &str) -> Fixture {
 }
 
 impl Fixture {
-    fn ingress(&self) -> ControllerProcess {
-        ControllerProcess::ingress(&self.ns, &self.emu.url)
+    fn ingress(&self) -> OperatorProcess {
+        OperatorProcess::ingress(&self.ns, &self.emu.url)
             .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8,::1/128")
             .env("DELIVERY_BASE_BACKOFF", "200ms")
             .env("DELIVERY_MAX_BACKOFF", "2s")
@@ -793,7 +793,7 @@ async fn a_cursor_reset_sends_one_unknown_event_then_normal_flow() -> Result<()>
 async fn callbacks_to_internal_addresses_are_refused_unless_allowed() -> Result<()> {
     let f = fixture("ssrf").await;
     // This ingress allows nothing: the defaults a production install has.
-    let ingress = ControllerProcess::ingress(&f.ns, &f.emu.url)
+    let ingress = OperatorProcess::ingress(&f.ns, &f.emu.url)
         .env("DELIVERY_BASE_BACKOFF", "200ms")
         .env("DELIVERY_MAX_BACKOFF", "2s")
         .env("HEARTBEAT_INTERVAL", "1s")

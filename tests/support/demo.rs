@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use support::dropbox::Emulator;
-use support::operator::ControllerProcess;
+use support::operator::OperatorProcess;
 use support::receiver::Receiver;
 
 const APP_KEY: &str = "demo-app-key";
@@ -56,11 +56,11 @@ async fn main() -> Result<()> {
     );
 
     step("Starting dropbox-operator controller and ingress");
-    let _controller = ControllerProcess::new(ns, &emu.url)
+    let _controller = OperatorProcess::new(ns, &emu.url)
         .env("LOG_LEVEL", "warn")
         .start()
         .await;
-    let ingress = ControllerProcess::ingress(ns, &emu.url)
+    let ingress = OperatorProcess::ingress(ns, &emu.url)
         .env("LOG_LEVEL", "warn")
         .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8")
         .env("HEARTBEAT_INTERVAL", "1s")

@@ -9,7 +9,7 @@
 mod support;
 
 use support::dropbox::Emulator;
-use support::operator::ControllerProcess;
+use support::operator::OperatorProcess;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -37,13 +37,13 @@ async fn main() -> Result<()> {
     );
 
     // The operator watches every namespace here, as a cluster-wide install would.
-    let controller = ControllerProcess::new("default", &emu.url)
+    let controller = OperatorProcess::new("default", &emu.url)
         .env_remove("WATCH_NAMESPACE")
         .env("LOG_LEVEL", "info")
         .name("dev-controller")
         .start()
         .await;
-    let ingress = ControllerProcess::ingress("default", &emu.url)
+    let ingress = OperatorProcess::ingress("default", &emu.url)
         .env_remove("WATCH_NAMESPACE")
         .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8,::1/128")
         .env("LOG_LEVEL", "info")

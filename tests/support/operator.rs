@@ -24,9 +24,9 @@ pub struct Process {
     pub name: String,
 }
 
-/// Builder for a `dropbox-operator controller` (or `ingress`) process scoped to
+/// Builder for a `dropbox-operator controller` or `ingress` process scoped to
 /// one test namespace.
-pub struct ControllerProcess {
+pub struct OperatorProcess {
     pub subcommand: &'static str,
     pub namespace: String,
     pub dropbox_api_url: String,
@@ -37,9 +37,9 @@ pub struct ControllerProcess {
     pub name: String,
 }
 
-impl ControllerProcess {
+impl OperatorProcess {
     pub fn new(namespace: &str, dropbox_api_url: &str) -> Self {
-        ControllerProcess {
+        OperatorProcess {
             subcommand: "controller",
             namespace: namespace.to_owned(),
             dropbox_api_url: dropbox_api_url.to_owned(),
@@ -52,10 +52,10 @@ impl ControllerProcess {
 
     /// The same, for `dropbox-operator ingress` (listening on the process's port).
     pub fn ingress(namespace: &str, dropbox_api_url: &str) -> Self {
-        ControllerProcess {
+        OperatorProcess {
             subcommand: "ingress",
             name: "ingress".into(),
-            ..ControllerProcess::new(namespace, dropbox_api_url)
+            ..OperatorProcess::new(namespace, dropbox_api_url)
         }
     }
 
