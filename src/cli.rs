@@ -111,15 +111,20 @@ pub struct IngressArgs {
     #[command(flatten)]
     pub dropbox: DropboxArgs,
 
-    /// Address of the webhook, /metrics, /healthz and /readyz endpoints.
-    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    /// Address of the public webhook endpoints (`[::]` is dual-stack: IPv4 and IPv6).
+    #[arg(long, env = "LISTEN_ADDR", default_value = "[::]:8080")]
     pub listen_addr: SocketAddr,
+
+    /// Address of /metrics, /healthz and /readyz (never on the public port).
+    #[arg(long, env = "METRICS_ADDR", default_value = "[::]:8081")]
+    pub metrics_addr: SocketAddr,
 
     /// Watch only instances in this namespace (default: all namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
     pub namespace: Option<String>,
 
-    /// The operator's namespace, where the ingress renews its heartbeat Lease.
+    /// The operator's namespace: the projected Secrets, cursors and heartbeats
+    /// the ingress reads and writes live there.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub operator_namespace: String,
 
@@ -131,6 +136,24 @@ pub struct IngressArgs {
     /// link-local, ... (comma-separated, e.g. `10.0.0.0/8,fd00::/8`). Default: none.
     #[arg(long, env = "ALLOWED_CALLBACK_CIDRS", default_value = "")]
     pub allowed_callback_cidrs: String,
+
+    /// CIDRs callbacks may never point to although they are public (e.g. a
+    /// cluster whose pod or service ranges are public addresses). Wins over
+    /// --allowed-callback-cidrs.
+    #[arg(long, env = "DENIED_CALLBACK_CIDRS", default_value = "")]
+    pub denied_callback_cidrs: String,
+
+    /// Webhook requests handled at once; more are answered 503 at once.
+    #[arg(long, env = "MAX_CONCURRENT_WEBHOOKS", default_value_t = 256)]
+    pub max_concurrent_webhooks: usize,
+
+    /// Time a client has to send a webhook's whole body (slow uploads are cut off with 408).
+    #[arg(long, env = "WEBHOOK_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_body_timeout: Duration,
+
+    /// Instance syncs (Dropbox listing and delivery) running at once in this replica.
+    #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 32)]
+    pub max_concurrent_syncs: usize,
 
     /// Timeout of one delivery to a callback URL.
     #[arg(long, env = "DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -276,6 +299,10 @@ pub struct IngressDeploymentArgs {
     /// or link-local (comma-separated, e.g. `10.0.0.0/8,fd00::/8`).
     #[arg(long, env = "ALLOWED_CALLBACK_CIDRS", default_value = "")]
     pub allowed_callback_cidrs: String,
+
+    /// CIDRs the ingress never delivers events to although they are public.
+    #[arg(long, env = "DENIED_CALLBACK_CIDRS", default_value = "")]
+    pub denied_callback_cidrs: String,
 }
 
 fn parse_resources(s: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {

@@ -56,6 +56,10 @@ pub enum Reason {
     CallbackForbidden,
     /// Ready=True.
     Ready,
+    /// A Secret or ConfigMap the operator would write already exists and was not
+    /// made by it (no managed-by label, or another instance's): nothing is
+    /// overwritten or adopted.
+    ResourceConflict,
 }
 
 impl Reason {
@@ -79,6 +83,7 @@ impl Reason {
             Reason::CallbackUnreachable => "CallbackUnreachable",
             Reason::CallbackForbidden => "CallbackForbidden",
             Reason::Ready => "Ready",
+            Reason::ResourceConflict => "ResourceConflict",
         }
     }
 
@@ -98,6 +103,7 @@ impl Reason {
                 | Reason::SecretKeyMissing
                 | Reason::InvalidClient
                 | Reason::InvalidApiKey
+                | Reason::ResourceConflict
         )
     }
 }
@@ -211,7 +217,7 @@ pub fn status_differs(
 mod tests {
     use super::*;
 
-    const ALL: [Reason; 18] = [
+    const ALL: [Reason; 19] = [
         Reason::TokenValid,
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
@@ -230,6 +236,7 @@ mod tests {
         Reason::CallbackUnreachable,
         Reason::CallbackForbidden,
         Reason::Ready,
+        Reason::ResourceConflict,
     ];
 
     #[test]

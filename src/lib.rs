@@ -3,6 +3,7 @@
 //! - [`api`]: the `DropboxElementInstance` custom resource.
 //! - [`cli`]: the command line of the `dropbox-operator` binary.
 //! - [`conditions`]: condition types, reasons and status helpers.
+//! - [`contract`]: names, labels and keys shared by the controller and the ingress.
 //! - [`controller`]: the reconciler (OAuth lifecycle, status, finalizer).
 //! - [`dropbox`]: the Dropbox API client.
 //! - [`import`]: converts a Cloud Elements instance JSON into Secrets and a CR.
@@ -12,6 +13,7 @@
 pub mod api;
 pub mod cli;
 pub mod conditions;
+pub mod contract;
 pub mod controller;
 pub mod dropbox;
 pub mod import;
@@ -19,4 +21,5 @@ pub mod ingress;
 pub mod metrics;
 pub mod retry;
 pub mod server;
+pub mod store;
 pub mod tls;

@@ -53,7 +53,7 @@ fn controller_options(
         namespace: args.namespace.clone(),
         metrics_addr: args.metrics_addr,
         concurrency: args.concurrency,
-        ingress: controller::events::IngressSettings {
+        ingress: controller::ingress::IngressSettings {
             namespace: args.operator_namespace.clone(),
             image: args.ingress.ingress_image.clone(),
             image_pull_policy: args.ingress.ingress_image_pull_policy.clone(),
@@ -61,6 +61,7 @@ fn controller_options(
             service_account: args.ingress.ingress_service_account.clone(),
             resources: args.ingress.ingress_resources.clone(),
             allowed_callback_cidrs: args.ingress.allowed_callback_cidrs.clone(),
+            denied_callback_cidrs: args.ingress.denied_callback_cidrs.clone(),
             dropbox_api_url: args.dropbox.dropbox_api_url.to_string(),
             watch_namespace: args.namespace.clone(),
             log_format: log_format.into(),
@@ -78,11 +79,20 @@ fn controller_options(
 fn ingress_options(args: &IngressArgs) -> Result<ingress::RunOptions, BoxError> {
     Ok(ingress::RunOptions {
         listen_addr: args.listen_addr,
+        metrics_addr: args.metrics_addr,
         dropbox: dropbox_client(&args.dropbox)?,
         namespace: args.namespace.clone(),
         operator_namespace: args.operator_namespace.clone(),
         identity: identity(args.identity.as_deref()),
-        policy: ingress::ssrf::AddressPolicy::parse(&args.allowed_callback_cidrs)?,
+        policy: ingress::ssrf::AddressPolicy::parse(
+            &args.allowed_callback_cidrs,
+            &args.denied_callback_cidrs,
+        )?,
+        limits: ingress::Limits {
+            concurrent_webhooks: args.max_concurrent_webhooks.max(1),
+            body_timeout: args.webhook_body_timeout,
+            concurrent_syncs: args.max_concurrent_syncs.max(1),
+        },
         delivery: ingress::sync::DeliveryConfig {
             timeout: args.delivery_timeout,
             base_backoff: args.delivery_base_backoff,

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 /// Exponential backoff with "equal jitter": attempt `n` (1-based) waits a random
 /// time between half and all of `base * 2^(n-1)`, capped at `max`, and never less
-/// than `at_least` (e.g. a `Retry-After`).
+/// than `at_least` (e.g. a `Retry-After`), which is itself capped at `max`: a
+/// huge Retry-After cannot park anything for longer than the longest backoff.
 pub fn backoff_delay(
     base: Duration,
     max: Duration,
@@ -16,7 +17,7 @@ pub fn backoff_delay(
         .min(max);
     let half = step / 2;
     let jitter = Duration::from_secs_f64(half.as_secs_f64() * rand::random::<f64>());
-    (half + jitter).max(at_least.unwrap_or_default())
+    (half + jitter).max(at_least.unwrap_or_default().min(max))
 }
 
 /// An error and its sources, joined with ": ", for messages and logs.
@@ -46,6 +47,10 @@ mod tests {
         assert_eq!(
             backoff_delay(base, max, 1, Some(Duration::from_secs(9))),
             Duration::from_secs(9)
+        );
+        assert_eq!(
+            backoff_delay(base, max, 1, Some(Duration::from_secs(999_999_999))),
+            max
         );
     }
 }

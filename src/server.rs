@@ -64,8 +64,12 @@ async fn readyz(State(p): State<Probes>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` and serves `router` until `shutdown` is cancelled, then lets
-/// in-flight requests finish.
+/// How long in-flight requests may take to finish after a shutdown began.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Binds `addr` (`[::]:port` listens on IPv6 and IPv4) and serves `router` until
+/// `shutdown` is cancelled, then lets in-flight requests finish for at most
+/// [`DRAIN_TIMEOUT`]: a stalled client cannot hold the process.
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
@@ -73,9 +77,20 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(address = %listener.local_addr()?, "serving HTTP");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let stopping = shutdown.clone();
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stopping.cancelled().await });
+    let server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        result = server => result,
+        _ = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            tracing::warn!(address = %addr, "requests still open after the drain timeout; closing them");
+            Ok(())
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

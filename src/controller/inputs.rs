@@ -67,6 +67,9 @@ pub struct Inputs {
     pub credentials: Credentials,
     /// The token Secret this controller owns, when it exists.
     pub token: Option<StoredToken>,
+    /// The signature key, when events are enabled and one is referenced; a
+    /// missing one is an EventsReady problem, not an Authorized one.
+    pub signature_key: Option<Result<String, Problem>>,
 }
 
 /// A referenced Secret or key that is not there: the user has to fix it.
@@ -269,17 +272,36 @@ pub async fn read(
     let token = match credentials {
         Credentials::OAuth2 { .. } => {
             let name = token::secret_name(&instance.name_any());
-            secrets
-                .secret(&name)
-                .await?
-                .and_then(|s| StoredToken::from_secret(&s, instance))
+            match secrets.secret(&name).await? {
+                // Someone else's Secret of that name: never overwritten, so no
+                // code is exchanged whose tokens could not be stored.
+                Some(s) if !token::is_ours(&s, instance) => {
+                    return Ok(Err(Problem {
+                        reason: Reason::ResourceConflict,
+                        message: format!(
+                            "Secret {name:?} exists and was not created by dropbox-operator for this instance; \
+                             it is left untouched. Delete or rename it so the tokens can be stored."
+                        ),
+                    }));
+                }
+                Some(s) => StoredToken::from_secret(&s, instance),
+                None => None,
+            }
         }
         Credentials::ApiKey { .. } => None,
+    };
+    let signature_key = match instance.spec.events.as_ref().filter(|e| e.enabled) {
+        Some(events) => match &events.signature_key_secret_ref {
+            Some(r) => Some(secrets.value(&r.name, &r.key).await?),
+            None => None,
+        },
+        None => None,
     };
     Ok(Ok(Inputs {
         app,
         credentials,
         token,
+        signature_key,
     }))
 }
 

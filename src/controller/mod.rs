@@ -3,12 +3,15 @@
 //! - [`inputs`]: reads the referenced Secrets and the token Secret.
 //! - [`reconcile`]: the OAuth lifecycle, status, events and the deletion finalizer.
 //! - [`token`]: the token Secret the controller owns.
+//! - [`projection`]: what the ingress needs of an instance, in the operator namespace.
+//! - [`ingress`]: the ingress Deployment/Service, its liveness, orphan sweeps.
 //!
 //! This module wires them into a kube-runtime controller with leader election,
 //! metrics, probes and graceful shutdown.
 
-pub mod events;
+pub mod ingress;
 pub mod inputs;
+pub mod projection;
 pub mod reconcile;
 pub mod token;
 
@@ -60,7 +63,9 @@ pub struct Context {
     pub codes: CodeRegistry,
     pub backoff: Backoff,
     /// The webhook ingress objects and liveness.
-    pub ingress: Arc<events::IngressManager>,
+    pub ingress: Arc<ingress::IngressManager>,
+    /// What was projected into the operator namespace, per instance.
+    pub projections: projection::Projections,
     pub written: WrittenStatus,
     pub own_secret_writes: Arc<OwnSecretWrites>,
     /// Secret contents, re-read only when the metadata watch saw them change.
@@ -269,7 +274,7 @@ pub struct RunOptions {
     pub metrics_addr: SocketAddr,
     pub concurrency: u16,
     pub leader_election: Option<LeaderElection>,
-    pub ingress: events::IngressSettings,
+    pub ingress: ingress::IngressSettings,
 }
 
 /// Lease-based leader election settings.
@@ -502,7 +507,7 @@ async fn run_controller(
     });
     let controller = controller.reconcile_all_on(liveness);
 
-    let ingress = events::IngressManager::new(options.ingress.clone());
+    let ingress = ingress::IngressManager::new(options.ingress.clone());
     tokio::spawn(ingress.clone().run(
         client.clone(),
         store.clone(),
@@ -526,6 +531,7 @@ async fn run_controller(
         codes: CodeRegistry::default(),
         backoff: Backoff::new(Duration::from_secs(1), options.config.max_backoff),
         ingress,
+        projections: projection::Projections::default(),
         written: WrittenStatus::default(),
         own_secret_writes,
         secrets: inputs::SecretCache::new(secret_versions),

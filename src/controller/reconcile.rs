@@ -21,20 +21,22 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::Context;
-use super::events::{self, EventsStep};
 use super::inputs::{self, AppCredentials, Credentials, Inputs, Problem, SecretString};
+use super::projection::{EventsInputs, EventsStep, Projector};
 use super::token::{self, StoredToken};
 use crate::api::{
     AccountStatus, DropboxElementInstance, DropboxElementInstanceStatus, EventsStatus, TokenStatus,
 };
-use crate::conditions::{self, AUTHORIZED, Desired, EVENTS_DELIVERING, READY, Reason};
+use crate::conditions::{
+    self, AUTHORIZED, Desired, EVENTS_DELIVERING, EVENTS_READY, READY, Reason,
+};
 use crate::dropbox::{DropboxError, TokenResponse};
 use crate::metrics::{ReasonLabels, ResultLabels};
 
 /// Finalizer that revokes the Dropbox token before the instance goes away.
 pub const FINALIZER: &str = "elements.dropbox-operator.dev/revoke-token";
 /// Field manager of everything the controller applies.
-pub const FIELD_MANAGER: &str = "dropbox-operator";
+pub const FIELD_MANAGER: &str = crate::contract::CONTROLLER_FIELD_MANAGER;
 
 /// Errors that end a reconcile early; they are retried with backoff. Dropbox
 /// trouble is not among them: it becomes a condition and a scheduled retry.
@@ -211,7 +213,7 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
         // Woken up by our own status write while backing off: nothing changed.
         return Ok(Action::requeue(wait));
     }
-    let (step, app_key) = match inputs {
+    let (mut step, app, signature_key) = match inputs {
         Err(Problem { reason, message }) => (
             AuthStep::from_previous(
                 &prev,
@@ -219,14 +221,15 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
                 Next::WaitForChange,
             ),
             None,
+            None,
         ),
         Ok(Inputs {
             app,
             credentials,
             token,
+            signature_key,
         }) => {
-            let app_key = app.as_ref().map(|a| a.client_id.clone());
-            let step = match (credentials, app) {
+            let step = match (credentials, &app) {
                 (
                     Credentials::OAuth2 {
                         code,
@@ -236,7 +239,7 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
                     Some(app),
                 ) => {
                     let creds = OAuthCredentials {
-                        app: &app,
+                        app,
                         code: &code,
                         fingerprint: &code_fingerprint,
                         redirect_uri: redirect_uri.as_deref(),
@@ -256,34 +259,42 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
                     Next::WaitForChange,
                 ),
             };
-            (step, app_key)
+            (step, app, signature_key)
         }
     };
 
+    let projector = Projector {
+        client: &ctx.client,
+        dropbox: &ctx.dropbox,
+        memo: &ctx.projections,
+        namespace: &ctx.ingress.settings.namespace,
+    };
     let events_enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled);
     let events = if events_enabled {
         let authorized = step.authorized.is_true();
-        let account_id = step.account.as_ref().and_then(|a| a.account_id.as_deref());
-        let token = step
-            .access_token
-            .as_ref()
-            .filter(|_| authorized)
-            .map(|t| t.0.as_str());
-        Some(
-            events::ensure_cursor(
-                &ctx.client,
-                &ctx.dropbox,
-                instance,
-                app_key.as_deref(),
-                account_id,
-                token,
-                ctx.ingress.alive(),
-            )
-            .await?,
-        )
+        let input = EventsInputs {
+            app_key: app.as_ref().map(|a| a.client_id.as_str()),
+            app_secret: app.as_ref().map(|a| a.client_secret.as_str()),
+            account_id: step.account.as_ref().and_then(|a| a.account_id.as_deref()),
+            access_token: step
+                .access_token
+                .as_ref()
+                .filter(|_| authorized)
+                .map(|t| t.0.as_str()),
+            signature_key,
+            ingress_alive: ctx.ingress.alive(),
+            previous: conditions::find(&prev.conditions, EVENTS_READY),
+        };
+        let events = projector.events_step(instance, input).await?;
+        if let Some(at_least) = events.retry
+            && !matches!(step.next, Next::Backoff { .. })
+        {
+            step.next = Next::Backoff { at_least };
+        }
+        Some(events)
     } else {
         if prev.events.is_some() {
-            events::remove_cursor(&ctx.client, instance).await?;
+            projector.remove(instance).await?;
         }
         None
     };
@@ -333,6 +344,9 @@ fn inputs_fingerprint(instance: &DropboxElementInstance, inputs: &Result<Inputs,
         if let Some(app) = &inputs.app {
             app.client_id.hash(&mut h);
             app.client_secret.hash(&mut h);
+        }
+        if let Some(Ok(key)) = &inputs.signature_key {
+            key.hash(&mut h);
         }
         match &inputs.credentials {
             Credentials::OAuth2 {
@@ -1098,6 +1112,18 @@ async fn cleanup(instance: &DropboxElementInstance, ctx: &Context) -> Result<Act
             None
         }
     };
+    // Best effort: the orphan sweep removes what is left, deletion never waits on it.
+    if let Err(e) = (Projector {
+        client: &ctx.client,
+        dropbox: &ctx.dropbox,
+        memo: &ctx.projections,
+        namespace: &ctx.ingress.settings.namespace,
+    })
+    .remove(instance)
+    .await
+    {
+        tracing::warn!(instance = %key, error = %e, "could not remove the instance's projected objects; the sweep will");
+    }
     let Some(stored) = stored else {
         ctx.metrics
             .revocations

@@ -18,8 +18,7 @@ pub const EXPIRES_AT: &str = "expires_at";
 pub const ACCOUNT_ID: &str = "account_id";
 pub const SCOPE: &str = "scope";
 
-/// Label on every object the operator creates for an instance.
-pub const INSTANCE_LABEL: &str = "elements.dropbox-operator.dev/instance";
+use crate::contract::{self, INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
 /// Annotation on the token Secret: fingerprint of the code the tokens came from.
 pub const CODE_FINGERPRINT_ANNOTATION: &str = "elements.dropbox-operator.dev/code-fingerprint";
 
@@ -53,6 +52,17 @@ fn text(data: &BTreeMap<String, ByteString>, key: &str) -> Option<String> {
     data.get(key)
         .map(|ByteString(b)| String::from_utf8_lossy(b).into_owned())
         .filter(|v| !v.is_empty())
+}
+
+/// Whether the Secret is this instance's token Secret: made by the operator
+/// (managed-by label) and owned by the instance. Anything else of that name is
+/// someone else's and is never overwritten.
+pub fn is_ours(secret: &Secret, owner: &DropboxElementInstance) -> bool {
+    contract::is_managed(secret.metadata.labels.as_ref())
+        && secret
+            .owner_references()
+            .iter()
+            .any(|r| Some(&r.uid) == owner.meta().uid.as_ref())
 }
 
 impl StoredToken {
@@ -99,11 +109,8 @@ impl StoredToken {
                 name: Some(secret_name(&name)),
                 namespace: owner.namespace(),
                 labels: Some(BTreeMap::from([
-                    (
-                        "app.kubernetes.io/managed-by".to_owned(),
-                        "dropbox-operator".to_owned(),
-                    ),
-                    (INSTANCE_LABEL.to_owned(), name),
+                    (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+                    (INSTANCE_LABEL.to_owned(), contract::label_value(&name)),
                 ])),
                 annotations: self.code_fingerprint.as_ref().map(|fp| {
                     BTreeMap::from([(CODE_FINGERPRINT_ANNOTATION.to_owned(), fp.clone())])

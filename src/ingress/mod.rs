@@ -4,11 +4,13 @@
 //! - [`sync`]: per-instance syncs, delivery with retries, cursor commits.
 //! - [`payload`]: standardized events, batches and signatures.
 //! - [`ssrf`]: the callback address policy and the HTTP client that enforces it.
-//! - [`secrets`]: get-only, read-through access to the Secrets instances refer to.
+//! - [`secrets`]: get-only, read-through access to the instances' projected Secrets.
 //!
 //! The ingress learns instances (app key, account, callback, format) by watching
-//! them; it answers Dropbox within milliseconds and does the work in the
-//! background.
+//! them; everything else it reads from the operator namespace, where the
+//! controller projects it (docs/architecture.md). It answers Dropbox within
+//! milliseconds and does the work in the background. Webhooks are served on the
+//! public port; metrics and probes on a separate one.
 
 pub mod payload;
 pub mod secrets;
@@ -16,15 +18,13 @@ pub mod ssrf;
 pub mod sync;
 pub mod webhook;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource};
 use prometheus_client::registry::Registry;
@@ -32,7 +32,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::DropboxElementInstance;
-use crate::controller::events::INGRESS_COMPONENT;
+use crate::contract::{self, HEARTBEATS_CONFIGMAP};
 use crate::dropbox::DropboxClient;
 use crate::metrics::IngressMetrics;
 use crate::server::{self, Readiness};
@@ -40,7 +40,10 @@ use crate::server::{self, Readiness};
 /// Settings of `dropbox-operator ingress`.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
+    /// The public webhook port.
     pub listen_addr: SocketAddr,
+    /// Metrics and probes.
+    pub metrics_addr: SocketAddr,
     pub dropbox: DropboxClient,
     pub namespace: Option<String>,
     pub operator_namespace: String,
@@ -48,6 +51,18 @@ pub struct RunOptions {
     pub policy: ssrf::AddressPolicy,
     pub delivery: sync::DeliveryConfig,
     pub heartbeat_interval: Duration,
+    pub limits: Limits,
+}
+
+/// Bounds on what hostile or heavy traffic can make one replica do.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Webhook requests handled at once (more are answered 503 at once).
+    pub concurrent_webhooks: usize,
+    /// Time a client has to send a webhook's body.
+    pub body_timeout: Duration,
+    /// Instance syncs running at once.
+    pub concurrent_syncs: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,12 +113,14 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let callbacks = ssrf::callback_client(options.policy.clone(), options.delivery.timeout)?;
     let syncer = sync::Syncer::new(
         client.clone(),
+        &options.operator_namespace,
         options.dropbox.clone(),
         options.policy.clone(),
         callbacks,
         metrics.clone(),
         options.delivery.clone(),
         store.clone(),
+        options.limits.concurrent_syncs,
         stop.clone(),
     );
 
@@ -111,7 +128,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         let store = store.clone();
         let ready = ready.clone();
         async move {
-            crate::controller::events::wait_until_ready(&store).await;
+            crate::store::wait_until_ready(&store).await;
             ready.set(true);
             tracing::info!("instances cache synced; ready");
         }
@@ -124,31 +141,36 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         stop.clone(),
     ));
 
-    let router = webhook::routes(webhook::State {
+    let webhooks = webhook::routes(webhook::State {
         syncer,
         store,
         metrics,
-    })
-    .merge(server::probe_routes(Arc::new(registry), ready));
-    let served = server::serve(options.listen_addr, router, stop.clone()).await;
-    stop.cancel();
+        permits: Arc::new(tokio::sync::Semaphore::new(
+            options.limits.concurrent_webhooks,
+        )),
+        body_timeout: options.limits.body_timeout,
+    });
+    let probes: axum::Router = server::probe_routes(Arc::new(registry), ready);
+    let (served, probes_served) = tokio::join!(
+        async {
+            let r = server::serve(options.listen_addr, webhooks, stop.clone()).await;
+            stop.cancel();
+            r
+        },
+        async {
+            let r = server::serve(options.metrics_addr, probes, stop.clone()).await;
+            stop.cancel();
+            r
+        },
+    );
     let _ = tokio::time::timeout(Duration::from_secs(5), heartbeat).await;
-    served.map_err(Into::into)
+    served.and(probes_served).map_err(Into::into)
 }
 
-fn heartbeat_name(identity: &str) -> String {
-    let mut name = format!("dropbox-webhook-ingress-{identity}")
-        .to_lowercase()
-        .replace(
-            |c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '.'),
-            "-",
-        );
-    name.truncate(253);
-    name
-}
-
-/// Renews a Lease that says "an ingress replica is alive" (the controller turns
-/// it into EventsReady) and deletes it on shutdown.
+/// Renews this replica's key in the heartbeats ConfigMap (an RFC 3339 expiry
+/// time; the controller turns it into EventsReady) and removes it on shutdown.
+/// A JSON merge patch of one key: replicas never overwrite each other, and the
+/// ingress needs no right on any Lease.
 async fn heartbeat(
     client: Client,
     namespace: String,
@@ -156,40 +178,48 @@ async fn heartbeat(
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let leases: Api<Lease> = Api::namespaced(client, &namespace);
-    let name = heartbeat_name(&identity);
-    let duration_secs = (interval.as_secs() * 3).max(3) as i32;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let key = contract::heartbeat_key(&identity);
+    let validity = jiff::SignedDuration::try_from(interval * 3)
+        .unwrap_or(jiff::SignedDuration::from_secs(15))
+        .max(jiff::SignedDuration::from_secs(3));
     let mut tick = tokio::time::interval(interval);
+    let mut warned = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => break,
         }
-        let lease = json!({
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {"name": name, "labels": BTreeMap::from([
-                ("app.kubernetes.io/name", "dropbox-operator"),
-                ("app.kubernetes.io/component", INGRESS_COMPONENT),
-            ])},
-            "spec": {
-                "holderIdentity": identity,
-                "leaseDurationSeconds": duration_secs,
-                "renewTime": MicroTime(jiff::Timestamp::now()),
-            }
-        });
-        if let Err(e) = leases
+        let expires = jiff::Timestamp::now()
+            .checked_add(validity)
+            .unwrap_or(jiff::Timestamp::MAX);
+        let patch = json!({"data": {key.as_str(): expires.to_string()}});
+        match configmaps
             .patch(
-                &name,
-                &PatchParams::apply(sync::FIELD_MANAGER).force(),
-                &Patch::Apply(&lease),
+                HEARTBEATS_CONFIGMAP,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
             )
             .await
         {
-            tracing::warn!(error = %e, "could not renew the ingress heartbeat");
+            Ok(_) => warned = false,
+            // The controller creates it with the Deployment; until then, wait.
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(error = %e, "could not renew the ingress heartbeat; retrying");
+            }
+            Err(e) => tracing::debug!(error = %e, "could not renew the ingress heartbeat"),
         }
     }
-    match leases.delete(&name, &DeleteParams::default()).await {
+    let patch = json!({"data": {key.as_str(): null}});
+    match configmaps
+        .patch(
+            HEARTBEATS_CONFIGMAP,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
         Ok(_) => tracing::info!("ingress heartbeat removed"),
         Err(e) => tracing::warn!(error = %e, "could not remove the ingress heartbeat"),
     }
@@ -201,7 +231,7 @@ pub fn instances_for(
     app_key: &str,
     account_id: Option<&str>,
 ) -> Vec<Arc<DropboxElementInstance>> {
-    let path = crate::controller::events::webhook_path(app_key);
+    let path = contract::webhook_path(app_key);
     store
         .state()
         .into_iter()

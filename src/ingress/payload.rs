@@ -366,10 +366,21 @@ pub fn verify_standard_webhooks(
 /// Checks Dropbox's `X-Dropbox-Signature` (hex HMAC-SHA256 of the raw body
 /// with the app secret) in constant time; bad hex is a mismatch.
 pub fn verify_dropbox_signature(app_secret: &[u8], body: &[u8], header: &str) -> bool {
-    let Ok(tag) = hex::decode(header.trim()) else {
-        return false;
-    };
-    mac(app_secret, &[body]).verify_slice(&tag).is_ok()
+    parse_dropbox_signature(header)
+        .is_some_and(|tag| dropbox_signature_matches(app_secret, body, &tag))
+}
+
+/// The 32 bytes of an `X-Dropbox-Signature` header (64 hex digits), or None
+/// when it cannot be a signature at all (checked before the body is read).
+pub fn parse_dropbox_signature(header: &str) -> Option<[u8; 32]> {
+    let mut tag = [0u8; 32];
+    hex::decode_to_slice(header.trim(), &mut tag).ok()?;
+    Some(tag)
+}
+
+/// Whether `tag` is HMAC-SHA256(app secret, body), compared in constant time.
+pub fn dropbox_signature_matches(app_secret: &[u8], body: &[u8], tag: &[u8; 32]) -> bool {
+    mac(app_secret, &[body]).verify_slice(tag).is_ok()
 }
 
 /// The Standard Webhooks signed content `<id>.<timestamp>.<body>`, as parts

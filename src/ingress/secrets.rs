@@ -1,87 +1,151 @@
-//! Secret values the ingress needs (app secrets, access tokens, signature keys),
-//! read with `get` by name only.
+//! The projected Secret of each instance (`dropbox-instance-<uid>` in the
+//! operator namespace: app secret, access token, signature key), read with `get`
+//! by name only (docs/architecture.md).
 //!
-//! RBAC trade-off: the ingress may `get` Secrets but not `list` or `watch` them,
-//! so it can never enumerate the Secrets of a namespace; it reads only the names
-//! the instances it watches refer to. The price is that it learns about a rotated
-//! Secret on use rather than from a watch: a cached value is re-read after a short
-//! TTL, and at once (rate-limited) when Dropbox refuses a token or a webhook
-//! signature does not match.
+//! The ingress may not list or watch Secrets, even in its own namespace, so it
+//! can never enumerate them; it reads exactly the names the instances it watches
+//! imply. It learns about a rotated or refreshed value on use: a read value is
+//! used for [`TTL`], and read again at once when Dropbox refuses a token or a
+//! webhook signature does not match. Those forced re-reads are single-flight
+//! (concurrent callers share one request) and happen at most once per
+//! [`FORCED_REFRESH_INTERVAL`] per Secret, so a flood of badly signed webhooks
+//! cannot turn into a flood of API requests.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::Api;
 
+use crate::contract::{self, ACCESS_TOKEN_KEY, APP_SECRET_KEY, SIGNATURE_KEY_KEY};
+
 /// How long a read value is used before it is read again.
-const TTL: Duration = Duration::from_secs(60);
-/// At most one forced re-read per Secret this often (a flood of badly signed
-/// webhooks must not turn into a flood of API requests).
-const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+pub const TTL: Duration = Duration::from_secs(60);
+/// At most one forced re-read per Secret this often.
+pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the controller projected for one instance. Debug output hides it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Projected {
+    pub app_secret: Option<Vec<u8>>,
+    pub access_token: Option<String>,
+    pub signature_key: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Projected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Projected")
+            .field(
+                "app_secret",
+                &self.app_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "access_token",
+                &self.access_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "signature_key",
+                &self.signature_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
 
 struct Entry {
-    data: Option<BTreeMap<String, Vec<u8>>>,
+    value: Option<Arc<Projected>>,
     fetched: Instant,
 }
 
-/// A small read-through cache of Secret data keyed by (namespace, name).
-pub struct SecretCache {
-    client: Client,
-    entries: Mutex<HashMap<(String, String), Entry>>,
+/// A read-through cache of projected Secrets keyed by instance uid.
+pub struct InstanceSecrets {
+    api: Api<Secret>,
+    entries: Mutex<HashMap<String, Entry>>,
+    /// One gate per uid: whoever holds it is reading that Secret.
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    reads: std::sync::atomic::AtomicU64,
 }
 
-impl SecretCache {
-    pub fn new(client: Client) -> Self {
-        SecretCache {
-            client,
+impl InstanceSecrets {
+    /// Reads from `namespace`, the operator's.
+    pub fn new(client: Client, namespace: &str) -> Self {
+        InstanceSecrets {
+            api: Api::namespaced(client, namespace),
             entries: Mutex::default(),
+            gates: Mutex::default(),
+            reads: Default::default(),
         }
     }
 
-    /// The value of `key` in Secret `namespace/name`, `None` when the Secret or the
-    /// key is missing. `force` re-reads it (at most every few seconds).
-    pub async fn get(
-        &self,
-        namespace: &str,
-        name: &str,
-        key: &str,
-        force: bool,
-    ) -> Result<Option<Vec<u8>>, kube::Error> {
-        let id = (namespace.to_owned(), name.to_owned());
-        {
-            let entries = self.entries.lock().expect("secret cache lock");
-            if let Some(e) = entries.get(&id) {
-                let age = e.fetched.elapsed();
-                let fresh = if force {
-                    age < FORCED_REFRESH_INTERVAL
-                } else {
-                    age < TTL
-                };
-                if fresh {
-                    return Ok(e.data.as_ref().and_then(|d| d.get(key).cloned()));
-                }
-            }
+    /// API reads made so far (for tests and metrics).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn cached(&self, uid: &str, max_age: Duration) -> Option<Option<Arc<Projected>>> {
+        let entries = self.entries.lock().expect("secret cache lock");
+        entries
+            .get(uid)
+            .filter(|e| e.fetched.elapsed() < max_age)
+            .map(|e| e.value.clone())
+    }
+
+    /// The projection of instance `uid`, None while the controller has not made
+    /// it. `force` re-reads a value older than [`FORCED_REFRESH_INTERVAL`].
+    pub async fn get(&self, uid: &str, force: bool) -> Result<Option<Arc<Projected>>, kube::Error> {
+        let max_age = if force { FORCED_REFRESH_INTERVAL } else { TTL };
+        if let Some(value) = self.cached(uid, max_age) {
+            return Ok(value);
         }
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let data = api.get_opt(name).await?.map(|s| {
-            s.data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, trim(v.0)))
-                .collect::<BTreeMap<_, _>>()
-        });
-        let value = data.as_ref().and_then(|d| d.get(key).cloned());
+        let gate = self
+            .gates
+            .lock()
+            .expect("secret gates lock")
+            .entry(uid.to_owned())
+            .or_default()
+            .clone();
+        let _reading = gate.lock().await;
+        // Whoever held the gate before us may have just read it.
+        if let Some(value) = self.cached(uid, max_age) {
+            return Ok(value);
+        }
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let value = self
+            .api
+            .get_opt(&contract::instance_secret_name(uid))
+            .await?
+            .map(|s| Arc::new(parse(s)));
         self.entries.lock().expect("secret cache lock").insert(
-            id,
+            uid.to_owned(),
             Entry {
-                data,
+                value: value.clone(),
                 fetched: Instant::now(),
             },
         );
-        Ok(value.filter(|v| !v.is_empty()))
+        Ok(value)
+    }
+
+    /// Drops what is held for an instance that is gone.
+    pub fn forget(&self, uid: &str) {
+        self.entries.lock().expect("secret cache lock").remove(uid);
+        self.gates.lock().expect("secret gates lock").remove(uid);
+    }
+}
+
+fn parse(secret: Secret) -> Projected {
+    let mut data = secret.data.unwrap_or_default();
+    let mut take = |key: &str| {
+        data.remove(key)
+            .map(|v| trim(v.0))
+            .filter(|v| !v.is_empty())
+    };
+    Projected {
+        app_secret: take(APP_SECRET_KEY),
+        access_token: take(ACCESS_TOKEN_KEY).map(|v| String::from_utf8_lossy(&v).into_owned()),
+        signature_key: take(SIGNATURE_KEY_KEY),
     }
 }
 
@@ -100,9 +164,25 @@ fn trim(mut v: Vec<u8>) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn trims_surrounding_whitespace() {
-        assert_eq!(super::trim(b"  key\n".to_vec()), b"key");
-        assert_eq!(super::trim(b"\n".to_vec()), b"");
+        assert_eq!(trim(b"  key\n".to_vec()), b"key");
+        assert_eq!(trim(b"\n".to_vec()), b"");
+    }
+
+    #[test]
+    fn debug_hides_values() {
+        let p = Projected {
+            app_secret: Some(b"TOPSECRET".to_vec()),
+            access_token: Some("TOKEN".into()),
+            signature_key: None,
+        };
+        let shown = format!("{p:?}");
+        assert!(
+            !shown.contains("TOPSECRET") && !shown.contains("TOKEN"),
+            "{shown}"
+        );
     }
 }

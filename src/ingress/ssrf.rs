@@ -29,11 +29,20 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 pub struct AddressPolicy {
     /// Ranges the operator explicitly allowed, even if non-public.
     allowed: Vec<IpNet>,
+    /// Ranges the operator explicitly denied, even if public (wins over `allowed`).
+    denied: Vec<IpNet>,
 }
 
-/// A callback address that the policy refuses.
+/// The range kind reported for an address in `--denied-callback-cidrs`.
+pub const DENIED_RANGE: &str = "denied by the operator's configuration";
+
+/// A callback address that the policy refuses. Its message names the kind of
+/// range, never the address: status and logs must not tell a tenant what
+/// internal address a name resolves to.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("callback address {ip} is not allowed ({range}); allow it with --allowed-callback-cidrs")]
+#[error(
+    "the callback address is not allowed ({range} range); use a public address or have the operator allow its CIDR (allowedCallbackCIDRs)"
+)]
 pub struct ForbiddenAddress {
     pub ip: IpAddr,
     /// The kind of range the address is in, e.g. "loopback" or "private".
@@ -63,6 +72,7 @@ const FORBIDDEN_V4: &[(Ipv4Net, &str)] = &[
     (v4(172, 16, 0, 0, 12), "private"),
     (v4(192, 0, 0, 0, 24), "IETF protocol assignments"),
     (v4(192, 0, 2, 0, 24), "documentation"),
+    (v4(192, 88, 99, 0, 24), "6to4 relay anycast (deprecated)"),
     (v4(192, 168, 0, 0, 16), "private"),
     (v4(198, 18, 0, 0, 15), "benchmarking"),
     (v4(198, 51, 100, 0, 24), "documentation"),
@@ -83,6 +93,10 @@ const FORBIDDEN_V6: &[(Ipv6Net, &str)] = &[
     ),
     (v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48), "NAT64 local-use"),
     (v6([0x100, 0, 0, 0, 0, 0, 0, 0], 64), "discard-only"),
+    (
+        v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 23),
+        "IETF protocol assignments (incl. Teredo)",
+    ),
     (v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32), "documentation"),
     (v6([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20), "documentation"),
     (v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), "unique local"),
@@ -109,23 +123,20 @@ const fn v6(s: [u16; 8], len: u8) -> Ipv6Net {
 
 impl AddressPolicy {
     pub fn new(allowed: Vec<IpNet>) -> Self {
-        AddressPolicy { allowed }
+        AddressPolicy {
+            allowed,
+            denied: Vec::new(),
+        }
     }
 
-    /// Parses a comma/whitespace separated CIDR list ("10.0.0.0/8, 127.0.0.1/32, ::1/128");
-    /// a bare IP means /32 or /128. An empty list allows nothing extra.
-    pub fn parse(list: &str) -> Result<Self, String> {
-        let allowed = list
-            .split(|c: char| c == ',' || c.is_whitespace())
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse::<IpNet>()
-                    .map(|net| net.trunc())
-                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| format!("invalid CIDR {s:?} (expected e.g. 10.0.0.0/8 or ::1)"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(AddressPolicy { allowed })
+    /// Parses two comma/whitespace separated CIDR lists ("10.0.0.0/8, 127.0.0.1/32,
+    /// ::1/128"): ranges allowed although non-public, and ranges denied although
+    /// public. A bare IP means /32 or /128; an empty list changes nothing.
+    pub fn parse(allowed: &str, denied: &str) -> Result<Self, String> {
+        Ok(AddressPolicy {
+            allowed: parse_cidrs(allowed)?,
+            denied: parse_cidrs(denied)?,
+        })
     }
 
     /// The ranges the operator allowed.
@@ -137,14 +148,35 @@ impl AddressPolicy {
     pub fn check(&self, ip: IpAddr) -> Result<(), ForbiddenAddress> {
         let embedded = embedded_v4(ip);
         // Allowing 127.0.0.0/8 also allows ::ffff:127.0.0.1: it is the same host.
-        let allowed = self.allowed.iter().any(|net| {
-            net.contains(&ip) || embedded.is_some_and(|v4| net.contains(&IpAddr::V4(v4)))
-        });
+        let within = |nets: &[IpNet]| {
+            nets.iter().any(|net| {
+                net.contains(&ip) || embedded.is_some_and(|v4| net.contains(&IpAddr::V4(v4)))
+            })
+        };
+        if within(&self.denied) {
+            return Err(ForbiddenAddress {
+                ip,
+                range: DENIED_RANGE,
+            });
+        }
+        let allowed = within(&self.allowed);
         match forbidden_range(ip) {
             Some(range) if !allowed => Err(ForbiddenAddress { ip, range }),
             _ => Ok(()),
         }
     }
+}
+
+fn parse_cidrs(list: &str) -> Result<Vec<IpNet>, String> {
+    list.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("invalid CIDR {s:?} (expected e.g. 10.0.0.0/8 or ::1)"))
+        })
+        .collect()
 }
 
 /// The IPv4 address an IPv6 address stands for, where the kernel or a
@@ -311,6 +343,9 @@ mod tests {
             ("64:ff9b::a9fe:a9fe", "link-local"),
             ("2002:a00:1::1", "private"),
             ("::7f00:1", "IPv4-compatible (deprecated)"),
+            ("192.88.99.1", "6to4 relay anycast (deprecated)"),
+            ("2001::1", "IETF protocol assignments (incl. Teredo)"),
+            ("2001:1ff::1", "IETF protocol assignments (incl. Teredo)"),
             ("4000::1", "reserved"),
         ];
         for (addr, range) in cases {
@@ -342,7 +377,7 @@ mod tests {
 
     #[test]
     fn allowed_cidrs_let_their_addresses_through() {
-        let policy = AddressPolicy::parse("127.0.0.0/8").unwrap();
+        let policy = AddressPolicy::parse("127.0.0.0/8", "").unwrap();
         assert_eq!(policy.check(ip("127.0.0.1")), Ok(()));
         assert_eq!(policy.check(ip("127.1.2.3")), Ok(()));
         assert_eq!(policy.check(ip("::ffff:127.0.0.1")), Ok(()));
@@ -352,9 +387,11 @@ mod tests {
 
     #[test]
     fn parse_accepts_lists_and_bare_ips() {
-        let policy =
-            AddressPolicy::parse(" 10.0.0.0/8, 127.0.0.1/32 ::1/128,,192.168.1.7 fd00::1 ")
-                .unwrap();
+        let policy = AddressPolicy::parse(
+            " 10.0.0.0/8, 127.0.0.1/32 ::1/128,,192.168.1.7 fd00::1 ",
+            "",
+        )
+        .unwrap();
         let expected: Vec<IpNet> = [
             "10.0.0.0/8",
             "127.0.0.1/32",
@@ -367,9 +404,30 @@ mod tests {
         .collect();
         assert_eq!(policy.allowed(), expected.as_slice());
         // Host bits are dropped so the list reads as the ranges it allows.
-        let policy = AddressPolicy::parse("10.1.2.3/8").unwrap();
+        let policy = AddressPolicy::parse("10.1.2.3/8", "").unwrap();
         assert_eq!(policy.allowed(), &["10.0.0.0/8".parse::<IpNet>().unwrap()]);
-        assert!(AddressPolicy::parse("").unwrap().allowed().is_empty());
+        assert!(AddressPolicy::parse("", "").unwrap().allowed().is_empty());
+    }
+
+    #[test]
+    fn denied_ranges_win_and_messages_hide_the_address() {
+        let policy = AddressPolicy::parse("10.0.0.0/8", "93.184.0.0/16, 10.9.0.0/16").unwrap();
+        assert_eq!(
+            policy.check(ip("93.184.216.34")).unwrap_err().range,
+            DENIED_RANGE
+        );
+        assert_eq!(
+            policy.check(ip("::ffff:93.184.216.34")).unwrap_err().range,
+            DENIED_RANGE
+        );
+        assert_eq!(
+            policy.check(ip("10.9.1.1")).unwrap_err().range,
+            DENIED_RANGE
+        );
+        assert_eq!(policy.check(ip("10.1.1.1")), Ok(()));
+        assert_eq!(policy.check(ip("8.8.8.8")), Ok(()));
+        let message = policy.check(ip("10.9.1.1")).unwrap_err().to_string();
+        assert!(!message.contains("10.9"), "{message}");
     }
 
     #[test]
@@ -381,7 +439,7 @@ mod tests {
             "::1/129",
             "10.0.0.0/",
         ] {
-            let err = AddressPolicy::parse(bad).unwrap_err();
+            let err = AddressPolicy::parse(bad, "").unwrap_err();
             assert!(err.contains("invalid CIDR"), "{bad}: {err}");
         }
     }
@@ -410,7 +468,7 @@ mod tests {
         assert!(check("file:///etc/passwd").is_err());
         assert_eq!(check("https://example.com/hook"), Ok(()));
         assert_eq!(check("http://93.184.216.34/"), Ok(()));
-        let allowed = AddressPolicy::parse("127.0.0.0/8").unwrap();
+        let allowed = AddressPolicy::parse("127.0.0.0/8", "").unwrap();
         assert_eq!(
             check_url(&allowed, &url::Url::parse("http://127.0.0.1:9/").unwrap()),
             Ok(())
@@ -453,7 +511,7 @@ mod tests {
         assert!(forbidden.ip.is_loopback());
 
         // Allowed loopback: the same request goes through.
-        let policy = AddressPolicy::parse("127.0.0.0/8,::1/128").unwrap();
+        let policy = AddressPolicy::parse("127.0.0.0/8,::1/128", "").unwrap();
         let client = callback_client(policy, timeout).unwrap();
         let resp = client
             .get(format!("http://localhost:{port}/"))

@@ -1,11 +1,14 @@
 //! Syncs: from a Dropbox notification to delivered events and a committed cursor.
 //!
 //! One worker per instance serializes its syncs; triggers that arrive while a
-//! sync runs are coalesced into one more sync. A sync reads the committed cursor
-//! from `<name>-dropbox-events`, pages through `list_folder/continue`, turns the
-//! entries into events, delivers them in batches of at most 20 (retrying until
-//! the callback takes them), and only then commits the new cursor, with a
-//! resourceVersion precondition so two replicas never both commit.
+//! sync runs are coalesced into one more sync, and at most `--max-concurrent-syncs`
+//! syncs run at once in a replica. A sync reads the committed cursor from the
+//! instance's cursor ConfigMap in the operator namespace, then page by page: lists
+//! the changes (`list_folder/continue`), turns them into events, delivers them in
+//! notifications of at most 20 (retrying until the callback takes them), and only
+//! then commits the page's new cursor with a resourceVersion precondition, so two
+//! replicas never both commit and a cursor only moves forward. One page is held
+//! in memory at a time (docs/architecture.md, "Delivery").
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,20 +23,20 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::payload::{self, Format, InstanceInfo, Notification};
-use super::secrets::SecretCache;
+use super::secrets::InstanceSecrets;
 use super::ssrf::{self, AddressPolicy};
-use crate::api::{AuthenticationType, DropboxElementInstance, EventFormat};
+use crate::api::{DropboxElementInstance, EventFormat};
 use crate::conditions::{self, Desired, EVENTS_DELIVERING, Reason};
-use crate::controller::events::{CURSOR_KEY, events_configmap_name};
-use crate::controller::token;
+use crate::contract::{self, CURSOR_KEY};
 use crate::dropbox::{DropboxClient, DropboxError};
 use crate::metrics::IngressMetrics;
 use crate::retry::{backoff_delay, error_chain};
 
 /// Field manager of everything the ingress writes.
-pub const FIELD_MANAGER: &str = "dropbox-operator-ingress";
-/// Entries gathered before delivering, so a huge backlog is sent in parts.
-const MAX_ENTRIES_PER_SYNC: usize = 10_000;
+pub const FIELD_MANAGER: &str = contract::INGRESS_FIELD_MANAGER;
+/// Pages one sync works through before it yields to other instances (the rest
+/// follows in the next sync at once).
+const MAX_PAGES_PER_SYNC: usize = 50;
 
 /// Settings of deliveries.
 #[derive(Clone, Debug)]
@@ -47,13 +50,17 @@ pub struct DeliveryConfig {
 pub struct Syncer {
     pub client: Client,
     pub dropbox: DropboxClient,
-    pub secrets: SecretCache,
+    pub secrets: InstanceSecrets,
+    /// The operator namespace (projected Secrets, cursors).
+    pub namespace: String,
     pub policy: AddressPolicy,
     pub callbacks: reqwest::Client,
     pub metrics: IngressMetrics,
     pub config: DeliveryConfig,
     pub instances: kube::runtime::reflector::Store<DropboxElementInstance>,
     workers: Mutex<HashMap<String, Arc<Worker>>>,
+    /// Bounds the syncs running at once in this replica.
+    sync_permits: tokio::sync::Semaphore,
     stop: CancellationToken,
 }
 
@@ -83,16 +90,19 @@ impl Syncer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
+        namespace: &str,
         dropbox: DropboxClient,
         policy: AddressPolicy,
         callbacks: reqwest::Client,
         metrics: IngressMetrics,
         config: DeliveryConfig,
         instances: kube::runtime::reflector::Store<DropboxElementInstance>,
+        concurrent_syncs: usize,
         stop: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Syncer {
-            secrets: SecretCache::new(client.clone()),
+            secrets: InstanceSecrets::new(client.clone(), namespace),
+            namespace: namespace.to_owned(),
             client,
             dropbox,
             policy,
@@ -101,6 +111,7 @@ impl Syncer {
             config,
             instances,
             workers: Mutex::default(),
+            sync_permits: tokio::sync::Semaphore::new(concurrent_syncs),
             stop,
         })
     }
@@ -155,13 +166,20 @@ impl Syncer {
             if self.instance(&uid).is_none() {
                 // The instance is gone: so is its worker (a later trigger makes a new one).
                 self.workers.lock().expect("workers lock").remove(&uid);
+                self.secrets.forget(&uid);
                 self.update_queue_depth();
                 return;
             }
+            let permit = tokio::select! {
+                permit = self.sync_permits.acquire() => permit,
+                _ = self.stop.cancelled() => return,
+            };
             // Taken now: triggers from here on are a new sync.
             *worker.pending.lock().expect("pending lock") = None;
             self.update_queue_depth();
-            match self.sync(&uid, &raw, since).await {
+            let result = self.sync(&uid, &raw, since).await;
+            drop(permit);
+            match result {
                 Ok(more) => {
                     failures = 0;
                     self.metrics
@@ -179,11 +197,15 @@ impl Syncer {
                         .syncs
                         .get_or_create(&crate::metrics::ResultLabels { result: "error" })
                         .inc();
+                    let retry_after = match &e {
+                        SyncError::Dropbox(d) => d.retry_after(),
+                        _ => None,
+                    };
                     let delay = backoff_delay(
                         self.config.base_backoff,
                         self.config.max_backoff,
                         failures,
-                        None,
+                        retry_after,
                     );
                     tracing::warn!(instance_uid = %uid, error = %e, retry_in = ?delay, "sync failed; retrying");
                     tokio::select! {
@@ -212,28 +234,22 @@ impl Syncer {
             .find(|i| i.uid().as_deref() == Some(uid))
     }
 
-    /// The access token of an instance (`force` re-reads it).
-    async fn access_token(
-        &self,
-        instance: &DropboxElementInstance,
-        force: bool,
-    ) -> Result<String, SyncError> {
-        let ns = instance.namespace().unwrap_or_default();
-        let auth = &instance.spec.authentication;
-        let (name, key) = match (auth.auth_type, &auth.api_key_secret_ref) {
-            (AuthenticationType::ApiKey, Some(r)) => (r.name.clone(), r.key.clone()),
-            _ => (
-                token::secret_name(&instance.name_any()),
-                token::ACCESS_TOKEN.to_owned(),
-            ),
-        };
-        let value = self.secrets.get(&ns, &name, &key, force).await?;
-        value
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .ok_or_else(|| SyncError::NotReady(format!("no access token in Secret {name:?}")))
+    /// The access token of an instance, from its projected Secret (`force`
+    /// re-reads it, e.g. after the controller refreshed it).
+    async fn access_token(&self, uid: &str, force: bool) -> Result<String, SyncError> {
+        self.secrets
+            .get(uid, force)
+            .await?
+            .and_then(|p| p.access_token.clone())
+            .ok_or_else(|| {
+                SyncError::NotReady(
+                    "the controller has not projected the instance's access token yet".into(),
+                )
+            })
     }
 
-    /// One sync. Returns whether more changes are waiting (a capped backlog).
+    /// One sync. Returns whether more changes are waiting (another replica
+    /// committed first, or the page budget ran out).
     async fn sync(&self, uid: &str, raw: &Value, since: Instant) -> Result<bool, SyncError> {
         let Some(instance) = self.instance(uid) else {
             return Ok(false);
@@ -242,63 +258,15 @@ impl Syncer {
             return Ok(false);
         };
         let ns = instance.namespace().unwrap_or_default();
-        let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &ns);
-        let cm_name = events_configmap_name(&instance.name_any());
-        let Some(cm) = configmaps.get_opt(&cm_name).await? else {
-            return Err(SyncError::NotReady(
-                "the first cursor is not set yet".into(),
-            ));
-        };
-        let Some(cursor_before) = cm.data.as_ref().and_then(|d| d.get(CURSOR_KEY)).cloned() else {
-            return Err(SyncError::NotReady(
-                "the first cursor is not set yet".into(),
-            ));
-        };
-
-        // List the changes since the committed cursor.
-        let mut token = self.access_token(&instance, false).await?;
-        let mut cursor = cursor_before.clone();
-        let mut entries = Vec::new();
-        let mut reset = false;
-        let mut more = false;
-        let mut refreshed_token = false;
-        loop {
-            match self.dropbox.list_folder_continue(&token, &cursor).await {
-                Ok(page) => {
-                    entries.extend(page.entries);
-                    cursor = page.cursor;
-                    if !page.has_more {
-                        break;
-                    }
-                    if entries.len() >= MAX_ENTRIES_PER_SYNC {
-                        more = true;
-                        break;
-                    }
-                }
-                Err(e) if e.tag() == Some("reset") => {
-                    // The cursor is no longer valid: start again from now and tell
-                    // the receiver that it has to re-read what it tracks.
-                    tracing::info!(instance = %format!("{ns}/{}", instance.name_any()), "cursor reset by Dropbox; re-baselining");
-                    cursor = self.dropbox.latest_cursor(&token).await?;
-                    entries.clear();
-                    reset = true;
-                    break;
-                }
-                Err(DropboxError::Unauthorized { .. }) if !refreshed_token => {
-                    // The controller may have refreshed the token meanwhile.
-                    refreshed_token = true;
-                    token = self.access_token(&instance, true).await?;
-                }
-                Err(e) => return Err(e.into()),
-            }
+        let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let cm_name = contract::cursor_configmap_name(uid);
+        let not_set = || SyncError::NotReady("the first cursor is not set yet".into());
+        let mut cm = configmaps.get_opt(&cm_name).await?.ok_or_else(not_set)?;
+        if !contract::is_managed(cm.metadata.labels.as_ref()) {
+            return Err(SyncError::NotReady(format!(
+                "ConfigMap {cm_name} was not made by dropbox-operator"
+            )));
         }
-
-        let now = jiff::Timestamp::now();
-        let standardized = if reset {
-            vec![payload::reset_event(now)]
-        } else {
-            payload::standardize(&entries, now)
-        };
         let info = InstanceInfo {
             uid: uid.to_owned(),
             namespace: ns.clone(),
@@ -320,50 +288,112 @@ impl Syncer {
             EventFormat::Elements => Format::Elements,
             EventFormat::CloudEvents => Format::CloudEvents,
         };
-        let notifications =
-            payload::notifications(&info, &standardized, raw, format, &cursor_before, now);
-        tracing::debug!(
-            entries = entries.len(),
-            notifications = notifications.len(),
-            took = ?since.elapsed(),
-            "changes fetched and standardized"
-        );
-        for notification in &notifications {
-            self.deliver(uid, notification).await?;
-            self.metrics
-                .events_delivered
-                .inc_by(notification.event_count as u64);
-            self.metrics.notifications_delivered.inc();
-        }
-        if !notifications.is_empty() {
-            self.metrics
-                .delivery_latency
-                .observe(since.elapsed().as_secs_f64());
-        }
 
-        // Commit only after delivery, and only over the cursor this sync started from.
-        if cursor != cursor_before {
-            let mut updated = cm.clone();
-            updated
+        let mut token = self.access_token(uid, false).await?;
+        let mut refreshed_token = false;
+        let mut delivered = false;
+        let mut pages = 0;
+        loop {
+            let cursor_before = cm
                 .data
-                .get_or_insert_with(Default::default)
-                .insert(CURSOR_KEY.to_owned(), cursor);
-            match configmaps
-                .replace(&cm_name, &PostParams::default(), &updated)
+                .as_ref()
+                .and_then(|d| d.get(CURSOR_KEY))
+                .cloned()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(not_set)?;
+            // One page of changes since the committed cursor.
+            let (entries, cursor, has_more, reset) = match self
+                .dropbox
+                .list_folder_continue(&token, &cursor_before)
                 .await
             {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    // Another replica committed first; what we sent carried the same
-                    // event ids as what it sent. Look again from its cursor.
-                    self.metrics.cursor_conflicts.inc();
-                    return Ok(true);
+                Ok(page) => (page.entries, page.cursor, page.has_more, false),
+                Err(e) if e.tag() == Some("reset") => {
+                    // The cursor is no longer valid: start again from now and
+                    // tell the receiver that it has to re-read what it tracks.
+                    tracing::info!(instance = %format!("{ns}/{}", instance.name_any()), "cursor reset by Dropbox; re-baselining");
+                    (
+                        Vec::new(),
+                        self.dropbox.latest_cursor(&token).await?,
+                        false,
+                        true,
+                    )
+                }
+                Err(DropboxError::Unauthorized { .. }) if !refreshed_token => {
+                    // The controller may have refreshed the token meanwhile.
+                    refreshed_token = true;
+                    token = self.access_token(uid, true).await?;
+                    continue;
                 }
                 Err(e) => return Err(e.into()),
+            };
+            let now = jiff::Timestamp::now();
+            let standardized = if reset {
+                vec![payload::reset_event(now)]
+            } else {
+                payload::standardize(&entries, now)
+            };
+            drop(entries);
+            let notifications =
+                payload::notifications(&info, &standardized, raw, format, &cursor_before, now);
+            tracing::debug!(
+                events = standardized.len(),
+                notifications = notifications.len(),
+                took = ?since.elapsed(),
+                "changes fetched and standardized"
+            );
+            for notification in &notifications {
+                self.deliver(uid, notification).await?;
+                self.metrics
+                    .events_delivered
+                    .inc_by(notification.event_count as u64);
+                self.metrics.notifications_delivered.inc();
+            }
+            if !notifications.is_empty() {
+                delivered = true;
+                self.metrics
+                    .delivery_latency
+                    .observe(since.elapsed().as_secs_f64());
+            }
+
+            // Commit only after delivery, and only over the cursor this page started from.
+            if cursor != cursor_before {
+                let mut updated = cm.clone();
+                updated
+                    .data
+                    .get_or_insert_with(Default::default)
+                    .insert(CURSOR_KEY.to_owned(), cursor);
+                match configmaps
+                    .replace(&cm_name, &PostParams::default(), &updated)
+                    .await
+                {
+                    Ok(committed) => cm = committed,
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        // Another replica committed first; what we sent carried the same
+                        // event ids as what it sent. Look again from its cursor.
+                        self.metrics.cursor_conflicts.inc();
+                        return Ok(true);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            pages += 1;
+            if !has_more {
+                break;
+            }
+            if pages >= MAX_PAGES_PER_SYNC {
+                self.finish(uid, delivered).await;
+                return Ok(true);
             }
         }
         tracing::debug!(took = ?since.elapsed(), "delivered and committed");
-        if !notifications.is_empty() {
+        self.finish(uid, delivered).await;
+        Ok(false)
+    }
+
+    /// Reports a successful delivery (EventsDelivering=True, lastDeliveryTime).
+    async fn finish(&self, uid: &str, delivered: bool) {
+        if delivered {
             self.report(
                 uid,
                 Desired::new(
@@ -376,7 +406,6 @@ impl Syncer {
             )
             .await;
         }
-        Ok(more)
     }
 
     /// Delivers one notification, retrying until the callback accepts it. The
@@ -449,24 +478,16 @@ impl Syncer {
         ssrf::check_url(&self.policy, &url)
             .map_err(|e| (Reason::CallbackForbidden, e.to_string(), None))?;
         let key = match &events.signature_key_secret_ref {
-            Some(r) => match self
+            Some(_) => match self
                 .secrets
-                .get(
-                    &instance.namespace().unwrap_or_default(),
-                    &r.name,
-                    &r.key,
-                    false,
-                )
+                .get(&instance.uid().unwrap_or_default(), false)
                 .await
             {
-                Ok(Some(k)) => Some(k),
-                Ok(None) => {
+                Ok(Some(p)) if p.signature_key.is_some() => p.signature_key.clone(),
+                Ok(_) => {
                     return Err((
                         Reason::CallbackRejected,
-                        format!(
-                            "the signature key Secret {:?} (key {:?}) is missing",
-                            r.name, r.key
-                        ),
+                        "the signature key is not available yet (see EventsReady)".to_owned(),
                         None,
                     ));
                 }
@@ -502,7 +523,8 @@ impl Syncer {
                 };
                 (
                     Reason::CallbackUnreachable,
-                    format!("the callback {what}: {}", error_chain(&e)),
+                    // without_url: callback URLs are capability URLs, never shown.
+                    format!("the callback {what}: {}", error_chain(&e.without_url())),
                     None,
                 )
             }

@@ -1,0 +1,438 @@
+//! The webhook ingress as the controller runs it (docs/architecture.md):
+//!
+//! - keeps the `dropbox-webhook-ingress` Deployment and Service, and the
+//!   heartbeats ConfigMap, in the operator's namespace while at least one
+//!   instance has events enabled, and removes them when none has;
+//! - knows whether an ingress replica is alive from the heartbeats ConfigMap, in
+//!   which every ingress process renews its own key (this also covers ingress
+//!   processes run outside the Deployment, e.g. in tests or local development);
+//! - removes projected objects (see [`super::projection`]) whose instance is gone.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, ResourceRequirements, Secret, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::DropboxElementInstance;
+use crate::contract::{
+    self, CONTROLLER_FIELD_MANAGER, HEARTBEATS_CONFIGMAP, INGRESS_COMPONENT, INGRESS_METRICS_PORT,
+    INGRESS_NAME, INGRESS_PORT, INSTANCE_NAMESPACE_LABEL, INSTANCE_UID_LABEL, MANAGED_BY,
+    MANAGED_BY_LABEL,
+};
+
+/// How the controller runs the ingress (from its command line / Helm values).
+#[derive(Clone, Debug)]
+pub struct IngressSettings {
+    /// The operator's namespace, where the Deployment, Service, heartbeats and
+    /// projected objects live.
+    pub namespace: String,
+    pub image: String,
+    pub image_pull_policy: String,
+    pub replicas: i32,
+    pub service_account: String,
+    pub resources: Option<ResourceRequirements>,
+    /// Callback CIDRs the ingress may deliver to although they are private.
+    pub allowed_callback_cidrs: String,
+    /// Callback CIDRs the ingress never delivers to although they are public.
+    pub denied_callback_cidrs: String,
+    /// Passed through so the ingress talks to the same Dropbox.
+    pub dropbox_api_url: String,
+    /// Instances' namespace, when the operator watches only one.
+    pub watch_namespace: Option<String>,
+    pub log_format: String,
+}
+
+fn labels() -> BTreeMap<String, String> {
+    let mut labels = selector();
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
+    labels
+}
+
+fn selector() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "dropbox-operator".to_owned(),
+        ),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            INGRESS_COMPONENT.to_owned(),
+        ),
+    ])
+}
+
+/// The desired ingress Deployment (pure).
+pub fn ingress_deployment(s: &IngressSettings) -> Deployment {
+    let mut env = vec![
+        // Dual-stack: `[::]` also accepts IPv4 (IPV6_V6ONLY is off on Linux).
+        json!({"name": "LISTEN_ADDR", "value": format!("[::]:{INGRESS_PORT}")}),
+        json!({"name": "METRICS_ADDR", "value": format!("[::]:{INGRESS_METRICS_PORT}")}),
+        json!({"name": "DROPBOX_API_URL", "value": s.dropbox_api_url}),
+        json!({"name": "ALLOWED_CALLBACK_CIDRS", "value": s.allowed_callback_cidrs}),
+        json!({"name": "DENIED_CALLBACK_CIDRS", "value": s.denied_callback_cidrs}),
+        json!({"name": "LOG_FORMAT", "value": s.log_format}),
+        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+    ];
+    if let Some(ns) = &s.watch_namespace {
+        env.push(json!({"name": "WATCH_NAMESPACE", "value": ns}));
+    }
+    let probe = |path: &str| json!({"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3});
+    let value = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": INGRESS_NAME, "namespace": s.namespace, "labels": labels()},
+        "spec": {
+            "replicas": s.replicas,
+            "selector": {"matchLabels": selector()},
+            "template": {
+                "metadata": {"labels": labels()},
+                "spec": {
+                    "serviceAccountName": s.service_account,
+                    "automountServiceAccountToken": true,
+                    "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": "ingress",
+                        "image": s.image,
+                        "imagePullPolicy": s.image_pull_policy,
+                        "args": ["ingress"],
+                        "env": env,
+                        "ports": [
+                            {"name": "http", "containerPort": INGRESS_PORT, "protocol": "TCP"},
+                            {"name": "metrics", "containerPort": INGRESS_METRICS_PORT, "protocol": "TCP"}
+                        ],
+                        "readinessProbe": probe("/readyz"),
+                        "livenessProbe": probe("/healthz"),
+                        "resources": s.resources.clone().unwrap_or_default(),
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "runAsNonRoot": true,
+                            "capabilities": {"drop": ["ALL"]}
+                        }
+                    }]
+                }
+            }
+        }
+    });
+    // The literal above matches the Deployment schema; a mismatch is a bug here.
+    serde_json::from_value(value).expect("ingress Deployment manifest is valid")
+}
+
+/// The desired ingress Service (pure): the webhook port only. Metrics and probes
+/// are on their own port, reachable by pod IP (PodMonitor), never through it.
+pub fn ingress_service(s: &IngressSettings) -> Service {
+    let value = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": INGRESS_NAME, "namespace": s.namespace, "labels": labels()},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+        }
+    });
+    serde_json::from_value(value).expect("ingress Service manifest is valid")
+}
+
+/// Ingress liveness as last seen: unknown until the first look (a restarted
+/// controller keeps EventsReady as it was until then, so nothing flaps).
+const UNKNOWN: u8 = 0;
+const ALIVE: u8 = 1;
+const DEAD: u8 = 2;
+
+/// Keeps the ingress objects in line with "does any instance want events?" and
+/// tracks whether an ingress replica is alive.
+pub struct IngressManager {
+    pub settings: IngressSettings,
+    alive: AtomicU8,
+    wake: Notify,
+}
+
+impl IngressManager {
+    pub fn new(settings: IngressSettings) -> Arc<Self> {
+        Arc::new(IngressManager {
+            settings,
+            alive: AtomicU8::new(UNKNOWN),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Whether at least one ingress replica renewed its heartbeat recently; None
+    /// before the first look.
+    pub fn alive(&self) -> Option<bool> {
+        match self.alive.load(Ordering::Acquire) {
+            ALIVE => Some(true),
+            DEAD => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Asks the manager to look at the instances again (cheap; coalesced).
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Runs until `stop`: applies/removes the ingress objects when needed, sweeps
+    /// orphaned projections, and calls `on_liveness_change` when ingress liveness
+    /// flips so instances are reconciled again.
+    pub async fn run(
+        self: Arc<Self>,
+        client: Client,
+        store: Store<DropboxElementInstance>,
+        on_liveness_change: impl Fn() + Send + 'static,
+        stop: CancellationToken,
+    ) {
+        tokio::select! {
+            _ = crate::store::wait_until_ready(&store) => {}
+            _ = stop.cancelled() => return,
+        }
+        let mut applied: Option<bool> = None;
+        let mut drift_check = tokio::time::interval(Duration::from_secs(300));
+        let mut heartbeat_check = tokio::time::interval(Duration::from_secs(3));
+        loop {
+            let needed = store.state().iter().any(|i| {
+                i.meta().deletion_timestamp.is_none()
+                    && i.spec.events.as_ref().is_some_and(|e| e.enabled)
+            });
+            if applied != Some(needed) {
+                match self.apply(&client, needed).await {
+                    Ok(()) => applied = Some(needed),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "updating the webhook ingress failed; retrying")
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = drift_check.tick() => {
+                    applied = None;
+                    if let Err(e) = self.sweep(&client, &store).await {
+                        tracing::warn!(error = %e, "removing orphaned projections failed; retrying later");
+                    }
+                }
+                _ = heartbeat_check.tick() => {
+                    let alive = if self.any_heartbeat(&client).await { ALIVE } else { DEAD };
+                    if self.alive.swap(alive, Ordering::AcqRel) != alive {
+                        tracing::info!(alive = alive == ALIVE, "webhook ingress liveness changed");
+                        on_liveness_change();
+                    }
+                }
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    async fn apply(&self, client: &Client, needed: bool) -> Result<(), kube::Error> {
+        let ns = &self.settings.namespace;
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        if needed {
+            let pp = PatchParams::apply(CONTROLLER_FIELD_MANAGER).force();
+            deployments
+                .patch(
+                    INGRESS_NAME,
+                    &pp,
+                    &Patch::Apply(&ingress_deployment(&self.settings)),
+                )
+                .await?;
+            services
+                .patch(
+                    INGRESS_NAME,
+                    &pp,
+                    &Patch::Apply(&ingress_service(&self.settings)),
+                )
+                .await?;
+            // Created, never applied: the data belongs to the replicas.
+            let heartbeats = ConfigMap {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(HEARTBEATS_CONFIGMAP.to_owned()),
+                    labels: Some(labels()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            match configmaps.create(&PostParams::default(), &heartbeats).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e),
+            }
+            tracing::info!(namespace = %ns, "webhook ingress Deployment and Service applied");
+        } else {
+            // Delete only what exists and is ours (a Deployment of the same name made
+            // by someone else stays), so an operator without events makes no writes.
+            if let Some(d) = deployments.get_opt(INGRESS_NAME).await?
+                && contract::is_managed(d.metadata.labels.as_ref())
+            {
+                deployments
+                    .delete(INGRESS_NAME, &DeleteParams::background())
+                    .await?;
+                tracing::info!(namespace = %ns, "no instance has events enabled: webhook ingress Deployment removed");
+            }
+            if let Some(s) = services.get_opt(INGRESS_NAME).await?
+                && contract::is_managed(s.metadata.labels.as_ref())
+            {
+                services
+                    .delete(INGRESS_NAME, &DeleteParams::background())
+                    .await?;
+            }
+            if let Some(c) = configmaps.get_opt(HEARTBEATS_CONFIGMAP).await?
+                && contract::is_managed(c.metadata.labels.as_ref())
+            {
+                configmaps
+                    .delete(HEARTBEATS_CONFIGMAP, &DeleteParams::background())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the heartbeats ConfigMap; a replica is alive while its expiry is in
+    /// the future. A failed read keeps the last verdict.
+    async fn any_heartbeat(&self, client: &Client) -> bool {
+        let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &self.settings.namespace);
+        match configmaps.get_opt(HEARTBEATS_CONFIGMAP).await {
+            Ok(Some(cm)) => {
+                !contract::live_replicas(&cm.data.unwrap_or_default(), jiff::Timestamp::now())
+                    .is_empty()
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not read the ingress heartbeats");
+                self.alive() == Some(true)
+            }
+        }
+    }
+
+    /// Deletes projected Secrets and cursor ConfigMaps whose instance no longer
+    /// exists or no longer has events (e.g. deleted while the controller was down).
+    async fn sweep(
+        &self,
+        client: &Client,
+        store: &Store<DropboxElementInstance>,
+    ) -> Result<(), kube::Error> {
+        let live: HashSet<String> = store
+            .state()
+            .iter()
+            .filter(|i| i.spec.events.as_ref().is_some_and(|e| e.enabled))
+            .filter_map(|i| i.uid())
+            .collect();
+        let lp = ListParams::default().labels(&format!(
+            "{MANAGED_BY_LABEL}={MANAGED_BY},{INSTANCE_UID_LABEL}"
+        ));
+        let ns = &self.settings.namespace;
+        let in_scope = |meta: &kube::api::ObjectMeta| {
+            let labels = meta.labels.as_ref();
+            let uid = labels.and_then(|l| l.get(INSTANCE_UID_LABEL));
+            let instance_ns = labels.and_then(|l| l.get(INSTANCE_NAMESPACE_LABEL));
+            let watched = match &self.settings.watch_namespace {
+                Some(w) => instance_ns == Some(w),
+                None => true,
+            };
+            watched && uid.is_some_and(|u| !live.contains(u))
+        };
+        let secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(client.clone(), ns);
+        for s in secrets.list_metadata(&lp).await?.items {
+            if in_scope(&s.metadata) {
+                delete_ignoring_missing(
+                    &Api::<Secret>::namespaced(client.clone(), ns),
+                    &s.name_any(),
+                )
+                .await?;
+                tracing::info!(secret = %s.name_any(), "removed the projection of a deleted instance");
+            }
+        }
+        let configmaps: Api<PartialObjectMeta<ConfigMap>> = Api::namespaced(client.clone(), ns);
+        for c in configmaps.list_metadata(&lp).await?.items {
+            if in_scope(&c.metadata) {
+                delete_ignoring_missing(
+                    &Api::<ConfigMap>::namespaced(client.clone(), ns),
+                    &c.name_any(),
+                )
+                .await?;
+                tracing::info!(configmap = %c.name_any(), "removed the cursor of a deleted instance");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deletes an object; one that is already gone is fine.
+pub async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> IngressSettings {
+        IngressSettings {
+            namespace: "dropbox-system".into(),
+            image: "ghcr.io/example/dropbox-operator:1.0".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            replicas: 2,
+            service_account: "dropbox-webhook-ingress".into(),
+            resources: None,
+            allowed_callback_cidrs: "".into(),
+            denied_callback_cidrs: "".into(),
+            dropbox_api_url: "https://api.dropboxapi.com".into(),
+            watch_namespace: None,
+            log_format: "json".into(),
+        }
+    }
+
+    #[test]
+    fn deployment_runs_the_ingress_subcommand_with_probes_on_the_metrics_port() {
+        let d = ingress_deployment(&settings());
+        let spec = d.spec;
+        assert_eq!(spec.replicas, Some(2));
+        let pod = spec.template.spec.expect("pod spec");
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some("dropbox-webhook-ingress")
+        );
+        let c = &pod.containers[0];
+        assert_eq!(c.args.as_deref(), Some(&["ingress".to_owned()][..]));
+        let probe = c.readiness_probe.as_ref().expect("readiness");
+        assert_eq!(
+            serde_json::to_value(&probe.http_get.as_ref().expect("http").port).unwrap(),
+            json!("metrics")
+        );
+        assert!(c.liveness_probe.is_some());
+        assert_eq!(
+            spec.selector
+                .match_labels
+                .expect("selector")
+                .get("app.kubernetes.io/component"),
+            Some(&INGRESS_COMPONENT.to_owned())
+        );
+    }
+
+    #[test]
+    fn service_exposes_only_the_webhook_port() {
+        let s = ingress_service(&settings()).spec.expect("spec");
+        let ports = s.ports.expect("ports");
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].name.as_deref(), Some("http"));
+    }
+}

@@ -1,0 +1,457 @@
+//! The events step of a reconcile: everything the webhook ingress needs about an
+//! events-enabled instance, projected into the operator's namespace
+//! (docs/architecture.md, "Who reads and writes what"):
+//!
+//! - the Secret `dropbox-instance-<uid>` (app secret, access token, signature
+//!   key), re-applied whenever one of them changes (rotation, refresh);
+//! - the cursor ConfigMap `dropbox-cursor-<uid>` with the first cursor
+//!   (`get_latest_cursor`), or the cursor of the pre-0.2 ConfigMap
+//!   `<name>-dropbox-events` in the instance's namespace, which is then removed;
+//! - EventsReady.
+//!
+//! Objects of those names that the operator did not make are never overwritten:
+//! EventsReady says `ResourceConflict` instead. Both are deleted when events are
+//! turned off or the instance goes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use super::ingress::delete_ignoring_missing;
+use super::inputs::Problem;
+use crate::api::DropboxElementInstance;
+use crate::conditions::{Desired, EVENTS_READY, Reason};
+use crate::contract::{
+    self, ACCESS_TOKEN_KEY, ACCOUNT_KEY, APP_SECRET_KEY, CONTROLLER_FIELD_MANAGER, CURSOR_KEY,
+    INGRESS_NAME, INSTANCE_UID_LABEL, SIGNATURE_KEY_KEY,
+};
+use crate::dropbox::{DropboxClient, DropboxError};
+
+/// Name of the cursor ConfigMap before 0.2, in the instance's namespace.
+pub fn legacy_events_configmap_name(instance: &str) -> String {
+    format!("{instance}-dropbox-events")
+}
+
+/// The outcome of the events step of a reconcile.
+#[derive(Clone, Debug)]
+pub struct EventsStep {
+    pub ready: Desired,
+    pub webhook_path: Option<String>,
+    /// Transient trouble (Dropbox 5xx/429): retry with backoff, not sooner than this.
+    pub retry: Option<Option<Duration>>,
+}
+
+/// What the events step works from.
+pub struct EventsInputs<'a> {
+    pub app_key: Option<&'a str>,
+    pub app_secret: Option<&'a str>,
+    pub account_id: Option<&'a str>,
+    /// The working access token; None while the instance is not authorized.
+    pub access_token: Option<&'a str>,
+    /// The signature key, when one is referenced (or why it cannot be read).
+    pub signature_key: Option<Result<String, Problem>>,
+    /// Ingress liveness; None while unknown (just after a controller start).
+    pub ingress_alive: Option<bool>,
+    /// EventsReady as the status has it now.
+    pub previous: Option<&'a Condition>,
+}
+
+/// What was last projected for each instance uid, so a settled instance makes
+/// no API call at all.
+#[derive(Default)]
+pub struct Projections {
+    memo: Mutex<HashMap<String, Memo>>,
+}
+
+#[derive(Default, Clone)]
+struct Memo {
+    /// Digest of the projected Secret's data.
+    secret: Option<[u8; 32]>,
+    /// The account whose cursor is known to be committed.
+    cursor_account: Option<String>,
+}
+
+impl Projections {
+    fn get(&self, uid: &str) -> Memo {
+        self.memo
+            .lock()
+            .expect("projections lock")
+            .get(uid)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn update(&self, uid: &str, f: impl FnOnce(&mut Memo)) {
+        f(self
+            .memo
+            .lock()
+            .expect("projections lock")
+            .entry(uid.to_owned())
+            .or_default());
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.memo.lock().expect("projections lock").remove(uid);
+    }
+}
+
+/// The API handles and settings the step uses.
+pub struct Projector<'a> {
+    pub client: &'a Client,
+    pub dropbox: &'a DropboxClient,
+    pub memo: &'a Projections,
+    /// The operator's namespace.
+    pub namespace: &'a str,
+}
+
+fn conflict(kind: &str, namespace: &str, name: &str) -> Desired {
+    Desired::new(
+        EVENTS_READY,
+        Some(false),
+        Reason::ResourceConflict,
+        format!(
+            "{kind} {namespace}/{name} exists and was not created by dropbox-operator for this instance; \
+             it is left untouched. Delete or rename it to enable events."
+        ),
+    )
+}
+
+/// Whether an object in the operator namespace is ours for this instance.
+fn ours_for(meta: &ObjectMeta, uid: &str) -> bool {
+    contract::is_managed(meta.labels.as_ref())
+        && meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(INSTANCE_UID_LABEL))
+            .is_some_and(|u| u == uid)
+}
+
+impl Projector<'_> {
+    /// Projects the instance and reports EventsReady.
+    pub async fn events_step(
+        &self,
+        instance: &DropboxElementInstance,
+        input: EventsInputs<'_>,
+    ) -> Result<EventsStep, kube::Error> {
+        let webhook = input.app_key.map(contract::webhook_path);
+        let step = |status: bool, reason: Reason, message: String| EventsStep {
+            ready: Desired::new(EVENTS_READY, Some(status), reason, message),
+            webhook_path: webhook.clone(),
+            retry: None,
+        };
+        let (Some(_), Some(app_secret)) = (input.app_key, input.app_secret) else {
+            return Ok(step(
+                false,
+                Reason::SecretNotFound,
+                "Events need spec.authentication.appSecretRef: the app secret verifies Dropbox's webhook signatures"
+                    .into(),
+            ));
+        };
+        let signature_key = match input.signature_key {
+            Some(Err(Problem { reason, message })) => {
+                return Ok(step(false, reason, format!("Signature key: {message}")));
+            }
+            Some(Ok(key)) => Some(key),
+            None => None,
+        };
+        let (Some(access_token), Some(account_id)) = (input.access_token, input.account_id) else {
+            return Ok(step(
+                false,
+                Reason::AwaitingAuthorization,
+                "Events start once the instance is authorized".into(),
+            ));
+        };
+        let uid = instance.uid().unwrap_or_default();
+        let namespace = instance.namespace().unwrap_or_default();
+        let name = instance.name_any();
+
+        // 1. The projected Secret.
+        let mut data = BTreeMap::from([
+            (APP_SECRET_KEY.to_owned(), app_secret.to_owned()),
+            (ACCESS_TOKEN_KEY.to_owned(), access_token.to_owned()),
+        ]);
+        if let Some(key) = signature_key {
+            data.insert(SIGNATURE_KEY_KEY.to_owned(), key);
+        }
+        let digest = digest(&data);
+        if self.memo.get(&uid).secret != Some(digest) {
+            let secrets: Api<Secret> = Api::namespaced(self.client.clone(), self.namespace);
+            let secret_name = contract::instance_secret_name(&uid);
+            if let Some(existing) = secrets.get_opt(&secret_name).await? {
+                if !ours_for(&existing.metadata, &uid) {
+                    return Ok(EventsStep {
+                        ready: conflict("Secret", self.namespace, &secret_name),
+                        webhook_path: webhook,
+                        retry: None,
+                    });
+                }
+            }
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(secret_name.clone()),
+                    namespace: Some(self.namespace.to_owned()),
+                    labels: Some(contract::instance_labels(&namespace, &name, &uid)),
+                    ..Default::default()
+                },
+                type_: Some("Opaque".into()),
+                data: Some(
+                    data.into_iter()
+                        .map(|(k, v)| (k, ByteString(v.into_bytes())))
+                        .collect(),
+                ),
+                ..Default::default()
+            };
+            secrets
+                .patch(
+                    &secret_name,
+                    &PatchParams::apply(CONTROLLER_FIELD_MANAGER).force(),
+                    &Patch::Apply(&secret),
+                )
+                .await?;
+            self.memo.update(&uid, |m| m.secret = Some(digest));
+        }
+
+        // 2. The cursor.
+        if self.memo.get(&uid).cursor_account.as_deref() != Some(account_id) {
+            match self
+                .ensure_cursor(instance, &uid, account_id, access_token)
+                .await?
+            {
+                Ok(()) => self
+                    .memo
+                    .update(&uid, |m| m.cursor_account = Some(account_id.to_owned())),
+                Err(problem) => {
+                    return Ok(EventsStep {
+                        webhook_path: webhook,
+                        ..problem
+                    });
+                }
+            }
+        }
+
+        // 3. Liveness. Unknown (a controller that just started) keeps what the
+        // status says, so a restart or failover flips nothing.
+        match input.ingress_alive {
+            Some(true) => Ok(step(
+                true,
+                Reason::IngressReady,
+                "The webhook ingress is running and the instance's cursor is set".into(),
+            )),
+            Some(false) => Ok(step(
+                false,
+                Reason::IngressUnavailable,
+                format!(
+                    "No webhook ingress replica is running (Deployment {INGRESS_NAME} in the operator's namespace)"
+                ),
+            )),
+            None => match input.previous.and_then(previous_ingress_verdict) {
+                Some((status, reason)) => Ok(step(
+                    status,
+                    reason,
+                    input
+                        .previous
+                        .map(|c| c.message.clone())
+                        .unwrap_or_default(),
+                )),
+                None => Ok(step(
+                    false,
+                    Reason::IngressUnavailable,
+                    "Waiting to learn whether a webhook ingress replica is running".into(),
+                )),
+            },
+        }
+    }
+
+    /// Makes sure the cursor ConfigMap holds a cursor for `account_id`; an Err is
+    /// the EventsReady verdict when it cannot.
+    async fn ensure_cursor(
+        &self,
+        instance: &DropboxElementInstance,
+        uid: &str,
+        account_id: &str,
+        access_token: &str,
+    ) -> Result<Result<(), EventsStep>, kube::Error> {
+        let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
+        let cm_name = contract::cursor_configmap_name(uid);
+        let existing = configmaps.get_opt(&cm_name).await?;
+        if let Some(cm) = &existing {
+            if !ours_for(&cm.metadata, uid) {
+                return Ok(Err(EventsStep {
+                    ready: conflict("ConfigMap", self.namespace, &cm_name),
+                    webhook_path: None,
+                    retry: None,
+                }));
+            }
+            let data = cm.data.as_ref();
+            let has_cursor = data
+                .and_then(|d| d.get(CURSOR_KEY))
+                .is_some_and(|c| !c.is_empty())
+                && data.and_then(|d| d.get(ACCOUNT_KEY)).map(String::as_str) == Some(account_id);
+            if has_cursor {
+                return Ok(Ok(()));
+            }
+        }
+        let namespace = instance.namespace().unwrap_or_default();
+        let name = instance.name_any();
+        let legacy_api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &namespace);
+        let legacy_name = legacy_events_configmap_name(&name);
+        let legacy = legacy_api
+            .get_opt(&legacy_name)
+            .await?
+            .filter(|cm| contract::is_managed(cm.metadata.labels.as_ref()))
+            .and_then(|cm| {
+                let data = cm.data?;
+                (data.get(ACCOUNT_KEY).map(String::as_str) == Some(account_id))
+                    .then(|| data.get(CURSOR_KEY).cloned())
+                    .flatten()
+                    .filter(|c| !c.is_empty())
+            });
+        let (cursor, migrated) = match legacy {
+            Some(cursor) => (cursor, true),
+            None => match self.dropbox.latest_cursor(access_token).await {
+                Ok(c) => (c, false),
+                Err(e) => {
+                    let reason = match &e {
+                        DropboxError::RateLimited { .. } => Reason::RateLimited,
+                        _ => Reason::DropboxUnavailable,
+                    };
+                    return Ok(Err(EventsStep {
+                        ready: Desired::new(
+                            EVENTS_READY,
+                            Some(false),
+                            reason,
+                            format!("Reading the first cursor failed: {e}; retrying with backoff"),
+                        ),
+                        webhook_path: None,
+                        retry: Some(e.retry_after()),
+                    }));
+                }
+            },
+        };
+        let mut cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(cm_name.clone()),
+                namespace: Some(self.namespace.to_owned()),
+                labels: Some(contract::instance_labels(&namespace, &name, uid)),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([
+                (CURSOR_KEY.to_owned(), cursor),
+                (ACCOUNT_KEY.to_owned(), account_id.to_owned()),
+            ])),
+            ..Default::default()
+        };
+        match existing {
+            // Replace with a precondition: never overwrite a cursor the ingress moved meanwhile.
+            Some(old) => {
+                cm.metadata.resource_version = old.metadata.resource_version.clone();
+                configmaps
+                    .replace(&cm_name, &PostParams::default(), &cm)
+                    .await?;
+            }
+            None => {
+                configmaps.create(&PostParams::default(), &cm).await?;
+            }
+        }
+        if migrated {
+            delete_ignoring_missing(&legacy_api, &legacy_name).await?;
+            tracing::info!(instance = %format!("{namespace}/{name}"), "events cursor moved to the operator namespace");
+        } else {
+            tracing::info!(instance = %format!("{namespace}/{name}"), "first events cursor set");
+        }
+        Ok(Ok(()))
+    }
+
+    /// Removes the projected Secret and the cursor (events turned off or the
+    /// instance deleted), so turning events on again reports only later changes.
+    pub async fn remove(&self, instance: &DropboxElementInstance) -> Result<(), kube::Error> {
+        let uid = instance.uid().unwrap_or_default();
+        self.memo.forget(&uid);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), self.namespace);
+        let secret_name = contract::instance_secret_name(&uid);
+        if let Some(s) = secrets.get_opt(&secret_name).await?
+            && ours_for(&s.metadata, &uid)
+        {
+            delete_ignoring_missing(&secrets, &secret_name).await?;
+        }
+        let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
+        let cm_name = contract::cursor_configmap_name(&uid);
+        if let Some(c) = configmaps.get_opt(&cm_name).await?
+            && ours_for(&c.metadata, &uid)
+        {
+            delete_ignoring_missing(&configmaps, &cm_name).await?;
+        }
+        let legacy_api: Api<ConfigMap> = Api::namespaced(
+            self.client.clone(),
+            &instance.namespace().unwrap_or_default(),
+        );
+        let legacy_name = legacy_events_configmap_name(&instance.name_any());
+        if let Some(c) = legacy_api.get_opt(&legacy_name).await?
+            && contract::is_managed(c.metadata.labels.as_ref())
+        {
+            delete_ignoring_missing(&legacy_api, &legacy_name).await?;
+        }
+        Ok(())
+    }
+}
+
+/// EventsReady's previous status and liveness reason, when it was about liveness.
+fn previous_ingress_verdict(c: &Condition) -> Option<(bool, Reason)> {
+    match c.reason.as_str() {
+        "IngressReady" => Some((c.status == "True", Reason::IngressReady)),
+        "IngressUnavailable" => Some((false, Reason::IngressUnavailable)),
+        _ => None,
+    }
+}
+
+fn digest(data: &BTreeMap<String, String>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for (k, v) in data {
+        h.update((k.len() as u64).to_le_bytes());
+        h.update(k.as_bytes());
+        h.update((v.len() as u64).to_le_bytes());
+        h.update(v.as_bytes());
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_separates_keys_and_values() {
+        let a = BTreeMap::from([("ab".to_owned(), "c".to_owned())]);
+        let b = BTreeMap::from([("a".to_owned(), "bc".to_owned())]);
+        assert_ne!(digest(&a), digest(&b));
+    }
+
+    #[test]
+    fn unknown_liveness_keeps_only_liveness_verdicts() {
+        let c = |status: &str, reason: &str| Condition {
+            type_: EVENTS_READY.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                jiff::Timestamp::UNIX_EPOCH,
+            ),
+            observed_generation: None,
+        };
+        assert_eq!(
+            previous_ingress_verdict(&c("True", "IngressReady")),
+            Some((true, Reason::IngressReady))
+        );
+        assert_eq!(
+            previous_ingress_verdict(&c("False", "DropboxUnavailable")),
+            None
+        );
+    }
+}
