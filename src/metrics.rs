@@ -179,6 +179,7 @@ pub struct IngressMetrics {
     pub delivery_latency: Histogram,
     pub cursor_conflicts: Counter,
     pub queue_depth: Gauge,
+    pub secret_reads: Counter,
 }
 
 impl IngressMetrics {
@@ -193,11 +194,12 @@ impl IngressMetrics {
             delivery_latency: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
             cursor_conflicts: Counter::default(),
             queue_depth: Gauge::default(),
+            secret_reads: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("dropbox_ingress");
         r.register(
             "webhooks",
-            "Dropbox webhook requests by result (accepted, forbidden, too_large, malformed)",
+            "Dropbox webhook requests by result (accepted, forbidden, not_found, too_large, timeout, malformed, overloaded)",
             m.webhooks.clone(),
         );
         r.register(
@@ -239,6 +241,11 @@ impl IngressMetrics {
             "queue_depth",
             "Instances with a sync waiting to run",
             m.queue_depth.clone(),
+        );
+        r.register(
+            "secret_reads",
+            "Reads of projected Secrets from the API server (cache misses and forced re-reads)",
+            m.secret_reads.clone(),
         );
         m
     }

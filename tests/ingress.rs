@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use dropbox_operator::api::DropboxElementInstance;
+use dropbox_operator::contract;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -146,9 +147,21 @@ impl Fixture {
         .await
     }
 
+    async fn uid(&self, name: &str) -> String {
+        self.instances
+            .get(name)
+            .await
+            .expect("get instance")
+            .uid()
+            .expect("uid")
+    }
+
+    /// The committed cursor, from the instance's cursor ConfigMap in the
+    /// operator namespace (the test namespace: POD_NAMESPACE).
     async fn cursor(&self, name: &str) -> Option<String> {
+        let uid = self.uid(name).await;
         Api::<ConfigMap>::namespaced(self.client.clone(), &self.ns)
-            .get_opt(&format!("{name}-dropbox-events"))
+            .get_opt(&contract::cursor_configmap_name(&uid))
             .await
             .ok()
             .flatten()
@@ -202,12 +215,31 @@ async fn controller_runs_the_ingress_objects_and_reports_events_ready() -> Resul
         f.cursor("objects").await.is_some(),
         "the first cursor is set"
     );
+    // The cursor and the projected Secret live in the operator namespace, named
+    // and labelled by the instance's uid.
+    let uid = waiting.uid().unwrap_or_default();
     let cm = Api::<ConfigMap>::namespaced(f.client.clone(), &f.ns)
-        .get("objects-dropbox-events")
+        .get(&contract::cursor_configmap_name(&uid))
         .await?;
+    assert_eq!(cm.labels().get(contract::INSTANCE_UID_LABEL), Some(&uid));
+    assert!(contract::is_managed(cm.metadata.labels.as_ref()));
+    let projected = Api::<Secret>::namespaced(f.client.clone(), &f.ns)
+        .get(&contract::instance_secret_name(&uid))
+        .await?;
+    let data = projected.data.clone().unwrap_or_default();
     assert_eq!(
-        cm.owner_references()[0].uid,
-        waiting.uid().unwrap_or_default()
+        data.get(contract::APP_SECRET_KEY).map(|v| v.0.as_slice()),
+        Some(APP_SECRET.as_bytes())
+    );
+    assert_eq!(
+        data.get(contract::SIGNATURE_KEY_KEY)
+            .map(|v| v.0.as_slice()),
+        Some(SIGNING_KEY.as_bytes())
+    );
+    assert!(data.contains_key(contract::ACCESS_TOKEN_KEY));
+    assert_eq!(
+        projected.labels().get(contract::INSTANCE_UID_LABEL),
+        Some(&uid)
     );
 
     // The Deployment and Service, as objects (no kubelet runs pods here).
@@ -303,6 +335,16 @@ async fn controller_runs_the_ingress_objects_and_reports_events_ready() -> Resul
     assert!(services.get_opt("dropbox-webhook-ingress").await?.is_none());
     let instance = f.wait_condition("objects", "Ready", "True", None).await?;
     assert!(condition(&instance, "EventsReady").is_none());
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
+    let projected_name = contract::instance_secret_name(&uid);
+    support::eventually(
+        "the projected Secret to be removed",
+        Duration::from_secs(30),
+        || support::get_opt(&secrets, &projected_name),
+        Option::is_none,
+    )
+    .await?;
+    assert!(f.cursor("objects").await.is_none(), "the cursor is removed");
     Ok(())
 }
 

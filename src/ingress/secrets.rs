@@ -65,23 +65,22 @@ pub struct InstanceSecrets {
     entries: Mutex<HashMap<String, Entry>>,
     /// One gate per uid: whoever holds it is reading that Secret.
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    reads: std::sync::atomic::AtomicU64,
+    reads: prometheus_client::metrics::counter::Counter,
 }
 
 impl InstanceSecrets {
-    /// Reads from `namespace`, the operator's.
-    pub fn new(client: Client, namespace: &str) -> Self {
+    /// Reads from `namespace`, the operator's, counting API reads in `reads`.
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        reads: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         InstanceSecrets {
             api: Api::namespaced(client, namespace),
             entries: Mutex::default(),
             gates: Mutex::default(),
-            reads: Default::default(),
+            reads,
         }
-    }
-
-    /// API reads made so far (for tests and metrics).
-    pub fn reads(&self) -> u64 {
-        self.reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn cached(&self, uid: &str, max_age: Duration) -> Option<Option<Arc<Projected>>> {
@@ -111,8 +110,7 @@ impl InstanceSecrets {
         if let Some(value) = self.cached(uid, max_age) {
             return Ok(value);
         }
-        self.reads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reads.inc();
         let value = self
             .api
             .get_opt(&contract::instance_secret_name(uid))

@@ -101,7 +101,7 @@ impl Syncer {
         stop: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Syncer {
-            secrets: InstanceSecrets::new(client.clone(), namespace),
+            secrets: InstanceSecrets::new(client.clone(), namespace, metrics.secret_reads.clone()),
             namespace: namespace.to_owned(),
             client,
             dropbox,

@@ -4,6 +4,7 @@
 
 pub mod controlplane;
 pub mod dropbox;
+pub mod netns;
 pub mod operator;
 pub mod receiver;
 

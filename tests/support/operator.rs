@@ -21,6 +21,8 @@ pub struct Process {
     child: Option<Child>,
     pub log: PathBuf,
     pub metrics_port: u16,
+    /// The ingress's public webhook port (unused by the controller).
+    pub listen_port: u16,
     pub name: String,
 }
 
@@ -83,6 +85,7 @@ impl OperatorProcess {
     /// Starts the process and waits until its metrics endpoint answers.
     pub async fn start(self) -> Process {
         let port = free_port();
+        let listen_port = free_port();
         let cluster = super::cluster();
         let log = cluster
             .dir
@@ -97,7 +100,7 @@ impl OperatorProcess {
             .env("WATCH_NAMESPACE", &self.namespace)
             .env("POD_NAMESPACE", &self.namespace)
             .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
-            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("LISTEN_ADDR", format!("127.0.0.1:{listen_port}"))
             .env("LOG_LEVEL", "info,dropbox_operator=debug")
             .env("DROPBOX_TIMEOUT", "3s")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -111,6 +114,7 @@ impl OperatorProcess {
             child: Some(child),
             log,
             metrics_port: port,
+            listen_port,
             name: self.name,
         };
         process.wait_healthy().await;
@@ -139,9 +143,9 @@ impl Process {
         );
     }
 
-    /// `http://127.0.0.1:<port>`: the metrics address, and the ingress's webhook address.
+    /// `http://127.0.0.1:<port>`: the ingress's public webhook address.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.metrics_port)
+        format!("http://127.0.0.1:{}", self.listen_port)
     }
 
     /// The Prometheus text of /metrics.

@@ -1,0 +1,978 @@
+//! The attack suite: hostile traffic against the real ingress process, on a
+//! real control plane, with two tenants sharing one Dropbox app key
+//! (docs/architecture.md, "Hostile traffic" and "Tenant isolation").
+//!
+//! Everything runs in a network namespace of its own (see support::netns), so a
+//! callback the ingress wrongly let through to an internal address goes nowhere.
+//! At the end a table is printed: attack | tries | refused | let through. Every
+//! "let through" must be 0; a control delivery at the end proves the victim's
+//! receiver would have seen anything that got through.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, ensure};
+use dropbox_operator::api::DropboxElementInstance;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use support::dropbox::{Emulator, hmac_sha256};
+use support::operator::{OperatorProcess, Process};
+use support::receiver::Receiver;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const APP_KEY: &str = "shared-app-key";
+const APP_SECRET: &str = "VICTIM-APP-SECRET-7f3a";
+const ATTACKER_SECRET: &str = "ATTACKER-APP-SECRET-91cc";
+const OTHER_APP: &str = "other-app-key";
+const OTHER_SECRET: &str = "OTHER-APP-SECRET-55ab";
+const VICTIM: &str = "dbid:AAV-victim-000000000001";
+const ATTACKER: &str = "dbid:AAA-attacker-0000000002";
+const SSRF_ACCOUNT: &str = "dbid:AAS-ssrf-000000000003";
+const SIGNING_KEY: &str = "victim-callback-signing-key";
+const REDIRECT: &str = "https://www.mycoolapp.com/auth";
+const USERINFO_SECRET: &str = "hunter2-userinfo-pass";
+const CAPABILITY: &str = "capability-token-4b1d";
+
+#[derive(Debug)]
+struct Row {
+    attack: String,
+    tries: usize,
+    refused: usize,
+    let_through: usize,
+}
+
+#[test]
+fn attacks_on_the_ingress_are_refused() {
+    if !support::netns::inside() {
+        support::netns::rerun_isolated("attacks_on_the_ingress_are_refused");
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        if let Err(e) = run().await {
+            panic!("{e:#}");
+        }
+    });
+}
+
+struct World {
+    client: Client,
+    emu: Emulator,
+    attacker_ns: String,
+    controller: Process,
+    /// Allows loopback callbacks (the tenants' receivers).
+    ingress: Process,
+    /// Allows nothing extra and denies 93.184.216.0/24: the SSRF target.
+    strict: Process,
+    victim_rx: Receiver,
+    attacker_rx: Receiver,
+    other_rx: Receiver,
+}
+
+async fn secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) -> Result<()> {
+    support::put_secret(&Api::namespaced(client.clone(), ns), name, data).await
+}
+
+async fn create(client: &Client, ns: &str, manifest: Value) -> Result<()> {
+    let instance: DropboxElementInstance = serde_json::from_value(manifest)?;
+    Api::<DropboxElementInstance>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &instance)
+        .await?;
+    Ok(())
+}
+
+/// An apiKey instance of `app_secret_name`'s app with events to `callback`.
+fn api_key_instance(
+    name: &str,
+    app_secret_name: &str,
+    token_secret: &str,
+    callback: &str,
+) -> Value {
+    json!({
+        "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+        "kind": "DropboxElementInstance",
+        "metadata": {"name": name},
+        "spec": {
+            "element": {"key": "dropbox"},
+            "authentication": {
+                "type": "apiKey",
+                "apiKeySecretRef": {"name": token_secret},
+                "appSecretRef": {"name": app_secret_name}
+            },
+            "events": {"enabled": true, "callbackUrl": callback}
+        }
+    })
+}
+
+async fn setup() -> Result<World> {
+    let client = support::client().await;
+    support::install_crd(&client).await?;
+    let ops = support::namespace(&client, "attack-ops").await;
+    let victim_ns = support::namespace(&client, "victim").await;
+    let attacker_ns = support::namespace(&client, "attacker").await;
+    let emu = Emulator::start().await;
+    emu.add_app(APP_KEY, APP_SECRET);
+    emu.add_app(OTHER_APP, OTHER_SECRET);
+    emu.add_account(VICTIM, "victim@example.com", "Victim");
+    emu.add_account(ATTACKER, "mallory@example.com", "Mallory");
+    emu.add_account(SSRF_ACCOUNT, "ssrf@example.com", "SSRF");
+
+    // One operator for every namespace; its objects live in `ops`.
+    let controller = OperatorProcess::new(&ops, &emu.url)
+        .env_remove("WATCH_NAMESPACE")
+        .start()
+        .await;
+    let ingress_base = |name: &str| {
+        OperatorProcess::ingress(&ops, &emu.url)
+            .env_remove("WATCH_NAMESPACE")
+            .env("HEARTBEAT_INTERVAL", "1s")
+            .env("DELIVERY_BASE_BACKOFF", "100ms")
+            .env("DELIVERY_MAX_BACKOFF", "400ms")
+            .env("WEBHOOK_BODY_TIMEOUT", "1s")
+            .name(name)
+    };
+    let ingress = ingress_base("ingress")
+        .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8,::1/128")
+        .start()
+        .await;
+    let strict = ingress_base("strict")
+        .env("ALLOWED_CALLBACK_CIDRS", "")
+        .env("DENIED_CALLBACK_CIDRS", "93.184.216.0/24")
+        .start()
+        .await;
+
+    let victim_rx = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    let attacker_rx = Receiver::start(None).await;
+    let other_rx = Receiver::start(None).await;
+
+    // The victim: oauth2 with the app's real secret.
+    secret(
+        &client,
+        &victim_ns,
+        "dropbox-app",
+        &[("oauth.api.key", APP_KEY), ("oauth.api.secret", APP_SECRET)],
+    )
+    .await?;
+    secret(
+        &client,
+        &victim_ns,
+        "events-key",
+        &[("event.notification.signature.key", SIGNING_KEY)],
+    )
+    .await?;
+    let code = emu.issue_code(APP_KEY, VICTIM, Some(REDIRECT));
+    secret(&client, &victim_ns, "victim-code", &[("code", &code)]).await?;
+    create(
+        &client,
+        &victim_ns,
+        json!({
+            "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+            "kind": "DropboxElementInstance",
+            "metadata": {"name": "victim"},
+            "spec": {
+                "element": {"key": "dropbox"},
+                "authentication": {
+                    "type": "oauth2",
+                    "appSecretRef": {"name": "dropbox-app"},
+                    "codeSecretRef": {"name": "victim-code"},
+                    "callbackUrl": REDIRECT
+                },
+                "events": {"enabled": true, "callbackUrl": victim_rx.url,
+                           "signatureKeySecretRef": {"name": "events-key"}}
+            }
+        }),
+    )
+    .await?;
+
+    // The attacker: the same app key with a secret of its own choosing (apiKey
+    // instances need no working app secret to be authorized).
+    secret(
+        &client,
+        &attacker_ns,
+        "fake-app",
+        &[
+            ("oauth.api.key", APP_KEY),
+            ("oauth.api.secret", ATTACKER_SECRET),
+        ],
+    )
+    .await?;
+    let token = emu.issue_long_lived_token(APP_KEY, ATTACKER);
+    secret(
+        &client,
+        &attacker_ns,
+        "attacker-token",
+        &[("apiKey", &token)],
+    )
+    .await?;
+    create(
+        &client,
+        &attacker_ns,
+        api_key_instance("attacker", "fake-app", "attacker-token", &attacker_rx.url),
+    )
+    .await?;
+    // Another app, to replay the victim's notifications against.
+    secret(
+        &client,
+        &attacker_ns,
+        "other-app",
+        &[
+            ("oauth.api.key", OTHER_APP),
+            ("oauth.api.secret", OTHER_SECRET),
+        ],
+    )
+    .await?;
+    let token = emu.issue_long_lived_token(OTHER_APP, ATTACKER);
+    secret(&client, &attacker_ns, "other-token", &[("apiKey", &token)]).await?;
+    create(
+        &client,
+        &attacker_ns,
+        api_key_instance("other", "other-app", "other-token", &other_rx.url),
+    )
+    .await?;
+    // The SSRF instance: its callback URL is what the attacks change.
+    let token = emu.issue_long_lived_token(APP_KEY, SSRF_ACCOUNT);
+    secret(&client, &attacker_ns, "ssrf-token", &[("apiKey", &token)]).await?;
+    create(
+        &client,
+        &attacker_ns,
+        api_key_instance("ssrf", "fake-app", "ssrf-token", &attacker_rx.url),
+    )
+    .await?;
+
+    for (ns, name) in [
+        (&victim_ns, "victim"),
+        (&attacker_ns, "attacker"),
+        (&attacker_ns, "other"),
+        (&attacker_ns, "ssrf"),
+    ] {
+        support::wait_condition(
+            &Api::namespaced(client.clone(), ns),
+            name,
+            "Ready",
+            "True",
+            None,
+            Duration::from_secs(90),
+        )
+        .await?;
+    }
+    Ok(World {
+        client,
+        emu,
+        attacker_ns,
+        controller,
+        ingress,
+        strict,
+        victim_rx,
+        attacker_rx,
+        other_rx,
+    })
+}
+
+fn hook(ingress: &Process, app_key: &str) -> String {
+    format!("{}/webhooks/dropbox/{app_key}", ingress.url())
+}
+
+fn notification(accounts: &[&str]) -> String {
+    json!({"list_folder": {"accounts": accounts}, "delta": {"users": [1, 2, 3]}}).to_string()
+}
+
+fn sign(secret: &str, body: &str) -> String {
+    hex::encode(hmac_sha256(secret.as_bytes(), body.as_bytes()))
+}
+
+/// POSTs `body` with `signature` to `url` `tries` times (16 in flight); returns
+/// how many answers had status `expected`.
+async fn post_many(
+    url: &str,
+    body: &str,
+    signature: Option<&str>,
+    tries: usize,
+    expected: u16,
+) -> usize {
+    let http = support::dropbox::http_client();
+    let ok = Arc::new(AtomicUsize::new(0));
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::with_capacity(tries);
+    for _ in 0..tries {
+        let permit = sem.clone().acquire_owned().await.expect("semaphore");
+        let (http, ok, url, body) = (http.clone(), ok.clone(), url.to_owned(), body.to_owned());
+        let signature = signature.map(str::to_owned);
+        tasks.push(tokio::spawn(async move {
+            let mut req = http.post(&url).body(body);
+            if let Some(s) = signature {
+                req = req.header("X-Dropbox-Signature", s);
+            }
+            if let Ok(r) = req.send().await
+                && r.status().as_u16() == expected
+            {
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    ok.load(Ordering::Relaxed)
+}
+
+/// Sends raw bytes on a fresh connection and returns the status code of the
+/// answer (None when none came within `wait`) and how long it took.
+async fn raw_request(addr: &str, request: &[u8], wait: Duration) -> (Option<u16>, Duration) {
+    let start = Instant::now();
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return (None, start.elapsed());
+    };
+    if stream.write_all(request).await.is_err() {
+        return (None, start.elapsed());
+    }
+    let mut buf = vec![0u8; 1024];
+    let read = tokio::time::timeout(wait, stream.read(&mut buf)).await;
+    let status = match read {
+        Ok(Ok(n)) if n > 12 => std::str::from_utf8(&buf[9..12])
+            .ok()
+            .and_then(|s| s.parse().ok()),
+        _ => None,
+    };
+    (status, start.elapsed())
+}
+
+fn addr_of(process: &Process) -> String {
+    format!("127.0.0.1:{}", process.listen_port)
+}
+
+async fn metric(process: &Process, name: &str, labels: &str) -> usize {
+    process.metric_sum(name, labels).await as usize
+}
+
+async fn run() -> Result<()> {
+    let w = setup().await?;
+    let mut rows: Vec<Row> = Vec::new();
+    // Something to deliver: anything that triggers the victim shows up at its receiver.
+    w.emu.upload(VICTIM, "/payroll.xlsx", b"private");
+    let victim_calls = || w.emu.calls_to("/2/files/list_folder/continue").len();
+    let calls_before = victim_calls();
+    let victim_url = hook(&w.ingress, APP_KEY);
+
+    // 1. Forged signatures.
+    let body = notification(&[VICTIM]);
+    let tries = 50;
+    let forged = hex::encode(rand::random::<[u8; 32]>());
+    let refused = post_many(&victim_url, &body, Some(&forged), tries, 403).await;
+    rows.push(Row {
+        attack: "forged signature (random HMAC), victim's account".into(),
+        tries,
+        refused,
+        let_through: tries - refused,
+    });
+
+    // 2. Signed with another tenant's app secret, listing the victim's account.
+    let refused = post_many(
+        &victim_url,
+        &body,
+        Some(&sign(ATTACKER_SECRET, &body)),
+        tries,
+        403,
+    )
+    .await;
+    rows.push(Row {
+        attack: "signature of another tenant (same app key), victim's account".into(),
+        tries,
+        refused,
+        let_through: tries - refused,
+    });
+
+    // 3. A genuine notification replayed against another app key / an unknown one.
+    let genuine = sign(APP_SECRET, &body);
+    let tries = 20;
+    let refused = post_many(
+        &hook(&w.ingress, OTHER_APP),
+        &body,
+        Some(&genuine),
+        tries,
+        403,
+    )
+    .await;
+    rows.push(Row {
+        attack: "genuine body replayed with another app key".into(),
+        tries,
+        refused,
+        let_through: tries - refused,
+    });
+    let refused = post_many(
+        &hook(&w.ingress, "no-such-app"),
+        &body,
+        Some(&genuine),
+        tries,
+        404,
+    )
+    .await;
+    rows.push(Row {
+        attack: "genuine body replayed with an unknown app key".into(),
+        tries,
+        refused,
+        let_through: tries - refused,
+    });
+
+    // 4. Missing or malformed signatures are refused before the body is read: the
+    // answer comes although the body never does.
+    let tries = 10;
+    let mut refused = 0;
+    for header in [
+        "",
+        "X-Dropbox-Signature: not-hex\r\n",
+        "X-Dropbox-Signature: abcd\r\n",
+    ] {
+        for _ in 0..tries {
+            let req = format!(
+                "POST /webhooks/dropbox/{APP_KEY} HTTP/1.1\r\nHost: x\r\n{header}Content-Length: 5000\r\n\r\n"
+            );
+            let (status, took) =
+                raw_request(&addr_of(&w.ingress), req.as_bytes(), Duration::from_secs(5)).await;
+            if status == Some(403) && took < Duration::from_millis(900) {
+                refused += 1;
+            }
+        }
+    }
+    rows.push(Row {
+        attack: "missing/malformed signature (answered before the body)".into(),
+        tries: 3 * tries,
+        refused,
+        let_through: 3 * tries - refused,
+    });
+
+    // 5. Bodies over 1 MiB, declared and chunked.
+    let big = " ".repeat(1024 * 1024 + 1);
+    let tries = 5;
+    let refused = post_many(&victim_url, &big, Some(&genuine), tries, 413).await;
+    rows.push(Row {
+        attack: "body over 1 MiB (Content-Length)".into(),
+        tries,
+        refused,
+        let_through: tries - refused,
+    });
+    let mut refused = 0;
+    for _ in 0..tries {
+        let mut req = format!(
+            "POST /webhooks/dropbox/{APP_KEY} HTTP/1.1\r\nHost: x\r\nX-Dropbox-Signature: {genuine}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        .into_bytes();
+        for _ in 0..17 {
+            req.extend_from_slice(format!("{:x}\r\n", 65536).as_bytes());
+            req.extend(std::iter::repeat_n(b' ', 65536));
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        let (status, _) = raw_request(&addr_of(&w.ingress), &req, Duration::from_secs(5)).await;
+        if status == Some(413) {
+            refused += 1;
+        }
+    }
+    rows.push(Row {
+        attack: "body over 1 MiB (chunked, no length)".into(),
+        tries,
+        refused,
+        let_through: tries - refused,
+    });
+
+    // 6. Stalled uploads: cut off at the body deadline (1 s here).
+    let tries = 8;
+    let stalled: Vec<_> = (0..tries)
+        .map(|_| {
+            let addr = addr_of(&w.ingress);
+            let req = format!(
+                "POST /webhooks/dropbox/{APP_KEY} HTTP/1.1\r\nHost: x\r\nX-Dropbox-Signature: {genuine}\r\nContent-Length: 4096\r\n\r\n{{\"list"
+            );
+            tokio::spawn(async move { raw_request(&addr, req.as_bytes(), Duration::from_secs(6)).await })
+        })
+        .collect();
+    let mut refused = 0;
+    for t in stalled {
+        if let Ok((Some(408), took)) = t.await
+            && took < Duration::from_secs(4)
+        {
+            refused += 1;
+        }
+    }
+    rows.push(Row {
+        attack: "stalled body (cut off at the body deadline)".into(),
+        tries,
+        refused,
+        let_through: tries - refused,
+    });
+
+    // 7. Ten thousand app keys nobody uses: 404 without reading a body or a Secret.
+    let reads_before = metric(&w.ingress, "dropbox_ingress_secret_reads_total", "").await;
+    let http = support::dropbox::http_client();
+    let tries = 10_000;
+    let not_found = Arc::new(AtomicUsize::new(0));
+    let sem = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut tasks = Vec::new();
+    for i in 0..tries {
+        let permit = sem.clone().acquire_owned().await?;
+        let (http, not_found) = (http.clone(), not_found.clone());
+        let url = hook(&w.ingress, &format!("bogus-app-{i}"));
+        let (body, sig) = (body.clone(), genuine.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Ok(r) = http
+                .post(url)
+                .header("X-Dropbox-Signature", sig)
+                .body(body)
+                .send()
+                .await
+                && r.status() == 404
+            {
+                not_found.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let refused = not_found.load(Ordering::Relaxed);
+    let reads = metric(&w.ingress, "dropbox_ingress_secret_reads_total", "").await - reads_before;
+    rows.push(Row {
+        attack: "10,000 bogus app keys (404, no Secret read)".into(),
+        tries,
+        refused,
+        let_through: tries - refused + reads,
+    });
+
+    // 8. A flood of badly signed webhooks for a real account: forced Secret
+    // re-reads are single-flight and at most one per 5 s per Secret.
+    let reads_before = metric(&w.ingress, "dropbox_ingress_secret_reads_total", "").await;
+    let tries = 300;
+    let started = Instant::now();
+    let refused = post_many(&victim_url, &body, Some(&forged), tries, 403).await;
+    let allowed_reads = 1 + (started.elapsed().as_secs() / 5) as usize;
+    let reads = metric(&w.ingress, "dropbox_ingress_secret_reads_total", "").await - reads_before;
+    rows.push(Row {
+        attack: format!(
+            "flood of bad signatures ({reads} Secret re-reads, at most {allowed_reads} allowed)"
+        ),
+        tries,
+        refused,
+        let_through: tries - refused + reads.saturating_sub(allowed_reads),
+    });
+
+    // Nothing of the above reached the victim.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leaked = w.victim_rx.all().len() + (victim_calls() - calls_before);
+    rows.push(Row {
+        attack: "victim deliveries or Dropbox calls caused by rows 1-8".into(),
+        tries: 1,
+        refused: usize::from(leaked == 0),
+        let_through: leaked,
+    });
+
+    // 9. A genuine notification listing the victim's and the attacker's accounts:
+    // the victim receives it with only its own account in `raw`; the attacker's
+    // instance (whose secret did not sign it) is not triggered.
+    let attacker_calls_before = w.attacker_rx.all().len();
+    w.emu.upload(ATTACKER, "/mallory.txt", b"x");
+    let both = notification(&[VICTIM, ATTACKER]);
+    let r = http
+        .post(&victim_url)
+        .header("X-Dropbox-Signature", sign(APP_SECRET, &both))
+        .body(both)
+        .send()
+        .await?;
+    ensure!(
+        r.status() == 200,
+        "a genuine notification was refused: {}",
+        r.status()
+    );
+    let delivered = support::eventually(
+        "the control delivery to the victim",
+        Duration::from_secs(30),
+        || async { Ok(w.victim_rx.accepted()) },
+        |d: &Vec<_>| !d.is_empty(),
+    )
+    .await?;
+    let raw = &delivered[0].body["message"]["raw"];
+    let foreign = usize::from(raw != &json!({"list_folder": {"accounts": [VICTIM]}}));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let attacker_triggered = w.attacker_rx.all().len() - attacker_calls_before;
+    rows.push(Row {
+        attack: "another tenant's account in a forwarded notification".into(),
+        tries: 1,
+        refused: 1 - foreign,
+        let_through: foreign,
+    });
+    rows.push(Row {
+        attack: "instance triggered by a notification its own secret did not sign".into(),
+        tries: 1,
+        refused: usize::from(attacker_triggered == 0),
+        let_through: attacker_triggered,
+    });
+
+    // 10. SSRF: callback URLs pointing inside, refused by the strict ingress at
+    // connection time. A leak would hit the loopback listener or fail as
+    // unreachable (nothing but loopback exists in this namespace).
+    let hits = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let v6listener = tokio::net::TcpListener::bind("[::1]:0").await.ok();
+    let v6port = v6listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.port())
+        .unwrap_or(port);
+    for l in std::iter::once(listener).chain(v6listener) {
+        let hits = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((_s, _)) = l.accept().await {
+                hits.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    let cases: Vec<(String, &str)> = vec![
+        (format!("http://127.0.0.1:{port}/"), "loopback (IPv4)"),
+        (format!("http://[::1]:{v6port}/"), "loopback (IPv6)"),
+        (
+            format!("http://localhost:{port}/"),
+            "DNS name resolving to loopback",
+        ),
+        (
+            format!("http://2130706433:{port}/"),
+            "decimal IPv4 spelling of 127.0.0.1",
+        ),
+        (
+            format!("http://0x7f000001:{port}/"),
+            "hex IPv4 spelling of 127.0.0.1",
+        ),
+        (
+            format!("http://0177.0.0.1:{port}/"),
+            "octal IPv4 spelling of 127.0.0.1",
+        ),
+        (
+            format!("http://127.1:{port}/"),
+            "short IPv4 spelling of 127.0.0.1",
+        ),
+        (
+            format!("http://[::ffff:127.0.0.1]:{port}/"),
+            "IPv4-mapped IPv6 loopback",
+        ),
+        (
+            "http://[::ffff:169.254.169.254]/".into(),
+            "IPv4-mapped metadata address",
+        ),
+        (
+            "http://[64:ff9b::a9fe:a9fe]/".into(),
+            "NAT64 of 169.254.169.254",
+        ),
+        (
+            format!("http://[64:ff9b::7f00:1]:{port}/"),
+            "NAT64 of 127.0.0.1",
+        ),
+        (
+            "http://[2002:a9fe:a9fe::1]/".into(),
+            "6to4 of 169.254.169.254",
+        ),
+        (
+            format!("http://[2002:7f00:1::1]:{port}/"),
+            "6to4 of 127.0.0.1",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/".into(),
+            "link-local (cloud metadata)",
+        ),
+        ("http://[fe80::1]/".into(), "link-local (IPv6)"),
+        ("http://10.0.0.1/".into(), "private 10/8"),
+        ("http://172.16.0.1/".into(), "private 172.16/12"),
+        ("http://192.168.1.1/".into(), "private 192.168/16"),
+        ("http://[fd00::1]/".into(), "unique local (IPv6)"),
+        ("http://100.64.0.1/".into(), "CGNAT 100.64/10"),
+        (format!("http://0.0.0.0:{port}/"), "unspecified (IPv4)"),
+        (format!("http://[::]:{v6port}/"), "unspecified (IPv6)"),
+        ("http://224.0.0.1/".into(), "multicast (IPv4)"),
+        ("http://[ff02::1]/".into(), "multicast (IPv6)"),
+        ("http://240.0.0.1/".into(), "reserved 240/4"),
+        ("http://255.255.255.255/".into(), "broadcast"),
+        (
+            "http://192.88.99.1/".into(),
+            "6to4 relay anycast 192.88.99/24",
+        ),
+        ("http://[2001::1]/".into(), "Teredo / IETF 2001::/23"),
+        ("http://[2001:db8::1]/".into(), "documentation (IPv6)"),
+        ("http://198.18.0.1/".into(), "benchmarking 198.18/15"),
+        (
+            "http://93.184.216.34/".into(),
+            "public, but in deniedCallbackCIDRs",
+        ),
+    ];
+    let instances: Api<DropboxElementInstance> = Api::namespaced(w.client.clone(), &w.attacker_ns);
+    let set_callback = |url: String| {
+        let instances = instances.clone();
+        async move {
+            instances
+                .patch(
+                    "ssrf",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"events": {"callbackUrl": url}}})),
+                )
+                .await
+        }
+    };
+    let forbidden = || {
+        metric(
+            &w.strict,
+            "dropbox_ingress_delivery_failures_total",
+            "CallbackForbidden",
+        )
+    };
+    let unreachable = || {
+        metric(
+            &w.strict,
+            "dropbox_ingress_delivery_failures_total",
+            "CallbackUnreachable",
+        )
+    };
+    // Start a delivery on the strict ingress; it retries with whatever URL the
+    // instance has at each attempt.
+    set_callback(cases[0].0.clone()).await?;
+    w.emu.upload(SSRF_ACCOUNT, "/ssrf.txt", b"x");
+    let ssrf_body = notification(&[SSRF_ACCOUNT]);
+    let r = http
+        .post(hook(&w.strict, APP_KEY))
+        .header("X-Dropbox-Signature", sign(ATTACKER_SECRET, &ssrf_body))
+        .body(ssrf_body.clone())
+        .send()
+        .await?;
+    ensure!(
+        r.status() == 200,
+        "the SSRF instance's webhook was refused: {}",
+        r.status()
+    );
+    for (url, what) in &cases {
+        set_callback(url.clone()).await?;
+        let (hits_before, unreachable_before, forbidden_before) = (
+            hits.load(Ordering::Relaxed),
+            unreachable().await,
+            forbidden().await,
+        );
+        // Two more refusals: at least one was made with this URL.
+        let refused = support::eventually(
+            &format!("the strict ingress to refuse {what}"),
+            Duration::from_secs(20),
+            || async { Ok(forbidden().await) },
+            |n: &usize| *n >= forbidden_before + 2,
+        )
+        .await
+        .is_ok();
+        let leaked =
+            hits.load(Ordering::Relaxed) - hits_before + unreachable().await - unreachable_before;
+        rows.push(Row {
+            attack: format!("SSRF: {what}"),
+            tries: 1,
+            refused: usize::from(refused && leaked == 0),
+            let_through: leaked,
+        });
+    }
+    // The condition names the kind of range, never the resolved address.
+    let ssrf = instances.get("ssrf").await?;
+    let message = support::condition(&ssrf, "EventsDelivering")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    let echoed = usize::from(message.contains("93.184") || !message.contains("not allowed"));
+    rows.push(Row {
+        attack: "CallbackForbidden echoing the resolved address".into(),
+        tries: 1,
+        refused: 1 - echoed,
+        let_through: echoed,
+    });
+
+    // 11. A callback that redirects to an internal address: never followed.
+    let followed = Arc::new(AtomicUsize::new(0));
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let target_port = target.local_addr()?.port();
+    {
+        let followed = followed.clone();
+        tokio::spawn(async move {
+            while let Ok((_s, _)) = target.accept().await {
+                followed.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    let redirector = axum::Router::new().fallback(move || async move {
+        (
+            axum::http::StatusCode::FOUND,
+            [(
+                axum::http::header::LOCATION,
+                format!("http://127.0.0.1:{target_port}/internal"),
+            )],
+        )
+    });
+    let redirect_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let redirect_port = redirect_listener.local_addr()?.port();
+    tokio::spawn(async move { axum::serve(redirect_listener, redirector).await });
+    set_callback(format!("http://127.0.0.1:{redirect_port}/hook")).await?;
+    let rejected = || {
+        metric(
+            &w.ingress,
+            "dropbox_ingress_delivery_failures_total",
+            "CallbackRejected",
+        )
+    };
+    let rejected_before = rejected().await;
+    http.post(hook(&w.ingress, APP_KEY))
+        .header("X-Dropbox-Signature", sign(ATTACKER_SECRET, &ssrf_body))
+        .body(ssrf_body.clone())
+        .send()
+        .await?;
+    let answered_3xx = support::eventually(
+        "the redirect to be refused",
+        Duration::from_secs(20),
+        || async { Ok(rejected().await) },
+        |n: &usize| *n >= rejected_before + 2,
+    )
+    .await
+    .is_ok();
+    let leaked = followed.load(Ordering::Relaxed);
+    rows.push(Row {
+        attack: "callback redirecting to an internal address".into(),
+        tries: 1,
+        refused: usize::from(answered_3xx && leaked == 0),
+        let_through: leaked,
+    });
+
+    // 12. A capability URL (credentials, token in the query): delivered, and
+    // neither appears in status or any log.
+    let with_creds =
+        w.attacker_rx
+            .url
+            .replacen("http://", &format!("http://user:{USERINFO_SECRET}@"), 1)
+            + &format!("?token={CAPABILITY}");
+    set_callback(with_creds).await?;
+    let attacker_before = w.attacker_rx.accepted().len();
+    w.emu.upload(SSRF_ACCOUNT, "/again.txt", b"y");
+    http.post(hook(&w.ingress, APP_KEY))
+        .header("X-Dropbox-Signature", sign(ATTACKER_SECRET, &ssrf_body))
+        .body(ssrf_body)
+        .send()
+        .await?;
+    support::eventually(
+        "the delivery to the capability URL",
+        Duration::from_secs(30),
+        || async { Ok(w.attacker_rx.accepted().len()) },
+        |n: &usize| *n > attacker_before,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = serde_json::to_string(&instances.get("ssrf").await?.status)?;
+    let mut texts = vec![
+        status,
+        w.controller.log_text(),
+        w.ingress.log_text(),
+        w.strict.log_text(),
+    ];
+    let events = support::kubectl(&["get", "events", "-A", "-o", "json"]).1;
+    texts.push(events);
+    let exposures: usize = texts
+        .iter()
+        .map(|t| t.matches(USERINFO_SECRET).count() + t.matches(CAPABILITY).count())
+        .sum();
+    rows.push(Row {
+        attack: "callback URL credentials/query in status, Events or logs".into(),
+        tries: 1,
+        refused: usize::from(exposures == 0),
+        let_through: exposures,
+    });
+
+    // 13. No secret of any tenant in any log.
+    let secrets = [APP_SECRET, ATTACKER_SECRET, OTHER_SECRET, SIGNING_KEY];
+    let leaks: usize = [&w.controller, &w.ingress, &w.strict]
+        .iter()
+        .map(|p| {
+            let log = p.log_text();
+            secrets
+                .iter()
+                .map(|s| log.matches(s).count())
+                .sum::<usize>()
+        })
+        .sum();
+    rows.push(Row {
+        attack: "tenant secrets in logs".into(),
+        tries: 1,
+        refused: usize::from(leaks == 0),
+        let_through: leaks,
+    });
+    // The other app's instance never saw the victim's replayed notifications.
+    let other = w.other_rx.all().len();
+    rows.push(Row {
+        attack: "replayed notifications delivered to the other app's instance".into(),
+        tries: 1,
+        refused: usize::from(other == 0),
+        let_through: other,
+    });
+
+    // 14. A stalled upload does not hold a shutting-down ingress.
+    let mut ingress = w.ingress;
+    let addr = addr_of(&ingress);
+    let stall = tokio::spawn(async move {
+        let req = format!(
+            "POST /webhooks/dropbox/{APP_KEY} HTTP/1.1\r\nHost: x\r\nX-Dropbox-Signature: {}\r\nContent-Length: 4096\r\n\r\n{{",
+            "0".repeat(64)
+        );
+        raw_request(&addr, req.as_bytes(), Duration::from_secs(20)).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let clean =
+        tokio::task::spawn_blocking(move || ingress.terminate(Duration::from_secs(10))).await?;
+    let took = started.elapsed();
+    let _ = stall.await;
+    rows.push(Row {
+        attack: format!(
+            "stalled upload during SIGTERM (exited in {:.1} s)",
+            took.as_secs_f64()
+        ),
+        tries: 1,
+        refused: usize::from(clean),
+        let_through: usize::from(!clean),
+    });
+
+    print_table(&rows);
+    let bad: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.let_through > 0 || r.refused < r.tries)
+        .collect();
+    ensure!(
+        bad.is_empty(),
+        "attacks let through or not refused: {bad:#?}"
+    );
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    let width = rows
+        .iter()
+        .map(|r| r.attack.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!("\nattack table (ingress, real control plane, isolated network namespace)");
+    println!(
+        "| {:width$} | {:>6} | {:>7} | {:>11} |",
+        "attack", "tries", "refused", "let through"
+    );
+    println!(
+        "|{}|--------|---------|-------------|",
+        "-".repeat(width + 2)
+    );
+    for r in rows {
+        println!(
+            "| {:width$} | {:>6} | {:>7} | {:>11} |",
+            r.attack, r.tries, r.refused, r.let_through
+        );
+    }
+    println!();
+}
