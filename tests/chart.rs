@@ -12,12 +12,12 @@ use anyhow::{Context as _, Result, bail, ensure};
 use clap::{CommandFactory, Parser as _};
 use dropbox_operator::api::DropboxElementInstance;
 use dropbox_operator::cli::{Cli, Command as CliCommand};
+use dropbox_operator::contract;
 use dropbox_operator::controller::reconcile::FINALIZER;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
@@ -219,6 +219,51 @@ fn helm_lint_strict_is_clean() {
     }
 }
 
+/// The internet-facing ingress gets no cluster-wide right on Secrets, ConfigMaps
+/// or Leases, and no right on Leases anywhere (docs/architecture.md).
+#[test]
+fn ingress_has_no_cluster_wide_secrets_configmaps_or_leases() -> Result<()> {
+    let docs = documents(&template("ops", &[])?);
+    let ingress_roles: Vec<&Yaml> = docs
+        .iter()
+        .filter(|d| matches!(kind_of(d), "ClusterRole" | "Role"))
+        .filter(|d| name_of(d).contains("webhook-ingress"))
+        .collect();
+    ensure!(
+        ingress_roles.len() == 2,
+        "ingress roles: {}",
+        ingress_roles.len()
+    );
+    let resources = |d: &Yaml| -> Vec<String> {
+        d["rules"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r["resources"].as_sequence().cloned().unwrap_or_default())
+            .filter_map(|r| r.as_str().map(str::to_owned))
+            .collect()
+    };
+    for role in &ingress_roles {
+        let granted = resources(role);
+        ensure!(
+            !granted.iter().any(|r| r == "leases"),
+            "{} grants leases",
+            name_of(role)
+        );
+        if kind_of(role) == "ClusterRole" {
+            ensure!(
+                granted
+                    .iter()
+                    .all(|r| r.starts_with("dropboxelementinstances")),
+                "the ingress ClusterRole grants {granted:?}"
+            );
+        } else {
+            ensure!(role["metadata"]["namespace"].as_str() == Some("ops"));
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn schema_refuses_bad_values() {
     for (set, expect) in [
@@ -393,7 +438,12 @@ fn rendered_controller_settings_are_accepted_by_the_binary() -> Result<()> {
         docs.iter()
             .filter(|d| kind_of(d) == "ServiceMonitor")
             .count(),
-        2
+        1
+    );
+    // The ingress's metrics port is not behind its public Service: a PodMonitor.
+    assert_eq!(
+        docs.iter().filter(|d| kind_of(d) == "PodMonitor").count(),
+        1
     );
     assert_eq!(
         docs.iter()
@@ -512,6 +562,7 @@ type CanI<'a> = (&'a str, &'a str, &'a str, bool);
 fn check_can_i(ns: &str, sa: &str, questions: &[CanI]) -> Result<()> {
     let user = format!("--as=system:serviceaccount:{ns}:{sa}");
     let mut wrong = Vec::new();
+    let mut rows = Vec::new();
     for (verb, resource, namespace, expected) in questions {
         // `resource:subresource` is asked with --subresource (`/` names an object).
         let mut args = vec!["auth", "can-i", *verb];
@@ -533,12 +584,40 @@ fn check_can_i(ns: &str, sa: &str, questions: &[CanI]) -> Result<()> {
         args.push(&user);
         let (_, out, err) = support::kubectl(&args);
         let answer = out.trim();
-        if answer != if *expected { "yes" } else { "no" } {
+        let want = if *expected { "yes" } else { "no" };
+        let what = match subresource {
+            Some(s) => format!("{resource}/{s}"),
+            None => (*resource).to_owned(),
+        };
+        let place = if namespace.is_empty() {
+            "(all namespaces)"
+        } else {
+            namespace
+        };
+        rows.push(format!(
+            "| {verb:<6} | {what:<70} | {place:<28} | {want:<8} | {answer:<6} |{}",
+            if answer == want { "" } else { " WRONG" }
+        ));
+        if answer != want {
             wrong.push(format!(
                 "{sa}: can-i {verb} {resource} {subresource:?} in {namespace:?}: {answer} {err}"
             ));
         }
     }
+    // The table goes straight to stdout (not the test's captured output), so
+    // `make test` shows what each ServiceAccount may and may not do.
+    let mut table = format!(
+        "\ncan-i table for {sa}\n| {:<6} | {:<70} | {:<28} | {:<8} | {:<6} |\n",
+        "verb", "resource", "namespace", "expected", "answer"
+    );
+    table.push_str(&format!(
+        "|--------|{}|{}|----------|--------|\n",
+        "-".repeat(72),
+        "-".repeat(30)
+    ));
+    table.push_str(&rows.join("\n"));
+    table.push('\n');
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), table.as_bytes());
     ensure!(wrong.is_empty(), "wrong permissions:\n{}", wrong.join("\n"));
     Ok(())
 }
@@ -584,20 +663,33 @@ fn controller_questions<'a>(ops: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
         ("delete", "secrets", apps, false),
         ("update", "secrets", apps, false),
         ("deletecollection", "secrets", apps, false),
-        // The events cursor ConfigMap.
+        // Instances' namespaces: only the pre-0.2 cursor (read, then deleted).
         ("get", "configmaps", apps, true),
-        ("create", "configmaps", apps, true),
-        ("update", "configmaps", apps, true),
         ("delete", "configmaps", apps, true),
+        ("create", "configmaps", apps, false),
+        ("update", "configmaps", apps, false),
         ("list", "configmaps", apps, false),
         ("patch", "configmaps", apps, false),
+        // Its own namespace: projections, cursors, heartbeats.
+        ("get", "secrets", ops, true),
+        ("create", "secrets", ops, true),
+        ("patch", "secrets", ops, true),
+        ("delete", "secrets", ops, true),
+        ("list", "secrets", ops, true),
+        ("update", "secrets", ops, false),
+        ("get", "configmaps", ops, true),
+        ("list", "configmaps", ops, true),
+        ("create", "configmaps", ops, true),
+        ("update", "configmaps", ops, true),
+        ("delete", "configmaps", ops, true),
+        ("patch", "configmaps", ops, false),
         // Events.
         ("create", "events.events.k8s.io", apps, true),
         ("patch", "events.events.k8s.io", apps, true),
         ("delete", "events.events.k8s.io", apps, false),
         ("create", "events", apps, false),
-        // Its own namespace: the leader Lease and the heartbeats, nothing else.
-        ("list", "leases.coordination.k8s.io", ops, true),
+        // Its own namespace: the leader Lease, nothing else.
+        ("list", "leases.coordination.k8s.io", ops, false),
         ("create", "leases.coordination.k8s.io", ops, true),
         ("get", LEADER_LEASE_REF, ops, true),
         ("patch", LEADER_LEASE_REF, ops, true),
@@ -675,6 +767,7 @@ const LEADER_LEASE_REF: &str = "leases.coordination.k8s.io/dropbox-operator-cont
 
 fn ingress_questions<'a>(ops: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
     vec![
+        // Cluster-wide: read instances, patch their status. Nothing else.
         ("get", DBXI, apps, true),
         ("list", DBXI, "", true),
         ("watch", DBXI, "", true),
@@ -693,24 +786,41 @@ fn ingress_questions<'a>(ops: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
             apps,
             false,
         ),
-        // Secrets: get by name only.
-        ("get", "secrets", apps, true),
-        ("list", "secrets", apps, false),
+        // No Secret and no ConfigMap outside the operator namespace.
+        ("get", "secrets", apps, false),
+        ("get", "secrets", "kube-system", false),
         ("list", "secrets", "", false),
-        ("watch", "secrets", apps, false),
-        ("create", "secrets", apps, false),
-        ("patch", "secrets", apps, false),
-        ("delete", "secrets", apps, false),
-        // The cursor: read and commit, nothing else.
-        ("get", "configmaps", apps, true),
-        ("update", "configmaps", apps, true),
-        ("create", "configmaps", apps, false),
-        ("delete", "configmaps", apps, false),
-        ("list", "configmaps", apps, false),
-        // Heartbeat Leases in the operator's namespace only.
-        ("create", "leases.coordination.k8s.io", ops, true),
-        ("patch", "leases.coordination.k8s.io", ops, true),
-        ("delete", "leases.coordination.k8s.io", ops, true),
+        ("watch", "secrets", "", false),
+        ("get", "configmaps", apps, false),
+        ("update", "configmaps", apps, false),
+        ("update", "configmaps", "kube-system", false),
+        ("get", "configmaps", "", false),
+        // The operator namespace: get projected Secrets by name, never enumerate.
+        ("get", "secrets", ops, true),
+        ("list", "secrets", ops, false),
+        ("watch", "secrets", ops, false),
+        ("create", "secrets", ops, false),
+        ("update", "secrets", ops, false),
+        ("patch", "secrets", ops, false),
+        ("delete", "secrets", ops, false),
+        // Cursors: read and commit; the heartbeats ConfigMap: patch, no other.
+        ("get", "configmaps", ops, true),
+        ("update", "configmaps", ops, true),
+        ("create", "configmaps", ops, false),
+        ("delete", "configmaps", ops, false),
+        ("list", "configmaps", ops, false),
+        (
+            "patch",
+            "configmaps/dropbox-webhook-ingress-heartbeats",
+            ops,
+            true,
+        ),
+        ("patch", "configmaps/kube-root-ca.crt", ops, false),
+        // No Lease at all: the controller's leader Lease is out of reach.
+        ("get", LEADER_LEASE_REF, ops, false),
+        ("patch", LEADER_LEASE_REF, ops, false),
+        ("delete", LEADER_LEASE_REF, ops, false),
+        ("create", "leases.coordination.k8s.io", ops, false),
         ("list", "leases.coordination.k8s.io", ops, false),
         ("create", "leases.coordination.k8s.io", apps, false),
         // Nothing of the controller's.
@@ -879,10 +989,14 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
     )
     .await?;
 
-    let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), &apps);
+    // The cursor and the projected Secret: in the operator namespace, by uid.
+    let eventful_uid = instances.get("eventful").await?.uid().context("uid")?;
+    let cursor_name = contract::cursor_configmap_name(&eventful_uid);
+    let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), &ops);
+    ensure!(configmaps.get_opt(&cursor_name).await?.is_some());
     ensure!(
-        configmaps
-            .get_opt("eventful-dropbox-events")
+        Api::<Secret>::namespaced(admin.clone(), &ops)
+            .get_opt(&contract::instance_secret_name(&eventful_uid))
             .await?
             .is_some()
     );
@@ -901,30 +1015,29 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
     ensure!(services.get_opt(INGRESS_NAME).await?.is_some());
 
     // An ingress heartbeat (as an ingress replica would renew it; the ingress's
-    // own RBAC is exercised elsewhere): the controller finds it by listing Leases.
-    let heartbeat = json!({
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": {
-            "name": "dropbox-webhook-ingress-test",
-            "labels": {
-                "app.kubernetes.io/name": "dropbox-operator",
-                "app.kubernetes.io/component": "webhook-ingress"
+    // own RBAC is exercised elsewhere): the controller reads the heartbeats
+    // ConfigMap it created.
+    let expires = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(600)).to_string();
+    support::eventually(
+        "a heartbeat to be accepted",
+        Duration::from_secs(30),
+        || {
+            let configmaps = configmaps.clone();
+            let patch = json!({"data": {"test": expires}});
+            async move {
+                Ok(configmaps
+                    .patch(
+                        contract::HEARTBEATS_CONFIGMAP,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                    .is_ok())
             }
         },
-        "spec": {
-            "holderIdentity": "test",
-            "leaseDurationSeconds": 600,
-            "renewTime": MicroTime(jiff::Timestamp::now())
-        }
-    });
-    Api::<Lease>::namespaced(admin.clone(), &ops)
-        .patch(
-            "dropbox-webhook-ingress-test",
-            &PatchParams::apply("tests").force(),
-            &Patch::Apply(&heartbeat),
-        )
-        .await?;
+        |ok: &bool| *ok,
+    )
+    .await?;
     wait_condition(
         &instances,
         "eventful",
@@ -956,9 +1069,7 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
         || async {
             Ok((
                 support::get_opt(&services, INGRESS_NAME).await?.is_none(),
-                support::get_opt(&configmaps, "eventful-dropbox-events")
-                    .await?
-                    .is_none(),
+                support::get_opt(&configmaps, &cursor_name).await?.is_none(),
             ))
         },
         |gone: &(bool, bool)| gone.0 && gone.1,
@@ -1078,18 +1189,29 @@ async fn events_flow_with_the_ingress_token(
     )
     .await?;
 
+    // It renews its heartbeat with its own token.
+    let heartbeats: Api<ConfigMap> = Api::namespaced(admin.clone(), ops);
+    support::eventually(
+        "the ingress to renew its heartbeat",
+        Duration::from_secs(15),
+        || async {
+            Ok(heartbeats
+                .get(contract::HEARTBEATS_CONFIGMAP)
+                .await?
+                .data
+                .unwrap_or_default())
+        },
+        |data: &std::collections::BTreeMap<String, String>| !data.is_empty(),
+    )
+    .await?;
     ingress.terminate(Duration::from_secs(10));
     assert_nothing_forbidden(&ingress.log_text());
-    // The ingress removed its heartbeat on the way out (lease delete is granted).
-    let heartbeats = Api::<Lease>::namespaced(admin.clone(), ops)
-        .list(&ListParams::default().labels("app.kubernetes.io/component=webhook-ingress"))
-        .await?;
-    let left: Vec<String> = heartbeats
-        .items
-        .iter()
-        .map(|l| l.name_any())
-        .filter(|n| n != "dropbox-webhook-ingress-test")
-        .collect();
+    // ...and removed it on the way out.
+    let left = heartbeats
+        .get(contract::HEARTBEATS_CONFIGMAP)
+        .await?
+        .data
+        .unwrap_or_default();
     ensure!(left.is_empty(), "heartbeat left behind: {left:?}");
     // Leave nothing that wants events behind.
     instances.delete("flow", &DeleteParams::default()).await?;
@@ -1127,12 +1249,48 @@ async fn chart_rbac_refuses_what_it_does_not_grant() -> Result<()> {
         }
     }
 
-    // Ingress: reads a Secret by name, but cannot enumerate or write Secrets.
-    let ingress_secrets: Api<Secret> = Api::namespaced(ingress.clone(), &apps);
+    // Ingress: reads a Secret of the operator namespace by name, but nothing
+    // elsewhere, and cannot enumerate or write Secrets.
+    put_secret(
+        &Api::namespaced(admin.clone(), &ops),
+        "projected",
+        &[("k", "v")],
+    )
+    .await?;
     ensure!(
-        ingress_secrets.get("dropbox-app").await.is_ok(),
-        "the ingress token works (get by name)"
+        Api::<Secret>::namespaced(ingress.clone(), &ops)
+            .get("projected")
+            .await
+            .is_ok(),
+        "the ingress token works (get by name in the operator namespace)"
     );
+    let ingress_secrets: Api<Secret> = Api::namespaced(ingress.clone(), &apps);
+    forbidden(
+        "ingress reads a Secret in an instance namespace",
+        ingress_secrets.get("dropbox-app").await,
+    )?;
+    forbidden(
+        "ingress lists Secrets in the operator namespace",
+        Api::<Secret>::namespaced(ingress.clone(), &ops)
+            .list(&ListParams::default())
+            .await,
+    )?;
+    forbidden(
+        "ingress reads the controller's leader Lease",
+        Api::<Lease>::namespaced(ingress.clone(), &ops)
+            .get(LEADER_LEASE)
+            .await,
+    )?;
+    forbidden(
+        "ingress patches a ConfigMap other than the heartbeats",
+        Api::<ConfigMap>::namespaced(ingress.clone(), &ops)
+            .patch(
+                "kube-root-ca.crt",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"x": "y"}})),
+            )
+            .await,
+    )?;
     forbidden(
         "ingress lists Secrets",
         ingress_secrets.list(&ListParams::default()).await,
@@ -1179,7 +1337,7 @@ async fn chart_rbac_refuses_what_it_does_not_grant() -> Result<()> {
         "the controller token works (list)"
     );
     forbidden(
-        "controller deletes a Secret",
+        "controller deletes a Secret outside its namespace",
         controller_secrets
             .delete("dropbox-app", &DeleteParams::default())
             .await,
@@ -1274,6 +1432,7 @@ async fn watch_namespace_confines_the_grants() -> Result<()> {
             ("get", "secrets", &other, false),
             ("watch", "secrets", "", false),
             ("create", "configmaps", &other, false),
+            ("create", "configmaps", &ops, true),
             ("create", "leases.coordination.k8s.io", &ops, true),
             (
                 "patch",
@@ -1287,13 +1446,15 @@ async fn watch_namespace_confines_the_grants() -> Result<()> {
         &ops,
         INGRESS_SA,
         &[
-            ("get", "secrets", &apps, true),
-            ("update", "configmaps", &apps, true),
+            ("get", "secrets", &ops, true),
+            ("update", "configmaps", &ops, true),
             ("list", DBXI, &apps, true),
+            ("get", "secrets", &apps, false),
             ("get", "secrets", &other, false),
             ("list", DBXI, "", false),
+            ("update", "configmaps", &apps, false),
             ("update", "configmaps", &other, false),
-            ("create", "leases.coordination.k8s.io", &ops, true),
+            ("create", "leases.coordination.k8s.io", &ops, false),
         ],
     )?;
     Ok(())

@@ -184,14 +184,14 @@ impl Projector<'_> {
         if self.memo.get(&uid).secret != Some(digest) {
             let secrets: Api<Secret> = Api::namespaced(self.client.clone(), self.namespace);
             let secret_name = contract::instance_secret_name(&uid);
-            if let Some(existing) = secrets.get_opt(&secret_name).await? {
-                if !ours_for(&existing.metadata, &uid) {
-                    return Ok(EventsStep {
-                        ready: conflict("Secret", self.namespace, &secret_name),
-                        webhook_path: webhook,
-                        retry: None,
-                    });
-                }
+            if let Some(existing) = secrets.get_opt(&secret_name).await?
+                && !ours_for(&existing.metadata, &uid)
+            {
+                return Ok(EventsStep {
+                    ready: conflict("Secret", self.namespace, &secret_name),
+                    webhook_path: webhook,
+                    retry: None,
+                });
             }
             let secret = Secret {
                 metadata: ObjectMeta {
