@@ -16,7 +16,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use support::condition;
 use support::dropbox::Emulator;
@@ -35,18 +35,12 @@ struct Fixture {
     ns: String,
     emu: Emulator,
     instances: Api<DropboxElementInstance>,
-    _controller: Process,
+    controller: Process,
 }
 
-async fn fixture(test: &str) -> Fixture {
-    let client = support::client().await;
-    support::install_crd(&client).await.expect("install CRD");
-    let ns = support::namespace(&client, test).await;
-    let emu = Emulator::start().await;
-    emu.add_app(APP_KEY, APP_SECRET);
-    emu.add_account(ACCOUNT, "ada@example.com", "Ada Lovelace");
-    emu.add_account(OTHER_ACCOUNT, "alan@example.com", "Alan Turing");
-    let controller = OperatorProcess::new(&ns, &emu.url)
+/// The controller as every test here runs it.
+fn controller_process(ns: &str, emu: &Emulator) -> OperatorProcess {
+    OperatorProcess::new(ns, &emu.url)
         .env(
             "INGRESS_IMAGE",
             "registry.example.com/dropbox-operator:test",
@@ -58,14 +52,23 @@ async fn fixture(test: &str) -> Fixture {
             r#"{"requests":{"cpu":"50m","memory":"64Mi"}}"#,
         )
         .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8")
-        .start()
-        .await;
+}
+
+async fn fixture(test: &str) -> Fixture {
+    let client = support::client().await;
+    support::install_crd(&client).await.expect("install CRD");
+    let ns = support::namespace(&client, test).await;
+    let emu = Emulator::start().await;
+    emu.add_app(APP_KEY, APP_SECRET);
+    emu.add_account(ACCOUNT, "ada@example.com", "Ada Lovelace");
+    emu.add_account(OTHER_ACCOUNT, "alan@example.com", "Alan Turing");
+    let controller = controller_process(&ns, &emu).start().await;
     let f = Fixture {
         instances: Api::namespaced(client.clone(), &ns),
         client,
         ns,
         emu,
-        _controller: controller,
+        controller,
     };
     f.put_secret(
         "dropbox-app",
@@ -885,5 +888,167 @@ async fn callbacks_to_internal_addresses_are_refused_unless_allowed() -> Result<
         assert!(message.contains("not allowed"), "{name}: {message}");
     }
     assert!(receiver.all().is_empty(), "a forbidden callback was called");
+    Ok(())
+}
+
+/// An upgrade from a version that kept the cursor in `<name>-dropbox-events` in
+/// the instance's namespace keeps its position: changes made after that cursor
+/// are delivered, changes before it are not replayed, and the old ConfigMap goes.
+#[tokio::test]
+async fn a_cursor_in_the_pre_0_2_configmap_keeps_its_position_after_upgrade() -> Result<()> {
+    let mut f = fixture("cursor-migration").await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    let mut ingress = f.ingress().start().await;
+    f.instance("legacy", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("legacy", "Ready", "True", None).await?;
+    let uid = f.uid("legacy").await;
+
+    // The old version stops.
+    f.controller.kill();
+    ingress.kill();
+
+    // What it left: a cursor in the instance's namespace, taken after one change
+    // and before two others.
+    f.emu.upload(ACCOUNT, "/before-the-cursor.txt", b"old");
+    let token = Api::<Secret>::namespaced(f.client.clone(), &f.ns)
+        .get("legacy-dropbox-token")
+        .await?
+        .data
+        .and_then(|d| d.get("access_token").cloned())
+        .context("access token")?;
+    let old_cursor: Value = support::dropbox::http_client()
+        .post(format!(
+            "{}/2/files/list_folder/get_latest_cursor",
+            f.emu.url
+        ))
+        .bearer_auth(String::from_utf8(token.0)?)
+        .json(&json!({"path": "", "recursive": true}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let old_cursor = old_cursor["cursor"].as_str().context("cursor")?.to_owned();
+    f.emu.upload(ACCOUNT, "/after-1.txt", b"new");
+    f.emu.upload(ACCOUNT, "/after-2.txt", b"new");
+    let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
+    configmaps
+        .delete(&contract::cursor_configmap_name(&uid), &Default::default())
+        .await?;
+    let instance = f.instances.get("legacy").await?;
+    let legacy: ConfigMap = serde_json::from_value(json!({
+        "metadata": {
+            "name": "legacy-dropbox-events",
+            "labels": {"app.kubernetes.io/managed-by": "dropbox-operator",
+                       "elements.dropbox-operator.dev/instance": "legacy"},
+            "ownerReferences": [instance.controller_owner_ref(&())]
+        },
+        "data": {"cursor": old_cursor, "accountId": ACCOUNT}
+    }))?;
+    configmaps.create(&PostParams::default(), &legacy).await?;
+
+    // The new version starts.
+    f.controller = controller_process(&f.ns, &f.emu).start().await;
+    let ingress = f.ingress().start().await;
+    let moved = support::eventually(
+        "the cursor to move to the operator namespace",
+        Duration::from_secs(30),
+        || async { Ok(f.cursor("legacy").await) },
+        Option::is_some,
+    )
+    .await?;
+    assert_eq!(
+        moved.as_deref(),
+        Some(old_cursor.as_str()),
+        "the position is kept"
+    );
+    support::eventually(
+        "the old ConfigMap to be removed",
+        Duration::from_secs(30),
+        || support::get_opt(&configmaps, "legacy-dropbox-events"),
+        Option::is_none,
+    )
+    .await?;
+
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    let events = wait_events(&receiver, 2, Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let paths: Vec<String> = receiver
+        .accepted_events()
+        .iter()
+        .filter_map(|e| e["data"]["path_display"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(paths, ["/after-1.txt", "/after-2.txt"], "{events:?}");
+    Ok(())
+}
+
+/// A Secret or ConfigMap the operator would write but did not make is never
+/// overwritten or adopted: the condition names it, and no code is spent.
+#[tokio::test]
+async fn objects_the_operator_did_not_make_are_never_taken_over() -> Result<()> {
+    let f = fixture("takeover").await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
+
+    // Someone else's Secret where the token Secret would go.
+    f.put_secret("squatter-dropbox-token", &[("mine", "keep-me")])
+        .await;
+    f.instance("squatter", ACCOUNT, &receiver.url, "elements")
+        .await;
+    let refused = f
+        .wait_condition("squatter", "Authorized", "False", Some("ResourceConflict"))
+        .await?;
+    let message = condition(&refused, "Authorized")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("squatter-dropbox-token"), "{message}");
+    assert!(
+        f.emu.calls_to("/oauth2/token").is_empty(),
+        "no code may be sent while its tokens could not be stored"
+    );
+    let kept = secrets.get("squatter-dropbox-token").await?;
+    assert_eq!(
+        kept.data
+            .unwrap_or_default()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["mine"]
+    );
+    // Once it is gone, the same code works: it was never burned.
+    secrets
+        .delete("squatter-dropbox-token", &Default::default())
+        .await?;
+    let _ingress = f.ingress().start().await;
+    f.wait_condition("squatter", "Ready", "True", None).await?;
+
+    // Someone else's Secret where the projection goes: left alone, EventsReady says so.
+    let uid = f.uid("squatter").await;
+    let projected = contract::instance_secret_name(&uid);
+    secrets.delete(&projected, &Default::default()).await?;
+    f.put_secret(&projected, &[("foreign", "data")]).await;
+    // A rotated signature key makes the controller write the projection again.
+    f.put_secret(
+        "events-key",
+        &[("event.notification.signature.key", "rotated-signing-key")],
+    )
+    .await;
+    let conflicted = f
+        .wait_condition("squatter", "EventsReady", "False", Some("ResourceConflict"))
+        .await?;
+    let message = condition(&conflicted, "EventsReady")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains(&projected), "{message}");
+    let untouched = secrets.get(&projected).await?;
+    assert_eq!(
+        untouched
+            .data
+            .unwrap_or_default()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["foreign"]
+    );
     Ok(())
 }
