@@ -1,4 +1,4 @@
-//! The `DropboxElementInstance` custom resource (DESIGN §2 and §3).
+//! The `DropboxElementInstance` custom resource (README, "Resource reference").
 //!
 //! The CRD YAML in `crds/` is generated from these types by `dropbox-operator crd`;
 //! doc comments become the descriptions `kubectl explain` prints, and the

@@ -1,4 +1,4 @@
-//! Condition types and the fixed list of reasons (DESIGN §3), and the helpers
+//! Condition types and the fixed list of reasons (README, "Conditions and reasons"), and the helpers
 //! that keep `lastTransitionTime` stable and decide whether status changed.
 
 use std::fmt;

@@ -1,5 +1,5 @@
 //! `dropbox-operator import`: turns a Cloud Elements instance JSON (the body
-//! POSTed to `/instances`, DESIGN §8) into the Secrets and the
+//! POSTed to `/instances`, README "Coming from Cloud Elements") into the Secrets and the
 //! `DropboxElementInstance` that `kubectl apply -f -` accepts.
 //!
 //! Secret values go into Secrets (`stringData`, type Opaque), never into the
@@ -802,7 +802,7 @@ mod tests {
     const CODE: &str = "q1T9f0x_AAAAAAAAAAAJr8ZyN4mVc2Hs7kQ1pLwXbE";
     const SIGNING_KEY: &str = "wh-sign-8f1c2d7e";
 
-    /// The DESIGN §8 example with real-looking values.
+    /// The documented Cloud Elements example with real-looking values.
     fn seed() -> Value {
         json!({
             "element": {"key": "dropbox"},

@@ -13,7 +13,7 @@ use kube::Resource;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{Value, json};
 
-/// A manifest with every DESIGN §2 field set.
+/// A manifest with every spec field set.
 fn full_manifest(name: &str) -> Value {
     json!({
         "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
@@ -361,7 +361,7 @@ async fn imported_cloud_elements_instance_is_accepted_by_the_api_server() -> Res
     let client = support::client().await;
     support::install_crd(&client).await?;
     let ns = support::namespace(&client, "import").await;
-    // The instance JSON as Cloud Elements documents it (DESIGN §8), with values.
+    // The instance JSON as Cloud Elements documents it (README, "Coming from Cloud Elements"), with values.
     let json = r#"{
       "element": { "key": "dropbox" },
       "providerData": { "code": "Xo0C2mBkUiAAAAAAAAAAFm3pQwz9Lr7Tn5VhY1cD8sK" },

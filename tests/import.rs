@@ -1,4 +1,4 @@
-//! `dropbox-operator import` as a user runs it: the built binary on the DESIGN §8
+//! `dropbox-operator import` as a user runs it: the built binary on the documented Cloud Elements
 //! instance JSON (real-looking values), its YAML parsed back. No Kubernetes here.
 
 use std::collections::BTreeMap;
@@ -16,7 +16,7 @@ const CLIENT_SECRET: &str = "hq04ptz8c1n6yre";
 const CODE: &str = "Xo0C2mBkUiAAAAAAAAAAFm3pQwz9Lr7Tn5VhY1cD8sK";
 const SIGNATURE_KEY: &str = "evt-sig-3b9d0c71f2a8";
 
-/// DESIGN §8's example, placeholders replaced.
+/// The documented Cloud Elements example, placeholders replaced.
 const INSTANCE_JSON: &str = r#"{
   "element": { "key": "dropbox" },
   "providerData": { "code": "Xo0C2mBkUiAAAAAAAAAAFm3pQwz9Lr7Tn5VhY1cD8sK" },
