@@ -9,6 +9,7 @@
 //! its verifier cannot make a test pass.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -100,6 +101,25 @@ struct Shared {
     base: String,
     received: Arc<Mutex<Vec<Delivery>>>,
     behaviour: Arc<Mutex<Behaviour>>,
+    /// Requests being handled right now (e.g. held by a stall).
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a request as in flight until it is answered or dropped (the client
+/// went away).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(counter: &Arc<AtomicUsize>) -> InFlight {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct Server {
@@ -154,6 +174,7 @@ impl Receiver {
             base: format!("http://{addr}"),
             received: Arc::default(),
             behaviour: Arc::default(),
+            in_flight: Arc::default(),
         };
         let server = serve(listener, shared.clone());
         Receiver {
@@ -260,6 +281,11 @@ impl Receiver {
         *self.server.lock().expect("server lock") = serve(listener, self.shared.clone());
     }
 
+    /// Requests being handled right now (arrived, not yet answered).
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
     /// Every request received, including refused ones.
     pub fn all(&self) -> Vec<Delivery> {
         self.shared.received.lock().expect("received lock").clone()
@@ -339,6 +365,7 @@ async fn receive(
     body: Bytes,
 ) -> Response {
     let arrived = Instant::now();
+    let _in_flight = InFlight::enter(&shared.in_flight);
     let header = |name: &str| {
         headers
             .get(name)
