@@ -8,6 +8,7 @@
 //! - [`import`]: converts a Cloud Elements instance JSON into Secrets and a CR.
 //! - [`ingress`]: the webhook ingress (verification, syncs, delivery).
 //! - [`metrics`], [`server`]: Prometheus metrics and the probe/metrics HTTP server.
+//! - [`yaml`]: the YAML the `crd` and `import` subcommands write.
 
 pub mod api;
 pub mod cli;
@@ -20,3 +21,4 @@ pub mod metrics;
 pub mod retry;
 pub mod server;
 pub mod tls;
+pub mod yaml;
