@@ -208,7 +208,7 @@ pub struct Notification {
 /// "events": [...], "raw": <the Dropbox webhook body>}}`.
 ///
 /// CloudEvents format (`application/cloudevents+json`): one structured-mode
-/// CloudEvents 1.0 object with `specversion` "1.0", `id` = eventId, `source` =
+/// CloudEvents 1.0 object, built and serialized by the official `cloudevents-sdk`, with `specversion` "1.0", `id` = eventId, `source` =
 /// the instance's API path, `type` = [`CLOUDEVENTS_TYPE`], `subject` =
 /// accountId, `time` = `sent_at`, `datacontenttype` "application/json" and
 /// `data` = the Elements body above, so one parser serves both formats.
@@ -228,15 +228,15 @@ pub fn notifications(
         .map(|(batch_index, batch)| {
             let id = event_id(&instance.uid, cursor_before, batch_index);
             let message = elements_body(instance, &id, batch, raw);
-            let document = match format {
-                Format::Elements => message,
+            // Compact JSON; signatures are computed over exactly these bytes.
+            let body = match format {
+                Format::Elements => message.to_string().into_bytes(),
                 Format::CloudEvents => cloud_event(instance, &id, sent_at, message),
             };
             Notification {
                 event_id: id,
                 content_type: format.content_type(),
-                // Compact JSON; signatures are computed over exactly these bytes.
-                body: document.to_string().into_bytes(),
+                body,
                 event_count: batch.len(),
             }
         })
@@ -263,22 +263,27 @@ fn elements_body(
     })
 }
 
-fn cloud_event(instance: &InstanceInfo, id: &str, sent_at: Timestamp, data: Value) -> Value {
-    json!({
-        "specversion": "1.0",
-        "id": id,
+/// The CloudEvents document, built and serialized by the official SDK
+/// (`cloudevents-sdk`): the bytes it writes are the bytes signed and sent.
+fn cloud_event(instance: &InstanceInfo, id: &str, sent_at: Timestamp, data: Value) -> Vec<u8> {
+    use cloudevents::{EventBuilder as _, EventBuilderV10};
+    let event = EventBuilderV10::new()
+        .id(id)
         // The instance's own API path: (source, id) is unique per notification,
         // as CloudEvents requires.
-        "source": format!(
+        .source(format!(
             "/apis/elements.dropbox-operator.dev/v1alpha1/namespaces/{}/dropboxelementinstances/{}",
             instance.namespace, instance.name
-        ),
-        "type": CLOUDEVENTS_TYPE,
-        "subject": instance.account_id,
-        "time": sent_at.to_string(),
-        "datacontenttype": "application/json",
-        "data": data,
-    })
+        ))
+        .ty(CLOUDEVENTS_TYPE)
+        .subject(instance.account_id.as_str())
+        // jiff writes RFC 3339, which is what the SDK parses.
+        .time(sent_at.to_string())
+        .data("application/json", data)
+        .build()
+        // id, source and type are set and the time is RFC 3339: nothing to refuse.
+        .expect("a complete CloudEvent");
+    serde_json::to_vec(&event).expect("a CloudEvent serializes to JSON")
 }
 
 /// Signature headers for one delivery of `body`.
