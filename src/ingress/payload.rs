@@ -208,10 +208,12 @@ pub struct Notification {
 /// "events": [...], "raw": <the Dropbox webhook body>}}`.
 ///
 /// CloudEvents format (`application/cloudevents+json`): one structured-mode
-/// CloudEvents 1.0 object, built and serialized by the official `cloudevents-sdk`, with `specversion` "1.0", `id` = eventId, `source` =
-/// the instance's API path, `type` = [`CLOUDEVENTS_TYPE`], `subject` =
-/// accountId, `time` = `sent_at`, `datacontenttype` "application/json" and
-/// `data` = the Elements body above, so one parser serves both formats.
+/// CloudEvents 1.0 object, built and serialized by the official
+/// `cloudevents-sdk`, with `specversion` "1.0", `id` = eventId, `source` = the
+/// instance's API path, `type` = [`CLOUDEVENTS_TYPE`], `subject` = accountId,
+/// `time` = `sent_at` in whole milliseconds, `datacontenttype`
+/// "application/json" and `data` = the Elements body above, so one parser
+/// serves both formats.
 ///
 /// The i-th notification's id is [`event_id`]`(uid, cursor_before, i)`.
 pub fn notifications(
@@ -277,8 +279,14 @@ fn cloud_event(instance: &InstanceInfo, id: &str, sent_at: Timestamp, data: Valu
         ))
         .ty(CLOUDEVENTS_TYPE)
         .subject(instance.account_id.as_str())
-        // jiff writes RFC 3339, which is what the SDK parses.
-        .time(sent_at.to_string())
+        // Whole milliseconds, which every SDK keeps exactly (JavaScript's Date
+        // has no finer unit, Python's datetime stops at microseconds). jiff
+        // writes RFC 3339, which is what the SDK parses.
+        .time(
+            Timestamp::from_millisecond(sent_at.as_millisecond())
+                .unwrap_or(sent_at)
+                .to_string(),
+        )
         .data("application/json", data)
         .build()
         // id, source and type are set and the time is RFC 3339: nothing to refuse.
@@ -608,6 +616,21 @@ mod tests {
                 serde_json::from_slice::<Value>(&plain.body).unwrap()
             );
         }
+    }
+
+    #[test]
+    fn cloudevents_time_is_whole_milliseconds() {
+        let events = standardize(&[file(0)], at("2024-03-01T10:00:00Z"));
+        let sent = notifications(
+            &instance(),
+            &events,
+            &json!({}),
+            Format::CloudEvents,
+            "c",
+            at("2024-03-01T10:00:05.123456789Z"),
+        );
+        let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
+        assert_eq!(body["time"], "2024-03-01T10:00:05.123Z");
     }
 
     #[test]
