@@ -270,9 +270,10 @@ pub struct Notification {
 /// "events": [...], "raw": <the Dropbox webhook body>}}`.
 ///
 /// CloudEvents format (`application/cloudevents+json`): one structured-mode
-/// CloudEvents 1.0 object with `specversion` "1.0", `id` = eventId, `source` =
-/// the instance's API path, `type` = [`CLOUDEVENTS_TYPE`], `subject` =
-/// accountId, `time` = the latest eventDate of its events,
+/// CloudEvents 1.0 object, built and serialized by the official
+/// `cloudevents-sdk`, with `specversion` "1.0", `id` = eventId, `source` = the
+/// instance's API path, `type` = [`CLOUDEVENTS_TYPE`], `subject` = accountId,
+/// `time` = the latest eventDate of its events in whole milliseconds,
 /// `datacontenttype` "application/json" and `data` = the Elements body above,
 /// so one parser serves both formats.
 ///
@@ -289,8 +290,9 @@ pub fn notifications(
         .map(|batch| {
             let id = notification_id(instance, format, raw, batch);
             let message = elements_body(instance, &id, batch, raw);
-            let document = match format {
-                Format::Elements => message,
+            // Compact JSON; signatures are computed over exactly these bytes.
+            let body = match format {
+                Format::Elements => message.to_string().into_bytes(),
                 Format::CloudEvents => {
                     let time = batch
                         .iter()
@@ -303,8 +305,7 @@ pub fn notifications(
             Notification {
                 event_id: id,
                 content_type: format.content_type(),
-                // Compact JSON; signatures are computed over exactly these bytes.
-                body: document.to_string().into_bytes(),
+                body,
                 event_count: batch.len(),
             }
         })
@@ -331,22 +332,33 @@ fn elements_body(
     })
 }
 
-fn cloud_event(instance: &InstanceInfo, id: &str, time: Timestamp, data: Value) -> Value {
-    json!({
-        "specversion": "1.0",
-        "id": id,
+/// The CloudEvents document, built and serialized by the official SDK
+/// (`cloudevents-sdk`): the bytes it writes are the bytes signed and sent.
+fn cloud_event(instance: &InstanceInfo, id: &str, time: Timestamp, data: Value) -> Vec<u8> {
+    use cloudevents::{EventBuilder as _, EventBuilderV10};
+    let event = EventBuilderV10::new()
+        .id(id)
         // The instance's own API path: (source, id) is unique per notification,
         // as CloudEvents requires.
-        "source": format!(
+        .source(format!(
             "/apis/elements.dropbox-operator.dev/v1alpha1/namespaces/{}/dropboxelementinstances/{}",
             instance.namespace, instance.name
-        ),
-        "type": CLOUDEVENTS_TYPE,
-        "subject": instance.account_id,
-        "time": time.to_string(),
-        "datacontenttype": "application/json",
-        "data": data,
-    })
+        ))
+        .ty(CLOUDEVENTS_TYPE)
+        .subject(instance.account_id.as_str())
+        // Whole milliseconds, which every SDK keeps exactly (JavaScript's Date
+        // has no finer unit, Python's datetime stops at microseconds). jiff
+        // writes RFC 3339, which is what the SDK parses.
+        .time(
+            Timestamp::from_millisecond(time.as_millisecond())
+                .unwrap_or(time)
+                .to_string(),
+        )
+        .data("application/json", data)
+        .build()
+        // id, source and type are set and the time is RFC 3339: nothing to refuse.
+        .expect("a complete CloudEvent");
+    serde_json::to_vec(&event).expect("a CloudEvent serializes to JSON")
 }
 
 /// Signature headers for one delivery of `body`.
@@ -716,6 +728,16 @@ mod tests {
             data["message"]["eventId"] = json!(plain.event_id);
             assert_eq!(data, serde_json::from_slice::<Value>(&plain.body).unwrap());
         }
+    }
+
+    #[test]
+    fn cloudevents_time_is_whole_milliseconds() {
+        let mut entry = file(0);
+        entry["server_modified"] = json!("2024-03-01T10:00:05.123456789Z");
+        let events = standardize(&[entry], &origin());
+        let sent = notifications(&instance(), &events, &json!({}), Format::CloudEvents);
+        let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
+        assert_eq!(body["time"], "2024-03-01T10:00:05.123Z");
     }
 
     #[test]
