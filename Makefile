@@ -4,7 +4,7 @@ CONTROLPLANE_BIN ?= $(CURDIR)/target/controlplane/bin
 export CONTROLPLANE_BIN
 CARGO ?= cargo
 
-.PHONY: demo dev test lint bench controlplane crd build
+.PHONY: demo dev test lint bench controlplane crd build testdeps
 
 ## demo: the whole story offline: control plane, operator, ingress, Dropbox emulator, a signed event
 demo: controlplane
@@ -17,7 +17,7 @@ dev: controlplane
 	$(CARGO) run --quiet --example dev-cluster
 
 ## test: build what is missing, then run every test against a real control plane
-test: controlplane
+test: controlplane testdeps
 	$(CARGO) test --all-targets --no-fail-fast
 
 ## bench: the benchmarks (release build, real control plane); results in target/bench/
@@ -29,6 +29,17 @@ bench: controlplane
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+## testdeps: the pinned Python and Node libraries tests/interop.rs checks deliveries with
+testdeps: target/interop/venv/.installed tests/interop/node_modules/.package-lock.json
+
+target/interop/venv/.installed: tests/interop/requirements.txt
+	python3 -m venv target/interop/venv
+	target/interop/venv/bin/pip install --quiet --disable-pip-version-check -r tests/interop/requirements.txt
+	touch $@
+
+tests/interop/node_modules/.package-lock.json: tests/interop/package-lock.json
+	npm ci --prefix tests/interop --no-audit --no-fund
 
 ## controlplane: build etcd, kube-apiserver, kube-controller-manager, kubectl and helm (only when missing)
 controlplane:

@@ -358,9 +358,9 @@ pub struct EventsStatus {
 }
 
 /// Renders the CRD as YAML, exactly as checked in under `crds/`.
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+pub fn crd_yaml() -> Result<String, crate::yaml::Error> {
     use kube::CustomResourceExt;
-    serde_yaml::to_string(&DropboxElementInstance::crd())
+    crate::yaml::to_string(&DropboxElementInstance::crd())
 }
 
 #[cfg(test)]

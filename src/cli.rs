@@ -155,6 +155,17 @@ pub struct IngressArgs {
     #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 32)]
     pub max_concurrent_syncs: usize,
 
+    /// How often (jittered by up to a fifth) the replica syncs every
+    /// events-enabled instance it is responsible for without a webhook; it also
+    /// does so at start, so delivery resumes after any restart.
+    #[arg(long, env = "RESYNC_INTERVAL", default_value = "3m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// On SIGTERM, how long in-flight deliveries may take to finish and commit
+    /// (keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
     /// Timeout of one delivery to a callback URL.
     #[arg(long, env = "DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub delivery_timeout: Duration,

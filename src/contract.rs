@@ -66,6 +66,9 @@ pub fn cursor_configmap_name(uid: &str) -> String {
 pub const CURSOR_KEY: &str = "cursor";
 /// Key of the account the cursor belongs to.
 pub const ACCOUNT_KEY: &str = "accountId";
+/// Key of the time the cursor was committed (RFC 3339): the eventDate of the
+/// folder and deletion events listed from it (docs/architecture.md, "Delivery").
+pub const COMMITTED_AT_KEY: &str = "committedAt";
 
 /// Webhook path of an app: Dropbox is configured to call
 /// `https://<ingress address>/webhooks/dropbox/<appKey>`.

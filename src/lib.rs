@@ -9,6 +9,7 @@
 //! - [`import`]: converts a Cloud Elements instance JSON into Secrets and a CR.
 //! - [`ingress`]: the webhook ingress (verification, syncs, delivery).
 //! - [`metrics`], [`server`]: Prometheus metrics and the probe/metrics HTTP server.
+//! - [`yaml`]: the YAML the `crd` and `import` subcommands write.
 
 pub mod api;
 pub mod cli;
@@ -23,3 +24,4 @@ pub mod retry;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod yaml;

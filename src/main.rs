@@ -93,6 +93,8 @@ fn ingress_options(args: &IngressArgs) -> Result<ingress::RunOptions, BoxError> 
             body_timeout: args.webhook_body_timeout,
             concurrent_syncs: args.max_concurrent_syncs.max(1),
         },
+        resync_interval: args.resync_interval.max(std::time::Duration::from_secs(1)),
+        drain_timeout: args.drain_timeout,
         delivery: ingress::sync::DeliveryConfig {
             timeout: args.delivery_timeout,
             base_backoff: args.delivery_base_backoff,

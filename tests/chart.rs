@@ -21,9 +21,8 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
-use serde::Deserialize as _;
+use serde_json::Value as Yaml;
 use serde_json::json;
-use serde_yaml::Value as Yaml;
 use support::condition_is;
 use support::controlplane;
 use support::dropbox::Emulator;
@@ -97,8 +96,9 @@ fn template(namespace: &str, extra: &[&str]) -> Result<String> {
 
 /// The rendered objects, as YAML values.
 fn documents(rendered: &str) -> Vec<Yaml> {
-    serde_yaml::Deserializer::from_str(rendered)
-        .filter_map(|d| Yaml::deserialize(d).ok())
+    serde_saphyr::from_multiple::<Yaml>(rendered)
+        .expect("helm renders YAML")
+        .into_iter()
         .filter(|v| !v.is_null())
         .collect()
 }
@@ -118,10 +118,10 @@ fn controller_env(docs: &[Yaml]) -> Result<Vec<(String, String)>> {
         .find(|d| kind_of(d) == "Deployment")
         .context("no Deployment rendered")?;
     let containers = deployment["spec"]["template"]["spec"]["containers"]
-        .as_sequence()
+        .as_array()
         .context("containers")?;
     ensure!(containers.len() == 1, "one container expected");
-    let env = containers[0]["env"].as_sequence().context("env")?;
+    let env = containers[0]["env"].as_array().context("env")?;
     Ok(env
         .iter()
         .filter_map(|e| {
@@ -177,7 +177,7 @@ fn chart_crd_is_byte_identical_to_the_generated_crd() {
 #[test]
 fn chart_version_matches_the_crate() {
     let chart: Yaml =
-        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+        serde_saphyr::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
             .expect("Chart.yaml");
     assert_eq!(chart["apiVersion"].as_str(), Some("v2"));
     assert_eq!(
@@ -236,10 +236,10 @@ fn ingress_has_no_cluster_wide_secrets_configmaps_or_leases() -> Result<()> {
     );
     let resources = |d: &Yaml| -> Vec<String> {
         d["rules"]
-            .as_sequence()
+            .as_array()
             .into_iter()
             .flatten()
-            .flat_map(|r| r["resources"].as_sequence().cloned().unwrap_or_default())
+            .flat_map(|r| r["resources"].as_array().cloned().unwrap_or_default())
             .filter_map(|r| r.as_str().map(str::to_owned))
             .collect()
     };
@@ -358,10 +358,10 @@ fn rendered_controller_settings_are_accepted_by_the_binary() -> Result<()> {
         Some("RuntimeDefault")
     );
     let field_refs: Vec<&str> = container["env"]
-        .as_sequence()
+        .as_array()
         .context("env")?
         .iter()
-        .filter(|e| e["valueFrom"]["fieldRef"].is_mapping())
+        .filter(|e| e["valueFrom"]["fieldRef"].is_object())
         .filter_map(|e| e["name"].as_str())
         .collect();
     assert_eq!(field_refs, ["POD_NAMESPACE", "POD_NAME"]);

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 
 use dropbox_operator::api::{AuthenticationType, DropboxElementInstance, EventFormat};
 use k8s_openapi::api::core::v1::Secret;
-use serde::Deserialize;
+use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dropbox-operator");
 
@@ -64,10 +64,8 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// Every YAML document of the output, as generic values.
-fn documents(yaml: &str) -> Vec<serde_yaml::Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| serde_yaml::Value::deserialize(doc).expect("valid YAML document"))
-        .collect()
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple(yaml).expect("valid YAML documents")
 }
 
 fn instance_file() -> tempfile::NamedTempFile {
@@ -119,7 +117,7 @@ fn the_documented_instance_json_becomes_secrets_and_an_instance() {
         .map(|d| {
             assert_eq!(d["apiVersion"].as_str(), Some("v1"));
             assert_eq!(d["kind"].as_str(), Some("Secret"));
-            let s: Secret = serde_yaml::from_value(d.clone()).expect("a Secret");
+            let s: Secret = serde_json::from_value(d.clone()).expect("a Secret");
             (s.metadata.name.clone().expect("name"), s)
         })
         .collect();
@@ -158,7 +156,7 @@ fn the_documented_instance_json_becomes_secrets_and_an_instance() {
         Some("elements.dropbox-operator.dev/v1alpha1")
     );
     assert_eq!(cr["kind"].as_str(), Some("DropboxElementInstance"));
-    let cr_text = serde_yaml::to_string(cr).expect("CR as YAML");
+    let cr_text = serde_json::to_string(cr).expect("CR as text");
     for value in [CLIENT_ID, CLIENT_SECRET, CODE, SIGNATURE_KEY] {
         assert!(
             !cr_text.contains(value),
@@ -166,7 +164,7 @@ fn the_documented_instance_json_becomes_secrets_and_an_instance() {
         );
     }
     let instance: DropboxElementInstance =
-        serde_yaml::from_value(cr.clone()).expect("a DropboxElementInstance");
+        serde_json::from_value(cr.clone()).expect("a DropboxElementInstance");
     assert_eq!(instance.metadata.name.as_deref(), Some("marketing-dropbox"));
     assert_eq!(instance.metadata.namespace.as_deref(), Some("marketing"));
     assert_eq!(instance.status, None);
@@ -287,8 +285,8 @@ fn an_api_key_instance_gets_a_token_secret() {
     assert_eq!(auth["apiKeySecretRef"]["key"].as_str(), Some("apiKey"));
     assert!(docs[1]["spec"].get("events").is_none());
     assert!(
-        !serde_yaml::to_string(&docs[1])
-            .expect("yaml")
+        !serde_json::to_string(&docs[1])
+            .expect("text")
             .contains("sl.u.")
     );
 }
@@ -334,4 +332,25 @@ fn bad_input_fails_with_the_field_named_and_nothing_on_stdout() {
     let out = run(&["import", "/nonexistent/instance.json"], None);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("cannot read /nonexistent/instance.json"));
+}
+
+/// The output, byte for byte, for an instance full of strings that YAML readers
+/// could misread (`tests/import/tricky-instance.yaml` was written by the
+/// serde_yaml-based import this one replaced; kubectl must keep reading them the same).
+#[test]
+fn output_is_byte_for_byte_the_same_for_tricky_strings() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/import");
+    let input = dir.join("tricky-instance.json");
+    let out = run(
+        &[
+            "import",
+            input.to_str().expect("path"),
+            "--namespace",
+            "marketing",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected = std::fs::read_to_string(dir.join("tricky-instance.yaml")).expect("expected");
+    assert_eq!(text(&out.stdout), expected);
 }

@@ -29,8 +29,8 @@ use super::inputs::Problem;
 use crate::api::DropboxElementInstance;
 use crate::conditions::{Desired, EVENTS_READY, Reason};
 use crate::contract::{
-    self, ACCESS_TOKEN_KEY, ACCOUNT_KEY, APP_SECRET_KEY, CONTROLLER_FIELD_MANAGER, CURSOR_KEY,
-    INGRESS_NAME, INSTANCE_UID_LABEL, SIGNATURE_KEY_KEY,
+    self, ACCESS_TOKEN_KEY, ACCOUNT_KEY, APP_SECRET_KEY, COMMITTED_AT_KEY,
+    CONTROLLER_FIELD_MANAGER, CURSOR_KEY, INGRESS_NAME, INSTANCE_UID_LABEL, SIGNATURE_KEY_KEY,
 };
 use crate::dropbox::{DropboxClient, DropboxError};
 
@@ -345,6 +345,10 @@ impl Projector<'_> {
             data: Some(BTreeMap::from([
                 (CURSOR_KEY.to_owned(), cursor),
                 (ACCOUNT_KEY.to_owned(), account_id.to_owned()),
+                (
+                    COMMITTED_AT_KEY.to_owned(),
+                    jiff::Timestamp::now().to_string(),
+                ),
             ])),
             ..Default::default()
         };

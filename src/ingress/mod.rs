@@ -26,7 +26,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,10 @@ pub struct RunOptions {
     pub delivery: sync::DeliveryConfig,
     pub heartbeat_interval: Duration,
     pub limits: Limits,
+    /// Sync every instance this replica is responsible for this often (and at start).
+    pub resync_interval: Duration,
+    /// Bound on finishing in-flight deliveries after SIGTERM.
+    pub drain_timeout: Duration,
 }
 
 /// Bounds on what hostile or heavy traffic can make one replica do.
@@ -75,18 +79,21 @@ pub enum RunError {
     Server(#[from] std::io::Error),
 }
 
-/// Runs the ingress until SIGTERM/SIGINT.
+/// Runs the ingress until SIGTERM/SIGINT, then drains: no new webhook or sync,
+/// in-flight deliveries finish and commit within the drain timeout.
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let client = Client::try_default().await?;
     let mut registry = Registry::default();
     let metrics = IngressMetrics::register(&mut registry);
     let ready = Arc::new(Readiness::default());
+    // SIGTERM: stop taking work. `stop`: the drain time is up (or drained).
+    let draining = CancellationToken::new();
     let stop = CancellationToken::new();
     tokio::spawn({
-        let stop = stop.clone();
+        let draining = draining.clone();
         async move {
             server::shutdown_signal().await;
-            stop.cancel();
+            draining.cancel();
         }
     });
 
@@ -121,28 +128,35 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         options.delivery.clone(),
         store.clone(),
         options.limits.concurrent_syncs,
+        draining.clone(),
         stop.clone(),
     );
+    let membership = Arc::new(Membership::new(&options.identity));
 
     tokio::spawn({
         let store = store.clone();
         let ready = ready.clone();
+        let syncer = syncer.clone();
+        let membership = membership.clone();
+        let draining = draining.clone();
+        let interval = options.resync_interval;
         async move {
             crate::store::wait_until_ready(&store).await;
             ready.set(true);
             tracing::info!("instances cache synced; ready");
+            resync(&store, &syncer, &membership, interval, &draining).await;
         }
     });
     let heartbeat = tokio::spawn(heartbeat(
         client.clone(),
         options.operator_namespace.clone(),
-        options.identity.clone(),
+        membership.clone(),
         options.heartbeat_interval,
-        stop.clone(),
+        draining.clone(),
     ));
 
     let webhooks = webhook::routes(webhook::State {
-        syncer,
+        syncer: syncer.clone(),
         store,
         metrics,
         permits: Arc::new(tokio::sync::Semaphore::new(
@@ -151,35 +165,123 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         body_timeout: options.limits.body_timeout,
     });
     let probes: axum::Router = server::probe_routes(Arc::new(registry), ready);
-    let (served, probes_served) = tokio::join!(
+    let drain_timeout = options.drain_timeout;
+    let (served, probes_served, ()) = tokio::join!(
         async {
-            let r = server::serve(options.listen_addr, webhooks, stop.clone()).await;
-            stop.cancel();
+            let r = server::serve(options.listen_addr, webhooks, draining.clone()).await;
+            draining.cancel();
             r
         },
         async {
             let r = server::serve(options.metrics_addr, probes, stop.clone()).await;
-            stop.cancel();
+            draining.cancel();
             r
+        },
+        async {
+            draining.cancelled().await;
+            tracing::info!(timeout = ?drain_timeout, "draining: finishing in-flight deliveries");
+            match tokio::time::timeout(drain_timeout, syncer.drained()).await {
+                Ok(()) => tracing::info!("drained"),
+                Err(_) => tracing::warn!(
+                    "deliveries still running at the drain timeout; stopping them (they are redelivered)"
+                ),
+            }
+            stop.cancel();
         },
     );
     let _ = tokio::time::timeout(Duration::from_secs(5), heartbeat).await;
     served.and(probes_served).map_err(Into::into)
 }
 
+/// The live replicas, as the heartbeats ConfigMap lists them, and which of them
+/// is responsible for an instance: rendezvous hashing, so when a replica comes
+/// or goes only its share of instances moves. Webhooks are served by whichever
+/// replica receives them; responsibility decides the syncs a replica starts by
+/// itself (at start and on the resync interval).
+pub struct Membership {
+    me: String,
+    live: std::sync::Mutex<Vec<String>>,
+}
+
+impl Membership {
+    pub fn new(identity: &str) -> Self {
+        let me = contract::heartbeat_key(identity);
+        Membership {
+            live: std::sync::Mutex::new(vec![me.clone()]),
+            me,
+        }
+    }
+
+    /// Replaces the live set (this replica always counts as live).
+    pub fn set_live(&self, mut replicas: Vec<String>) {
+        if !replicas.contains(&self.me) {
+            replicas.push(self.me.clone());
+        }
+        *self.live.lock().expect("membership lock") = replicas;
+    }
+
+    /// Whether this replica is responsible for instance `uid`.
+    pub fn owns(&self, uid: &str) -> bool {
+        let live = self.live.lock().expect("membership lock");
+        let score = |replica: &str| {
+            use sha2::{Digest, Sha256};
+            let digest = Sha256::new()
+                .chain_update(replica.as_bytes())
+                .chain_update([0u8])
+                .chain_update(uid.as_bytes())
+                .finalize();
+            u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+        };
+        live.iter()
+            .max_by_key(|r| (score(r), r.as_str()))
+            .is_none_or(|owner| *owner == self.me)
+    }
+}
+
+/// Syncs every events-enabled instance this replica is responsible for, now and
+/// then on a jittered interval, so delivery resumes without a webhook after a
+/// restart, a crash or a failed delivery whose retries were lost.
+async fn resync(
+    store: &reflector::Store<DropboxElementInstance>,
+    syncer: &Arc<sync::Syncer>,
+    membership: &Membership,
+    interval: Duration,
+    draining: &CancellationToken,
+) {
+    loop {
+        let mut started = 0;
+        for instance in store.state() {
+            let enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled)
+                && instance.meta().deletion_timestamp.is_none();
+            if let Some(uid) = instance.uid().filter(|u| enabled && membership.owns(u)) {
+                syncer.trigger(&uid);
+                started += 1;
+            }
+        }
+        tracing::debug!(instances = started, "periodic sync started");
+        // Up to a fifth earlier, so replicas started together spread out.
+        let jitter = interval.mul_f64(rand::random::<f64>() / 5.0);
+        tokio::select! {
+            _ = tokio::time::sleep(interval - jitter) => {}
+            _ = draining.cancelled() => return,
+        }
+    }
+}
+
 /// Renews this replica's key in the heartbeats ConfigMap (an RFC 3339 expiry
 /// time; the controller turns it into EventsReady) and removes it on shutdown.
 /// A JSON merge patch of one key: replicas never overwrite each other, and the
-/// ingress needs no right on any Lease.
+/// ingress needs no right on any Lease. The answer lists every replica's key,
+/// which is how this replica learns who else is live.
 async fn heartbeat(
     client: Client,
     namespace: String,
-    identity: String,
+    membership: Arc<Membership>,
     interval: Duration,
     stop: CancellationToken,
 ) {
     let configmaps: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let key = contract::heartbeat_key(&identity);
+    let key = membership.me.clone();
     let validity = jiff::SignedDuration::try_from(interval * 3)
         .unwrap_or(jiff::SignedDuration::from_secs(15))
         .max(jiff::SignedDuration::from_secs(3));
@@ -190,9 +292,8 @@ async fn heartbeat(
             _ = tick.tick() => {}
             _ = stop.cancelled() => break,
         }
-        let expires = jiff::Timestamp::now()
-            .checked_add(validity)
-            .unwrap_or(jiff::Timestamp::MAX);
+        let now = jiff::Timestamp::now();
+        let expires = now.checked_add(validity).unwrap_or(jiff::Timestamp::MAX);
         let patch = json!({"data": {key.as_str(): expires.to_string()}});
         match configmaps
             .patch(
@@ -202,7 +303,10 @@ async fn heartbeat(
             )
             .await
         {
-            Ok(_) => warned = false,
+            Ok(cm) => {
+                warned = false;
+                membership.set_live(contract::live_replicas(&cm.data.unwrap_or_default(), now));
+            }
             // The controller creates it with the Deployment; until then, wait.
             Err(e) if !warned => {
                 warned = true;
@@ -251,4 +355,33 @@ pub fn instances_for(
                 })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_instance_has_exactly_one_responsible_replica() {
+        let replicas = ["ingress-a", "ingress-b", "ingress-c"];
+        let members: Vec<Membership> = replicas
+            .iter()
+            .map(|r| {
+                let m = Membership::new(r);
+                m.set_live(replicas.iter().map(|s| s.to_string()).collect());
+                m
+            })
+            .collect();
+        let mut per_replica = [0usize; 3];
+        for i in 0..300 {
+            let uid = format!("uid-{i}");
+            let owners: Vec<usize> = (0..3).filter(|&r| members[r].owns(&uid)).collect();
+            assert_eq!(owners.len(), 1, "{uid}: {owners:?}");
+            per_replica[owners[0]] += 1;
+        }
+        assert!(per_replica.iter().all(|&n| n > 50), "{per_replica:?}");
+        // A replica that is alone owns everything.
+        let alone = Membership::new("solo");
+        assert!((0..10).all(|i| alone.owns(&format!("uid-{i}"))));
+    }
 }

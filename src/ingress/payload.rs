@@ -79,6 +79,9 @@ pub struct InstanceInfo {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StandardEvent {
+    /// Names this event's content (see [`standardize`]); the same change
+    /// delivered again carries the same id.
+    pub event_id: String,
     /// `UPDATED`, `DELETED` or `UNKNOWN`.
     pub event_type: String,
     /// `files` or `folders`.
@@ -90,6 +93,17 @@ pub struct StandardEvent {
     pub data: Value,
 }
 
+/// Where a page of changes was listed from: the instance, the committed cursor
+/// and when that cursor was committed. Everything a page's events contain is
+/// a function of this and of Dropbox's answer, so whichever replica lists the
+/// same page, before or after a crash, builds the same events.
+#[derive(Clone, Copy, Debug)]
+pub struct PageOrigin<'a> {
+    pub instance_uid: &'a str,
+    pub cursor: &'a str,
+    pub committed_at: Timestamp,
+}
+
 /// Turns `list_folder/continue` entries into events, in order.
 ///
 /// `file` and `folder` entries are `UPDATED` (objectType `files` / `folders`);
@@ -97,15 +111,24 @@ pub struct StandardEvent {
 /// DeletedMetadata does not say whether a file or a folder went away.
 /// objectId is the entry's `id`, or its `path_lower` when it has none (deleted
 /// entries never do). eventDate is `server_modified` when present (files),
-/// else `observed_at`. Entries with an unknown or missing `.tag` are skipped.
-pub fn standardize(entries: &[Value], observed_at: Timestamp) -> Vec<StandardEvent> {
+/// else the time the cursor the page was listed from was committed (Dropbox
+/// gives no time for folders and deletions; this one is the same for everyone
+/// who lists that page). Entries with an unknown or missing `.tag` are skipped.
+///
+/// eventId: a UUIDv8 from SHA-256 over the instance uid and the event. A file
+/// entry names one version (`rev`), so its id depends on nothing else: a change
+/// listed twice, from any cursor, has one id. Folders and deletions have no
+/// version, so their id also covers the cursor the page was listed from: one
+/// deletion listed from two cursors gets two ids (deleting twice is harmless),
+/// and two deletions of one path never share an id.
+pub fn standardize(entries: &[Value], origin: &PageOrigin) -> Vec<StandardEvent> {
     entries
         .iter()
-        .filter_map(|entry| standardize_entry(entry, observed_at))
+        .filter_map(|entry| standardize_entry(entry, origin))
         .collect()
 }
 
-fn standardize_entry(entry: &Value, observed_at: Timestamp) -> Option<StandardEvent> {
+fn standardize_entry(entry: &Value, origin: &PageOrigin) -> Option<StandardEvent> {
     let tag = entry.get(".tag").and_then(Value::as_str);
     let (event_type, object_type) = match tag {
         Some("file") => ("UPDATED", "files"),
@@ -124,52 +147,51 @@ fn standardize_entry(entry: &Value, observed_at: Timestamp) -> Option<StandardEv
         .unwrap_or_default();
     // Dropbox already sends RFC 3339 ("2015-05-12T15:50:38Z"); parsing it
     // keeps that promise even if a value ever comes malformed.
-    let event_date = text("server_modified")
-        .and_then(|date| date.parse::<Timestamp>().ok())
-        .unwrap_or(observed_at);
-    Some(StandardEvent {
+    let server_date = text("server_modified").and_then(|date| date.parse::<Timestamp>().ok());
+    let versioned = server_date.is_some() && text("rev").is_some();
+    let mut event = StandardEvent {
+        event_id: String::new(),
         event_type: event_type.to_owned(),
         object_type: object_type.to_owned(),
         object_id: object_id.to_owned(),
-        event_date: event_date.to_string(),
+        event_date: server_date.unwrap_or(origin.committed_at).to_string(),
         data: entry.clone(),
-    })
+    };
+    event.event_id = event_id(origin, &event, !versioned);
+    Some(event)
 }
 
 /// The single event sent after Dropbox answered `reset` and the cursor was
 /// re-baselined: changes since the last delivery may be missing, so the
 /// receiver has to re-read what it cares about.
-pub fn reset_event(observed_at: Timestamp) -> StandardEvent {
-    StandardEvent {
+pub fn reset_event(origin: &PageOrigin) -> StandardEvent {
+    let mut event = StandardEvent {
+        event_id: String::new(),
         event_type: "UNKNOWN".to_owned(),
         object_type: "files".to_owned(),
         object_id: String::new(),
-        event_date: observed_at.to_string(),
+        event_date: origin.committed_at.to_string(),
         data: json!({
             "reason": "reset",
             "message": "Dropbox reset the change cursor; changes made before this event \
                         may not have been reported. Re-read the folders you track.",
         }),
-    }
+    };
+    event.event_id = event_id(origin, &event, true);
+    event
 }
 
-/// Deterministic event id from (instance uid, cursor the sync started from,
-/// batch index): a redelivery after a crash re-runs the same sync from the
-/// same committed cursor and so carries the same id, letting receivers drop
-/// duplicates.
-///
-/// The id is a UUIDv8 (RFC 9562 §5.8, the version for custom, e.g. hash-based,
-/// layouts) made of the first 128 bits of a SHA-256 over the inputs. It
-/// reveals nothing of the cursor (a cursor is a credential-like handle to the
-/// account's changes) and contains no `.`, which the Standard Webhooks spec
-/// requires of a message id because `.` separates the signed fields.
-pub fn event_id(instance_uid: &str, cursor_before: &str, batch_index: usize) -> String {
-    let index = (batch_index as u64).to_be_bytes();
+/// SHA-256 over length-prefixed fields, as a UUIDv8 (RFC 9562 §5.8, the
+/// version for custom, e.g. hash-based, layouts). It reveals nothing of its
+/// inputs (a cursor is a credential-like handle to the account's changes) and
+/// contains no `.`, which the Standard Webhooks spec requires of a message id
+/// because `.` separates the signed fields.
+fn hashed_uuid(label: &[u8], fields: &[&[u8]]) -> String {
     // The label versions the scheme; length prefixes keep ("ab", "c") and
     // ("a", "bc") apart.
     let mut hash = Sha256::new();
-    hash.update(b"dropbox-operator event-id v1");
-    for field in [instance_uid.as_bytes(), cursor_before.as_bytes(), &index] {
+    hash.update(label);
+    for field in fields {
         hash.update((field.len() as u64).to_be_bytes());
         hash.update(field);
     }
@@ -187,6 +209,46 @@ pub fn event_id(instance_uid: &str, cursor_before: &str, batch_index: usize) -> 
         &hex[16..20],
         &hex[20..]
     )
+}
+
+/// An event's id: its content (serialized with sorted keys) and the instance,
+/// plus the cursor the page came from when the event names no version.
+fn event_id(origin: &PageOrigin, event: &StandardEvent, with_cursor: bool) -> String {
+    let content = serde_json::to_vec(event).unwrap_or_default();
+    let cursor = if with_cursor {
+        origin.cursor.as_bytes()
+    } else {
+        b""
+    };
+    hashed_uuid(
+        b"dropbox-operator event v2",
+        &[origin.instance_uid.as_bytes(), &content, cursor],
+    )
+}
+
+/// A notification's id (`message.eventId`, `Elements-Webhook-Id`, `webhook-id`,
+/// CloudEvents `id`): everything its body says, i.e. the instance as shown, the
+/// format, `raw` and its events' ids. Same id, same body; another body, another id.
+pub fn notification_id(
+    instance: &InstanceInfo,
+    format: Format,
+    raw: &Value,
+    events: &[StandardEvent],
+) -> String {
+    let raw = raw.to_string();
+    let tags = instance.tags.join("\n");
+    let mut fields: Vec<&[u8]> = vec![
+        instance.uid.as_bytes(),
+        instance.namespace.as_bytes(),
+        instance.name.as_bytes(),
+        instance.display_name.as_bytes(),
+        tags.as_bytes(),
+        instance.account_id.as_bytes(),
+        format.content_type().as_bytes(),
+        raw.as_bytes(),
+    ];
+    fields.extend(events.iter().map(|e| e.event_id.as_bytes()));
+    hashed_uuid(b"dropbox-operator notification v2", &fields)
 }
 
 /// A ready-to-send notification.
@@ -208,35 +270,42 @@ pub struct Notification {
 /// "events": [...], "raw": <the Dropbox webhook body>}}`.
 ///
 /// CloudEvents format (`application/cloudevents+json`): one structured-mode
-/// CloudEvents 1.0 object with `specversion` "1.0", `id` = eventId, `source` =
-/// the instance's API path, `type` = [`CLOUDEVENTS_TYPE`], `subject` =
-/// accountId, `time` = `sent_at`, `datacontenttype` "application/json" and
-/// `data` = the Elements body above, so one parser serves both formats.
+/// CloudEvents 1.0 object, built and serialized by the official
+/// `cloudevents-sdk`, with `specversion` "1.0", `id` = eventId, `source` = the
+/// instance's API path, `type` = [`CLOUDEVENTS_TYPE`], `subject` = accountId,
+/// `time` = the latest eventDate of its events in whole milliseconds,
+/// `datacontenttype` "application/json" and `data` = the Elements body above,
+/// so one parser serves both formats.
 ///
-/// The i-th notification's id is [`event_id`]`(uid, cursor_before, i)`.
+/// Every notification's id is [`notification_id`] of its events; nothing in a
+/// body depends on when it is sent.
 pub fn notifications(
     instance: &InstanceInfo,
     events: &[StandardEvent],
     raw: &Value,
     format: Format,
-    cursor_before: &str,
-    sent_at: Timestamp,
 ) -> Vec<Notification> {
     events
         .chunks(MAX_EVENTS_PER_NOTIFICATION)
-        .enumerate()
-        .map(|(batch_index, batch)| {
-            let id = event_id(&instance.uid, cursor_before, batch_index);
+        .map(|batch| {
+            let id = notification_id(instance, format, raw, batch);
             let message = elements_body(instance, &id, batch, raw);
-            let document = match format {
-                Format::Elements => message,
-                Format::CloudEvents => cloud_event(instance, &id, sent_at, message),
+            // Compact JSON; signatures are computed over exactly these bytes.
+            let body = match format {
+                Format::Elements => message.to_string().into_bytes(),
+                Format::CloudEvents => {
+                    let time = batch
+                        .iter()
+                        .filter_map(|e| e.event_date.parse::<Timestamp>().ok())
+                        .max()
+                        .unwrap_or(Timestamp::UNIX_EPOCH);
+                    cloud_event(instance, &id, time, message)
+                }
             };
             Notification {
                 event_id: id,
                 content_type: format.content_type(),
-                // Compact JSON; signatures are computed over exactly these bytes.
-                body: document.to_string().into_bytes(),
+                body,
                 event_count: batch.len(),
             }
         })
@@ -263,22 +332,33 @@ fn elements_body(
     })
 }
 
-fn cloud_event(instance: &InstanceInfo, id: &str, sent_at: Timestamp, data: Value) -> Value {
-    json!({
-        "specversion": "1.0",
-        "id": id,
+/// The CloudEvents document, built and serialized by the official SDK
+/// (`cloudevents-sdk`): the bytes it writes are the bytes signed and sent.
+fn cloud_event(instance: &InstanceInfo, id: &str, time: Timestamp, data: Value) -> Vec<u8> {
+    use cloudevents::{EventBuilder as _, EventBuilderV10};
+    let event = EventBuilderV10::new()
+        .id(id)
         // The instance's own API path: (source, id) is unique per notification,
         // as CloudEvents requires.
-        "source": format!(
+        .source(format!(
             "/apis/elements.dropbox-operator.dev/v1alpha1/namespaces/{}/dropboxelementinstances/{}",
             instance.namespace, instance.name
-        ),
-        "type": CLOUDEVENTS_TYPE,
-        "subject": instance.account_id,
-        "time": sent_at.to_string(),
-        "datacontenttype": "application/json",
-        "data": data,
-    })
+        ))
+        .ty(CLOUDEVENTS_TYPE)
+        .subject(instance.account_id.as_str())
+        // Whole milliseconds, which every SDK keeps exactly (JavaScript's Date
+        // has no finer unit, Python's datetime stops at microseconds). jiff
+        // writes RFC 3339, which is what the SDK parses.
+        .time(
+            Timestamp::from_millisecond(time.as_millisecond())
+                .unwrap_or(time)
+                .to_string(),
+        )
+        .data("application/json", data)
+        .build()
+        // id, source and type are set and the time is RFC 3339: nothing to refuse.
+        .expect("a complete CloudEvent");
+    serde_json::to_vec(&event).expect("a CloudEvent serializes to JSON")
 }
 
 /// Signature headers for one delivery of `body`.
@@ -434,9 +514,16 @@ mod tests {
         }
     }
 
+    fn origin() -> PageOrigin<'static> {
+        PageOrigin {
+            instance_uid: "8f2c1d2e-0000-4000-8000-000000000001",
+            cursor: "AAGcursor",
+            committed_at: at("2024-03-01T10:00:00Z"),
+        }
+    }
+
     #[test]
     fn standardize_maps_entries_in_order_and_skips_unknown_kinds() {
-        let observed = at("2024-03-01T10:00:00Z");
         let folder = json!({".tag": "folder", "name": "Docs", "id": "id:folder1",
                             "path_lower": "/docs", "path_display": "/Docs"});
         let deleted = json!({".tag": "deleted", "name": "old.txt",
@@ -450,101 +537,130 @@ mod tests {
             json!({"no": "tag"}),
         ];
 
-        let events = standardize(&entries, observed);
+        let events = standardize(&entries, &origin());
 
+        let shape: Vec<(&str, &str, &str, &str, &Value)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.event_type.as_str(),
+                    e.object_type.as_str(),
+                    e.object_id.as_str(),
+                    e.event_date.as_str(),
+                    &e.data,
+                )
+            })
+            .collect();
         assert_eq!(
-            events,
+            shape,
             vec![
-                StandardEvent {
-                    event_type: "UPDATED".into(),
-                    object_type: "folders".into(),
-                    object_id: "id:folder1".into(),
-                    event_date: "2024-03-01T10:00:00Z".into(),
-                    data: folder,
-                },
-                StandardEvent {
-                    event_type: "UPDATED".into(),
-                    object_type: "files".into(),
-                    object_id: "id:file1".into(),
-                    event_date: "2015-05-12T15:50:38Z".into(),
-                    data: file(1),
-                },
-                StandardEvent {
-                    event_type: "DELETED".into(),
-                    object_type: "files".into(),
-                    object_id: "/docs/old.txt".into(),
-                    event_date: "2024-03-01T10:00:00Z".into(),
-                    data: deleted,
-                },
+                (
+                    "UPDATED",
+                    "folders",
+                    "id:folder1",
+                    "2024-03-01T10:00:00Z",
+                    &folder
+                ),
+                (
+                    "UPDATED",
+                    "files",
+                    "id:file1",
+                    "2015-05-12T15:50:38Z",
+                    &file(1)
+                ),
+                (
+                    "DELETED",
+                    "files",
+                    "/docs/old.txt",
+                    "2024-03-01T10:00:00Z",
+                    &deleted
+                ),
             ]
         );
-        // The wire names are camelCase.
-        let wire = serde_json::to_value(&events[0]).unwrap();
-        let keys: Vec<_> = wire.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(keys.len(), 5);
-        for key in ["eventType", "objectType", "objectId", "eventDate", "data"] {
-            assert!(wire.get(key).is_some(), "missing {key}");
-        }
+        let ids: std::collections::HashSet<&str> =
+            events.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids.len(), 3, "every event has its own id");
     }
 
     #[test]
-    fn reset_event_is_one_unknown_event() {
-        let event = reset_event(at("2024-03-01T10:00:00Z"));
+    fn a_file_version_has_one_id_whatever_cursor_lists_it() {
+        let later = PageOrigin {
+            cursor: "AAGlater",
+            committed_at: at("2024-03-02T00:00:00Z"),
+            ..origin()
+        };
+        let first = &standardize(&[file(1)], &origin())[0];
+        let again = &standardize(&[file(1)], &later)[0];
+        assert_eq!(first, again, "same change, same id and same content");
+        // Pinned, computed independently with Python's hashlib and json (sorted
+        // keys, compact) from the documented layout: changing the scheme would
+        // break duplicate detection across upgrades.
+        assert_eq!(first.event_id, "cb156457-6ed0-8f22-98a5-0e75eafbe794");
+        let mut changed = file(1);
+        changed["rev"] = json!("b2");
+        assert_ne!(
+            standardize(&[changed], &origin())[0].event_id,
+            first.event_id
+        );
+        let other_instance = PageOrigin {
+            instance_uid: "another-uid",
+            ..origin()
+        };
+        assert_ne!(
+            standardize(&[file(1)], &other_instance)[0].event_id,
+            first.event_id
+        );
+        assert!(!first.event_id.contains('.'));
+    }
+
+    #[test]
+    fn deletions_are_told_apart_by_the_cursor_they_were_listed_from() {
+        let deleted =
+            json!({".tag": "deleted", "name": "a", "path_lower": "/a", "path_display": "/a"});
+        let once = &standardize(std::slice::from_ref(&deleted), &origin())[0];
+        let same_page = &standardize(std::slice::from_ref(&deleted), &origin())[0];
+        assert_eq!(once, same_page, "the same page gives the same events");
+        let later = PageOrigin {
+            cursor: "AAGlater",
+            ..origin()
+        };
+        let twice = &standardize(std::slice::from_ref(&deleted), &later)[0];
+        assert_ne!(once.event_id, twice.event_id);
+        assert!(!once.event_id.contains("AAG"));
+    }
+
+    #[test]
+    fn reset_event_says_re_read() {
+        let event = reset_event(&origin());
         assert_eq!(event.event_type, "UNKNOWN");
-        assert_eq!(event.object_type, "files");
         assert_eq!(event.object_id, "");
         assert_eq!(event.event_date, "2024-03-01T10:00:00Z");
         assert_eq!(event.data["reason"], "reset");
-    }
-
-    #[test]
-    fn event_id_is_deterministic_and_hides_the_cursor() {
-        let uid = "8f2c1d2e-0000-4000-8000-000000000001";
-        let cursor = "AAGcursor";
-        let id = event_id(uid, cursor, 0);
-        assert_eq!(id, event_id(uid, cursor, 0));
-        // Pinned (computed with Python's hashlib from the documented layout):
-        // changing the scheme would break duplicate detection across upgrades.
-        assert_eq!(id, "da7a2f0f-611a-89d0-ac67-09d926faffe6");
-        assert_ne!(id, event_id(uid, cursor, 1));
-        assert_ne!(id, event_id(uid, "AAGother", 0));
-        assert_ne!(id, event_id("another-uid", cursor, 0));
-        assert_ne!(event_id("ab", "c", 0), event_id("a", "bc", 0));
-        assert!(!id.contains(cursor));
-        assert!(!id.contains('.'));
+        assert_eq!(event, reset_event(&origin()));
     }
 
     #[test]
     fn forty_five_events_make_three_elements_notifications() {
-        let events = standardize(
-            &(0..45).map(file).collect::<Vec<_>>(),
-            at("2024-03-01T10:00:00Z"),
-        );
+        let events = standardize(&(0..45).map(file).collect::<Vec<_>>(), &origin());
         let raw =
             json!({"list_folder": {"accounts": ["dbid:AAH4f99T0taONIb-OurWxbNQ6ywGRopQngc"]}});
 
-        let sent = notifications(
-            &instance(),
-            &events,
-            &raw,
-            Format::Elements,
-            "AAGcursor",
-            at("2024-03-01T10:00:05Z"),
-        );
+        let sent = notifications(&instance(), &events, &raw, Format::Elements);
 
         assert_eq!(
             sent.iter().map(|n| n.event_count).collect::<Vec<_>>(),
             [20, 20, 5]
         );
         let mut next_event = 0;
-        for (index, notification) in sent.iter().enumerate() {
-            assert_eq!(
-                notification.event_id,
-                event_id(&instance().uid, "AAGcursor", index)
-            );
-            assert_eq!(notification.content_type, "application/json");
+        for notification in &sent {
             let body: Value = serde_json::from_slice(&notification.body).unwrap();
             let message = &body["message"];
+            let batch = &events[next_event..next_event + notification.event_count];
+            assert_eq!(
+                notification.event_id,
+                notification_id(&instance(), Format::Elements, &raw, batch)
+            );
+            assert_eq!(notification.content_type, "application/json");
             assert_eq!(body.as_object().unwrap().len(), 1);
             assert_eq!(message["eventId"], notification.event_id.as_str());
             assert_eq!(message["elementKey"], "dropbox");
@@ -565,67 +681,68 @@ mod tests {
         assert_eq!(next_event, 45);
         assert_ne!(sent[0].event_id, sent[1].event_id);
         assert_ne!(sent[1].event_id, sent[2].event_id);
-        assert_ne!(sent[0].event_id, sent[2].event_id);
+        // Same events, same bodies: a redelivery is byte-for-byte the same.
+        let again = notifications(&instance(), &events, &raw, Format::Elements);
+        assert!(
+            sent.iter()
+                .zip(&again)
+                .all(|(a, b)| a.body == b.body && a.event_id == b.event_id)
+        );
+        // Anything else in the body changes the id.
+        let mut renamed = instance();
+        renamed.display_name = "Renamed".into();
+        assert_ne!(
+            notifications(&renamed, &events, &raw, Format::Elements)[0].event_id,
+            sent[0].event_id
+        );
     }
 
     #[test]
     fn cloudevents_wrap_the_elements_body() {
-        let events = standardize(
-            &(0..45).map(file).collect::<Vec<_>>(),
-            at("2024-03-01T10:00:00Z"),
-        );
+        let events = standardize(&(0..45).map(file).collect::<Vec<_>>(), &origin());
         let raw = json!({"list_folder": {"accounts": []}});
-        let sent_at = at("2024-03-01T10:00:05Z");
-        let elements = notifications(
-            &instance(),
-            &events,
-            &raw,
-            Format::Elements,
-            "AAGcursor",
-            sent_at,
-        );
+        let elements = notifications(&instance(), &events, &raw, Format::Elements);
 
-        let sent = notifications(
-            &instance(),
-            &events,
-            &raw,
-            Format::CloudEvents,
-            "AAGcursor",
-            sent_at,
-        );
+        let sent = notifications(&instance(), &events, &raw, Format::CloudEvents);
 
         assert_eq!(sent.len(), 3);
         for (notification, plain) in sent.iter().zip(&elements) {
             assert_eq!(notification.content_type, "application/cloudevents+json");
-            assert_eq!(notification.event_id, plain.event_id);
             let body: Value = serde_json::from_slice(&notification.body).unwrap();
             assert_eq!(body["specversion"], "1.0");
             assert_eq!(body["id"], notification.event_id.as_str());
+            assert_eq!(
+                body["data"]["message"]["eventId"],
+                notification.event_id.as_str()
+            );
             assert_eq!(
                 body["source"],
                 "/apis/elements.dropbox-operator.dev/v1alpha1/namespaces/team-a/dropboxelementinstances/marketing"
             );
             assert_eq!(body["type"], "dev.dropbox-operator.elements.dropbox.events");
             assert_eq!(body["subject"], "dbid:AAH4f99T0taONIb-OurWxbNQ6ywGRopQngc");
-            assert_eq!(body["time"], "2024-03-01T10:00:05Z");
+            // The time of the latest change in it, not of sending.
+            assert_eq!(body["time"], "2015-05-12T15:50:38Z");
             assert_eq!(body["datacontenttype"], "application/json");
-            assert_eq!(
-                body["data"],
-                serde_json::from_slice::<Value>(&plain.body).unwrap()
-            );
+            let mut data = body["data"].clone();
+            data["message"]["eventId"] = json!(plain.event_id);
+            assert_eq!(data, serde_json::from_slice::<Value>(&plain.body).unwrap());
         }
     }
 
     #[test]
+    fn cloudevents_time_is_whole_milliseconds() {
+        let mut entry = file(0);
+        entry["server_modified"] = json!("2024-03-01T10:00:05.123456789Z");
+        let events = standardize(&[entry], &origin());
+        let sent = notifications(&instance(), &events, &json!({}), Format::CloudEvents);
+        let body: Value = serde_json::from_slice(&sent[0].body).unwrap();
+        assert_eq!(body["time"], "2024-03-01T10:00:05.123Z");
+    }
+
+    #[test]
     fn no_events_no_notifications() {
-        let sent = notifications(
-            &instance(),
-            &[],
-            &json!({}),
-            Format::Elements,
-            "c",
-            at("2024-03-01T10:00:05Z"),
-        );
+        let sent = notifications(&instance(), &[], &json!({}), Format::Elements);
         assert!(sent.is_empty());
     }
 

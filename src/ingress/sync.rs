@@ -27,7 +27,7 @@ use super::secrets::InstanceSecrets;
 use super::ssrf::{self, AddressPolicy};
 use crate::api::{DropboxElementInstance, EventFormat};
 use crate::conditions::{self, Desired, EVENTS_DELIVERING, Reason};
-use crate::contract::{self, CURSOR_KEY};
+use crate::contract::{self, COMMITTED_AT_KEY, CURSOR_KEY};
 use crate::dropbox::{DropboxClient, DropboxError};
 use crate::metrics::IngressMetrics;
 use crate::retry::{backoff_delay, error_chain};
@@ -61,6 +61,12 @@ pub struct Syncer {
     workers: Mutex<HashMap<String, Arc<Worker>>>,
     /// Bounds the syncs running at once in this replica.
     sync_permits: tokio::sync::Semaphore,
+    /// Worker tasks, so a shutdown can wait for them.
+    tasks: tokio_util::task::TaskTracker,
+    /// Cancelled on SIGTERM: no new sync starts, a failing delivery stops
+    /// retrying, a sync that is delivering finishes its page and commits.
+    draining: CancellationToken,
+    /// Cancelled when the drain time is up: everything stops at once.
     stop: CancellationToken,
 }
 
@@ -68,8 +74,8 @@ pub struct Syncer {
 #[derive(Default)]
 struct Worker {
     wake: Notify,
-    /// The latest webhook body and when the oldest unsynced one arrived.
-    pending: Mutex<Option<(Value, Instant)>>,
+    /// When the oldest trigger not yet synced arrived.
+    pending: Mutex<Option<Instant>>,
 }
 
 /// Why a sync stopped early; it is retried when the next trigger arrives or,
@@ -86,6 +92,17 @@ enum SyncError {
     Stopped,
 }
 
+/// When the cursor in `cm` was committed: its `committedAt`, else (a cursor
+/// from before that key existed) when the ConfigMap was created.
+fn committed_at(cm: &ConfigMap) -> jiff::Timestamp {
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(COMMITTED_AT_KEY))
+        .and_then(|t| t.parse().ok())
+        .or_else(|| cm.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+}
+
 impl Syncer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -98,6 +115,7 @@ impl Syncer {
         config: DeliveryConfig,
         instances: kube::runtime::reflector::Store<DropboxElementInstance>,
         concurrent_syncs: usize,
+        draining: CancellationToken,
         stop: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Syncer {
@@ -112,12 +130,17 @@ impl Syncer {
             instances,
             workers: Mutex::default(),
             sync_permits: tokio::sync::Semaphore::new(concurrent_syncs),
+            tasks: tokio_util::task::TaskTracker::new(),
+            draining,
             stop,
         })
     }
 
     /// Queues a sync of the instance with `uid` (never runs it inline).
-    pub fn trigger(self: &Arc<Self>, uid: &str, raw: &Value) {
+    pub fn trigger(self: &Arc<Self>, uid: &str) {
+        if self.draining.is_cancelled() {
+            return;
+        }
         let (worker, new) = {
             let mut workers = self.workers.lock().expect("workers lock");
             match workers.get(uid) {
@@ -129,19 +152,23 @@ impl Syncer {
                 }
             }
         };
-        {
-            let mut pending = worker.pending.lock().expect("pending lock");
-            let since = pending
-                .as_ref()
-                .map(|(_, t)| *t)
-                .unwrap_or_else(Instant::now);
-            *pending = Some((raw.clone(), since));
-        }
+        worker
+            .pending
+            .lock()
+            .expect("pending lock")
+            .get_or_insert_with(Instant::now);
         worker.wake.notify_one();
         if new {
-            tokio::spawn(self.clone().run_worker(uid.to_owned(), worker));
+            self.tasks
+                .spawn(self.clone().run_worker(uid.to_owned(), worker));
         }
         self.update_queue_depth();
+    }
+
+    /// Waits until every worker has finished (after `draining` was cancelled).
+    pub async fn drained(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     fn update_queue_depth(&self) {
@@ -158,9 +185,9 @@ impl Syncer {
         loop {
             tokio::select! {
                 _ = worker.wake.notified() => {}
-                _ = self.stop.cancelled() => return,
+                _ = self.draining.cancelled() => return,
             }
-            let Some((raw, since)) = worker.pending.lock().expect("pending lock").clone() else {
+            let Some(since) = *worker.pending.lock().expect("pending lock") else {
                 continue;
             };
             if self.instance(&uid).is_none() {
@@ -172,12 +199,15 @@ impl Syncer {
             }
             let permit = tokio::select! {
                 permit = self.sync_permits.acquire() => permit,
-                _ = self.stop.cancelled() => return,
+                _ = self.draining.cancelled() => return,
             };
             // Taken now: triggers from here on are a new sync.
             *worker.pending.lock().expect("pending lock") = None;
             self.update_queue_depth();
-            let result = self.sync(&uid, &raw, since).await;
+            let result = tokio::select! {
+                result = self.sync(&uid, since) => result,
+                _ = self.stop.cancelled() => Err(SyncError::Stopped),
+            };
             drop(permit);
             match result {
                 Ok(more) => {
@@ -187,7 +217,7 @@ impl Syncer {
                         .get_or_create(&crate::metrics::ResultLabels { result: "success" })
                         .inc();
                     if more {
-                        self.requeue(&worker, raw, since);
+                        self.requeue(&worker, since);
                     }
                 }
                 Err(SyncError::Stopped) => return,
@@ -210,20 +240,20 @@ impl Syncer {
                     tracing::warn!(instance_uid = %uid, error = %e, retry_in = ?delay, "sync failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = self.stop.cancelled() => return,
+                        _ = self.draining.cancelled() => return,
                     }
-                    self.requeue(&worker, raw, since);
+                    self.requeue(&worker, since);
                 }
             }
         }
     }
 
-    fn requeue(&self, worker: &Worker, raw: Value, since: Instant) {
-        let mut pending = worker.pending.lock().expect("pending lock");
-        if pending.is_none() {
-            *pending = Some((raw, since));
-        }
-        drop(pending);
+    fn requeue(&self, worker: &Worker, since: Instant) {
+        worker
+            .pending
+            .lock()
+            .expect("pending lock")
+            .get_or_insert(since);
         worker.wake.notify_one();
     }
 
@@ -250,7 +280,7 @@ impl Syncer {
 
     /// One sync. Returns whether more changes are waiting (another replica
     /// committed first, or the page budget ran out).
-    async fn sync(&self, uid: &str, raw: &Value, since: Instant) -> Result<bool, SyncError> {
+    async fn sync(&self, uid: &str, since: Instant) -> Result<bool, SyncError> {
         let Some(instance) = self.instance(uid) else {
             return Ok(false);
         };
@@ -288,12 +318,20 @@ impl Syncer {
             EventFormat::Elements => Format::Elements,
             EventFormat::CloudEvents => Format::CloudEvents,
         };
+        // The notification as this instance may see it: its own account only,
+        // the same whatever triggered the sync (a webhook, a restart, a resync).
+        let raw = json!({"list_folder": {"accounts": [info.account_id]}});
 
         let mut token = self.access_token(uid, false).await?;
         let mut refreshed_token = false;
         let mut delivered = false;
         let mut pages = 0;
         loop {
+            if self.draining.is_cancelled() {
+                // Shutting down: what is committed stays; the rest is for the next replica.
+                return Err(SyncError::Stopped);
+            }
+            let committed_at = committed_at(&cm);
             let cursor_before = cm
                 .data
                 .as_ref()
@@ -327,15 +365,18 @@ impl Syncer {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let now = jiff::Timestamp::now();
+            let origin = payload::PageOrigin {
+                instance_uid: uid,
+                cursor: &cursor_before,
+                committed_at,
+            };
             let standardized = if reset {
-                vec![payload::reset_event(now)]
+                vec![payload::reset_event(&origin)]
             } else {
-                payload::standardize(&entries, now)
+                payload::standardize(&entries, &origin)
             };
             drop(entries);
-            let notifications =
-                payload::notifications(&info, &standardized, raw, format, &cursor_before, now);
+            let notifications = payload::notifications(&info, &standardized, &raw, format);
             tracing::debug!(
                 events = standardized.len(),
                 notifications = notifications.len(),
@@ -359,10 +400,12 @@ impl Syncer {
             // Commit only after delivery, and only over the cursor this page started from.
             if cursor != cursor_before {
                 let mut updated = cm.clone();
-                updated
-                    .data
-                    .get_or_insert_with(Default::default)
-                    .insert(CURSOR_KEY.to_owned(), cursor);
+                let data = updated.data.get_or_insert_with(Default::default);
+                data.insert(CURSOR_KEY.to_owned(), cursor);
+                data.insert(
+                    COMMITTED_AT_KEY.to_owned(),
+                    jiff::Timestamp::now().to_string(),
+                );
                 match configmaps
                     .replace(&cm_name, &PostParams::default(), &updated)
                     .await
@@ -452,7 +495,8 @@ impl Syncer {
             self.metrics.delivery_retries.inc();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = self.stop.cancelled() => return Err(SyncError::Stopped),
+                // Not worth waiting for while shutting down: the next replica redelivers.
+                _ = self.draining.cancelled() => return Err(SyncError::Stopped),
             }
         }
     }

@@ -27,7 +27,6 @@ use axum::routing::get;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
-use serde_json::json;
 use tokio::sync::Semaphore;
 
 use super::payload::{dropbox_signature_matches, parse_dropbox_signature};
@@ -97,6 +96,9 @@ fn count(metrics: &IngressMetrics, result: &'static str) {
         .inc();
 }
 
+/// A refusal. The connection is closed after it: most refusals come before
+/// the body was read, and a client must not reuse a connection that still
+/// carries its unread body (nor does a refused client deserve a kept-alive one).
 fn refuse(
     metrics: &IngressMetrics,
     result: &'static str,
@@ -104,7 +106,7 @@ fn refuse(
     why: &'static str,
 ) -> Response {
     count(metrics, result);
-    (status, why).into_response()
+    (status, [(header::CONNECTION, "close")], why).into_response()
 }
 
 async fn notification(
@@ -150,7 +152,7 @@ async fn notification(
         count(m, "overloaded");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1")],
+            [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")],
             "too many webhooks in flight",
         )
             .into_response();
@@ -207,13 +209,10 @@ async fn notification(
             // with another tenant's secret. Nobody is triggered.
             return refuse(m, "forbidden", StatusCode::FORBIDDEN, "invalid signature");
         }
-        for instance in &verified {
-            if let (Some(uid), Some(account)) = (instance.uid(), account_of(instance)) {
-                // Dropbox batches many users' accounts into one notification; a
-                // tenant sees only its own.
-                let raw = json!({"list_folder": {"accounts": [account]}});
-                state.syncer.trigger(&uid, &raw);
-            }
+        // Each sync forwards, as `raw`, a notification that lists only that
+        // instance's own account: Dropbox batches many users' accounts into one.
+        for uid in verified.iter().filter_map(|i| i.uid()) {
+            state.syncer.trigger(&uid);
         }
         count(m, "accepted");
         tracing::debug!(app_key = %app_key, accounts = accounts.len(), triggered = verified.len(), "webhook accepted");
