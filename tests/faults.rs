@@ -43,6 +43,8 @@ const PAGE: usize = 2;
 const WAVE: usize = 12;
 /// How long a row may take to deliver everything once its fault is lifted.
 const SETTLE: Duration = Duration::from_secs(25);
+/// RESYNC_INTERVAL of the surviving replica in row 10b.
+const SURVIVOR_RESYNC: Duration = Duration::from_secs(15);
 /// Dropbox's default access-token lifetime (the emulator's default).
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(14_400);
 
@@ -669,6 +671,7 @@ async fn common_row(w: &World, no: usize, label: &str, fault: Fault) -> Result<R
             .push(format!("ingress log: {}", ingress.log.display()));
     }
     case.finish().await;
+    stop(ingress).await;
     Ok(row)
 }
 
@@ -709,6 +712,7 @@ async fn reset_row(w: &World, no: usize, label: &str) -> Result<Row> {
             .push(format!("ingress log: {}", ingress.log.display()));
     }
     case.finish().await;
+    stop(ingress).await;
     Ok(row)
 }
 
@@ -716,7 +720,19 @@ async fn reset_row(w: &World, no: usize, label: &str) -> Result<Row> {
 /// more changes happen while none runs (their webhooks go nowhere); a new
 /// ingress starts and must resume by itself, without a webhook.
 async fn restart_row(w: &World, no: usize, label: &str, graceful: bool) -> Result<Row> {
-    let mut ingress = w.ingress(&format!("ingress-{no:02}a")).start().await;
+    // A crashed container restarts in the same pod (same name); a stopped pod is
+    // replaced by one with a new name.
+    let pod_a = format!("faults-ingress-{no:02}a");
+    let pod_b = if graceful {
+        format!("faults-ingress-{no:02}b")
+    } else {
+        pod_a.clone()
+    };
+    let mut ingress = w
+        .ingress(&format!("ingress-{no:02}a"))
+        .env("POD_NAME", &pod_a)
+        .start()
+        .await;
     let mut case = w.case(no).await?;
     case.rx.stall(Some(Duration::from_secs(1)));
     case.upload(WAVE);
@@ -759,7 +775,11 @@ async fn restart_row(w: &World, no: usize, label: &str, graceful: bool) -> Resul
     let delivered_while_down = case.seen().first.len();
     case.upload(WAVE);
     case.rx.stall(Some(Duration::from_millis(100)));
-    let ingress = w.ingress(&format!("ingress-{no:02}b")).start().await;
+    let ingress = w
+        .ingress(&format!("ingress-{no:02}b"))
+        .env("POD_NAME", &pod_b)
+        .start()
+        .await;
     let restarted = Instant::now();
     let all = case.wait_all(0, SETTLE).await;
     if all {
@@ -780,7 +800,88 @@ async fn restart_row(w: &World, no: usize, label: &str, graceful: bool) -> Resul
             .push(format!("ingress log: {}", ingress.log.display()));
     }
     case.finish().await;
+    stop(ingress).await;
     Ok(row)
+}
+
+/// 10b: two replicas; the one responsible for the instance (rendezvous hashing
+/// over the live heartbeats, see src/ingress/mod.rs) is SIGKILLed mid-delivery
+/// and not restarted (its node is gone); the survivor gets no webhook and must
+/// take over by itself: at its next periodic resync (RESYNC_INTERVAL) after the
+/// dead replica's heartbeat expired.
+async fn handover_row(w: &World, no: usize, label: &str) -> Result<Row> {
+    use dropbox_operator::ingress::Membership;
+    let victim_pod = format!("faults-ingress-{no:02}-victim");
+    let mut victim = w
+        .ingress(&format!("ingress-{no:02}v"))
+        .env("POD_NAME", &victim_pod)
+        .start()
+        .await;
+    let mut case = w.case(no).await?;
+    // A survivor whose name makes the victim responsible for this instance.
+    let survivor_pod = (0..1000)
+        .map(|k| format!("faults-ingress-{no:02}-survivor-{k}"))
+        .find(|s| {
+            let m = Membership::new(s);
+            m.set_live(vec![
+                contract::heartbeat_key(&victim_pod),
+                contract::heartbeat_key(s),
+            ]);
+            !m.owns(&case.uid)
+        })
+        .context("no survivor name that leaves the instance to the victim")?;
+    let survivor = w
+        .ingress(&format!("ingress-{no:02}s"))
+        .env("POD_NAME", &survivor_pod)
+        .env(
+            "RESYNC_INTERVAL",
+            &format!("{}s", SURVIVOR_RESYNC.as_secs()),
+        )
+        .start()
+        .await;
+    // Both replicas know each other (a couple of heartbeats).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    case.rx.stall(Some(Duration::from_secs(1)));
+    case.upload(WAVE);
+    case.webhook(&victim).await?;
+    case.wait_accepted(1, Duration::from_secs(15)).await?;
+    ensure!(
+        until(Duration::from_secs(10), || case.rx.in_flight() > 0).await,
+        "no delivery in flight"
+    );
+    victim.kill();
+    let killed = Instant::now();
+    let delivered_at_kill = case.seen().first.len();
+    case.upload(WAVE);
+    case.rx.stall(Some(Duration::from_millis(100)));
+    let all = case.wait_all(0, SURVIVOR_RESYNC + SETTLE).await;
+    let mut row = case.tally(label, 0);
+    if all {
+        row.notes.push(format!(
+            "the survivor took over; all delivered {:.1}s after the kill (its heartbeat expired after 3s)",
+            killed.elapsed().as_secs_f64()
+        ));
+    } else {
+        row.notes.push(format!(
+            "{delivered_at_kill} delivered before the kill; the survivor did not take over within {}s \
+             (syncs: {})",
+            (SURVIVOR_RESYNC + SETTLE).as_secs(),
+            survivor
+                .metric_sum("dropbox_ingress_syncs_total", "")
+                .await
+        ));
+        row.notes
+            .push(format!("survivor log: {}", survivor.log.display()));
+    }
+    case.finish().await;
+    stop(survivor).await;
+    Ok(row)
+}
+
+/// Stops an ingress the way Kubernetes would (SIGTERM), so its heartbeat key
+/// is removed and the next row's replicas do not count it as live.
+async fn stop(mut process: Process) {
+    let _ = tokio::task::spawn_blocking(move || process.terminate(Duration::from_secs(10))).await;
 }
 
 /// 12: three replicas get the webhooks of one busy account round-robin while
@@ -837,6 +938,9 @@ async fn replicas_row(w: &World, no: usize, label: &str) -> Result<Row> {
         ));
     }
     case.finish().await;
+    for replica in replicas {
+        stop(replica).await;
+    }
     Ok(row)
 }
 
@@ -889,6 +993,7 @@ async fn refresh_row(w: &World, no: usize, label: &str) -> Result<Row> {
     }
     .await;
     w.emu.set_access_token_ttl(DEFAULT_TOKEN_TTL);
+    stop(ingress).await;
     result
 }
 
@@ -997,6 +1102,7 @@ async fn revoked_row(w: &World, no: usize, label: &str) -> Result<Row> {
             .push(format!("ingress log: {}", ingress.log.display()));
     }
     case.finish().await;
+    stop(ingress).await;
     Ok(row)
 }
 
@@ -1004,6 +1110,7 @@ async fn run() -> Result<()> {
     let started = Instant::now();
     let w = World::setup().await?;
     let secs = |d: Duration| d.as_secs();
+    // (number: names the row's instance and account; shown id; fault)
     let rows_spec: Vec<(usize, String)> = vec![
         (1, "callback 503 for 6 attempts".into()),
         (
@@ -1025,7 +1132,18 @@ async fn run() -> Result<()> {
             "cursor reset mid-stream (lost = changes after UNKNOWN; earlier ones only via UNKNOWN)"
                 .into(),
         ),
-        (10, "ingress SIGKILL mid-delivery, restarted, no webhook".into()),
+        (
+            10,
+            "ingress SIGKILL mid-delivery, restarted (same pod name), no webhook".into(),
+        ),
+        (
+            17,
+            format!(
+                "ingress SIGKILL mid-delivery (the instance's owner); survivor (RESYNC_INTERVAL {}s) \
+                 takes over, no webhook",
+                SURVIVOR_RESYNC.as_secs()
+            ),
+        ),
         (
             11,
             format!(
@@ -1043,15 +1161,21 @@ async fn run() -> Result<()> {
                 .into(),
         ),
     ];
-    let only: Option<HashSet<usize>> = std::env::var("FAULT_ROWS")
+    // FAULT_ROWS=1,10b,... runs only those rows (while working on one).
+    let only: Option<HashSet<String>> = std::env::var("FAULT_ROWS")
         .ok()
-        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
+        .map(|v| v.split(',').map(|n| n.trim().to_owned()).collect());
     let mut rows = Vec::new();
     for (no, fault) in rows_spec {
-        if only.as_ref().is_some_and(|o| !o.contains(&no)) {
+        let id = if no == 17 {
+            "10b".to_owned()
+        } else {
+            no.to_string()
+        };
+        if only.as_ref().is_some_and(|o| !o.contains(&id)) {
             continue;
         }
-        let label = format!("{no:>2} {fault}");
+        let label = format!("{id:>3} {fault}");
         let row_started = Instant::now();
         eprintln!("faults: row {label}");
         let d4 = Duration::from_secs(4);
@@ -1077,6 +1201,7 @@ async fn run() -> Result<()> {
                 10 => restart_row(&w, no, &label, false).await,
                 11 => restart_row(&w, no, &label, true).await,
                 12 => replicas_row(&w, no, &label).await,
+                17 => handover_row(&w, no, &label).await,
                 13 => common_row(&w, no, &label, Fault::ApiserverRestart).await,
                 14 => common_row(&w, no, &label, Fault::EtcdRestart).await,
                 15 => refresh_row(&w, no, &label).await,
