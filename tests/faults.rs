@@ -38,6 +38,8 @@ const CONTINUE: &str = "/2/files/list_folder/continue";
 /// The ingress's DELIVERY_TIMEOUT and DRAIN_TIMEOUT in these rows.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(2);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(4);
+/// The processes' DROPBOX_TIMEOUT (support::operator sets it).
+const DROPBOX_TIMEOUT: Duration = Duration::from_secs(3);
 /// Dropbox page size: every page is a notification of its own, so a wave is a
 /// stream of deliveries and commits, and faults land in the middle of it.
 const PAGE: usize = 2;
@@ -538,6 +540,8 @@ enum Fault {
     Callback3xx(Duration),
     Dropbox429(usize),
     Dropbox5xx(usize),
+    /// list_folder/continue answers only after DROPBOX_TIMEOUT, for a while.
+    DropboxSlow(Duration),
     ApiserverRestart,
     EtcdRestart,
 }
@@ -620,6 +624,11 @@ async fn common_row(w: &World, no: usize, label: &str, fault: Fault) -> Result<R
             w.emu.fail_next(CONTINUE, n, 503);
             None
         }
+        Fault::DropboxSlow(_) => {
+            w.emu
+                .set_latency(CONTINUE, DROPBOX_TIMEOUT + Duration::from_secs(1));
+            None
+        }
         Fault::ApiserverRestart => Some(tokio::task::spawn_blocking(|| {
             let t = Instant::now();
             support::cluster().restart_apiserver().map(|()| t.elapsed())
@@ -693,6 +702,10 @@ async fn common_row(w: &World, no: usize, label: &str, fault: Fault) -> Result<R
                 notes.push(format!("{n} list_folder/continue answered {status}"));
             }
         }
+        Fault::DropboxSlow(d) => {
+            tokio::time::sleep(d.saturating_sub(injected.elapsed())).await;
+            w.emu.set_latency(CONTINUE, Duration::ZERO);
+        }
         Fault::ApiserverRestart | Fault::EtcdRestart => {}
     }
     if let Some(restart) = restart {
@@ -751,6 +764,15 @@ async fn common_row(w: &World, no: usize, label: &str, fault: Fault) -> Result<R
                     "Retry-After not honoured: {} attempts, smallest gap {min:?}",
                     times.len()
                 ));
+            }
+        }
+        Fault::DropboxSlow(_) => {
+            let failed_syncs = ingress
+                .metric_sum("dropbox_ingress_syncs_total", "result=\"error\"")
+                .await;
+            notes.push(format!("{failed_syncs} syncs timed out"));
+            if failed_syncs < 1.0 {
+                failures.push("no sync timed out: the fault missed".into());
             }
         }
         Fault::Callback3xx(_) => {
@@ -1236,6 +1258,14 @@ async fn run() -> Result<()> {
         (7, format!("Dropbox 429 Retry-After ×3 while paging (page {PAGE})")),
         (8, format!("Dropbox 503 ×3 while paging (page {PAGE})")),
         (
+            18,
+            format!(
+                "Dropbox slower ({}s) than DROPBOX_TIMEOUT ({}s) while paging, for 6s",
+                secs(DROPBOX_TIMEOUT) + 1,
+                secs(DROPBOX_TIMEOUT)
+            ),
+        ),
+        (
             9,
             "cursor reset mid-stream (lost = changes after UNKNOWN; earlier ones only via UNKNOWN)"
                 .into(),
@@ -1275,10 +1305,10 @@ async fn run() -> Result<()> {
         .map(|v| v.split(',').map(|n| n.trim().to_owned()).collect());
     let mut rows = Vec::new();
     for (no, fault) in rows_spec {
-        let id = if no == 17 {
-            "10b".to_owned()
-        } else {
-            no.to_string()
+        let id = match no {
+            17 => "10b".to_owned(),
+            18 => "8b".to_owned(),
+            _ => no.to_string(),
         };
         if only.as_ref().is_some_and(|o| !o.contains(&id)) {
             continue;
@@ -1310,6 +1340,7 @@ async fn run() -> Result<()> {
                 11 => restart_row(&w, no, &label, true).await,
                 12 => replicas_row(&w, no, &label).await,
                 17 => handover_row(&w, no, &label).await,
+                18 => common_row(&w, no, &label, Fault::DropboxSlow(Duration::from_secs(6))).await,
                 13 => common_row(&w, no, &label, Fault::ApiserverRestart).await,
                 14 => common_row(&w, no, &label, Fault::EtcdRestart).await,
                 15 => refresh_row(&w, no, &label).await,
