@@ -322,6 +322,24 @@ impl Case<'_> {
         Ok(())
     }
 
+    /// Wave 1: its changes and webhook; returns once its first notification was
+    /// accepted and the next one is held at the receiver (until
+    /// `rx.release()`), so a fault injected now lands mid-stream whatever the
+    /// scheduling of this process.
+    async fn first_wave_held(&mut self, ingress: &Process) -> Result<()> {
+        self.rx.hold_after(1);
+        self.upload(WAVE);
+        self.webhook(ingress).await?;
+        ensure!(
+            until(Duration::from_secs(15), || {
+                !self.rx.accepted().is_empty() && self.rx.in_flight() > 0
+            })
+            .await,
+            "wave 1 did not reach the receiver"
+        );
+        Ok(())
+    }
+
     /// Waits until at least `events` events were accepted.
     async fn wait_accepted(&self, events: usize, timeout: Duration) -> Result<()> {
         support::eventually(
@@ -579,9 +597,7 @@ async fn common_row(w: &World, no: usize, label: &str, fault: Fault) -> Result<R
     let mut case = w.case(no).await?;
     let started = Instant::now();
     case.rx.stall(Some(Duration::from_millis(100)));
-    case.upload(WAVE);
-    case.webhook(&ingress).await?;
-    case.wait_accepted(1, Duration::from_secs(15)).await?;
+    case.first_wave_held(&ingress).await?;
 
     let mut failures = Vec::new();
     let mut notes = Vec::new();
@@ -601,6 +617,8 @@ async fn common_row(w: &World, no: usize, label: &str, fault: Fault) -> Result<R
             None
         }
         Fault::CallbackDown(_) => {
+            // The held delivery is answered; the next ones find no one listening.
+            case.rx.release();
             case.rx.go_down().await;
             None
         }
@@ -646,6 +664,7 @@ async fn common_row(w: &World, no: usize, label: &str, fault: Fault) -> Result<R
     if before_fault >= WAVE {
         failures.push("wave 1 was already delivered when the fault came".into());
     }
+    case.rx.release();
     // Wave 2 and its webhook arrive during the fault.
     case.upload(WAVE);
     case.webhook(&ingress).await?;
@@ -803,10 +822,9 @@ async fn reset_row(w: &World, no: usize, label: &str) -> Result<Row> {
     let ingress = w.ingress(&format!("ingress-{no:02}")).start().await;
     let mut case = w.case(no).await?;
     case.rx.stall(Some(Duration::from_millis(200)));
-    case.upload(WAVE);
-    case.webhook(&ingress).await?;
-    case.wait_accepted(2, Duration::from_secs(15)).await?;
+    case.first_wave_held(&ingress).await?;
     w.emu.reset_cursors(&case.account);
+    case.rx.release();
     // The ingress re-baselines (get_latest_cursor) and then sends UNKNOWN: changes
     // made from now on are after the new baseline and must all arrive.
     let unknown = until(Duration::from_secs(20), || !case.seen().unknown.is_empty()).await;
@@ -861,24 +879,20 @@ async fn restart_row(w: &World, no: usize, label: &str, graceful: bool) -> Resul
         .await;
     let mut case = w.case(no).await?;
     case.rx.stall(Some(Duration::from_secs(1)));
-    case.upload(WAVE);
-    case.webhook(&ingress).await?;
-    case.wait_accepted(1, Duration::from_secs(15)).await?;
-    // Mid-delivery: the next notification is held by the slow receiver.
-    ensure!(
-        until(Duration::from_secs(10), || case.rx.in_flight() > 0).await,
-        "no delivery in flight"
-    );
+    // Mid-delivery: the second notification is in flight (held, then slow).
+    case.first_wave_held(&ingress).await?;
     let signalled = Instant::now();
     let mut failures = Vec::new();
     let mut notes = Vec::new();
     if graceful {
-        let (clean, took) = tokio::task::spawn_blocking(move || {
+        let terminated = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
             let clean = ingress.terminate(DRAIN_TIMEOUT + Duration::from_secs(5));
             (clean, t.elapsed())
-        })
-        .await?;
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        case.rx.release();
+        let (clean, took) = terminated.await?;
         notes.push(format!("exited {:.1}s after SIGTERM", took.as_secs_f64()));
         // A little slack over DRAIN_TIMEOUT for process exit itself.
         if !clean || took > DRAIN_TIMEOUT + Duration::from_millis(1500) {
@@ -897,6 +911,7 @@ async fn restart_row(w: &World, no: usize, label: &str, graceful: bool) -> Resul
         }
     } else {
         ingress.kill();
+        case.rx.release();
     }
     let delivered_while_down = case.seen().first.len();
     case.upload(WAVE);
@@ -969,14 +984,9 @@ async fn handover_row(w: &World, no: usize, label: &str) -> Result<Row> {
     // Both replicas know each other (a couple of heartbeats).
     tokio::time::sleep(Duration::from_secs(2)).await;
     case.rx.stall(Some(Duration::from_secs(1)));
-    case.upload(WAVE);
-    case.webhook(&victim).await?;
-    case.wait_accepted(1, Duration::from_secs(15)).await?;
-    ensure!(
-        until(Duration::from_secs(10), || case.rx.in_flight() > 0).await,
-        "no delivery in flight"
-    );
+    case.first_wave_held(&victim).await?;
     victim.kill();
+    case.rx.release();
     let killed = Instant::now();
     let delivered_at_kill = case.seen().first.len();
     case.upload(WAVE);
@@ -1143,10 +1153,9 @@ async fn revoked_row(w: &World, no: usize, label: &str) -> Result<Row> {
         }
     };
     case.rx.stall(Some(Duration::from_millis(300)));
-    case.upload(WAVE);
-    case.webhook(&ingress).await?;
-    case.wait_accepted(2, Duration::from_secs(15)).await?;
+    case.first_wave_held(&ingress).await?;
     w.emu.revoke_account_tokens(&case.account);
+    case.rx.release();
     let delivered_at_revocation = case.seen().first.len();
     case.upload(WAVE);
     case.webhook(&ingress).await?;

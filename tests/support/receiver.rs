@@ -103,6 +103,9 @@ struct Shared {
     behaviour: Arc<Mutex<Behaviour>>,
     /// Requests being handled right now (e.g. held by a stall).
     in_flight: Arc<AtomicUsize>,
+    /// `Some(n)`: once `n` deliveries were accepted, hold every further request
+    /// until this is set back to `None`.
+    gate: Arc<tokio::sync::watch::Sender<Option<usize>>>,
 }
 
 /// Counts a request as in flight until it is answered or dropped (the client
@@ -175,6 +178,7 @@ impl Receiver {
             received: Arc::default(),
             behaviour: Arc::default(),
             in_flight: Arc::default(),
+            gate: Arc::new(tokio::sync::watch::Sender::new(None)),
         };
         let server = serve(listener, shared.clone());
         Receiver {
@@ -281,6 +285,18 @@ impl Receiver {
         *self.server.lock().expect("server lock") = serve(listener, self.shared.clone());
     }
 
+    /// Once `accepted` deliveries were accepted, hold every further request
+    /// (before any stall or failure) until [`Receiver::release`]: a test can then
+    /// inject a fault at a known point of a stream of deliveries.
+    pub fn hold_after(&self, accepted: usize) {
+        self.shared.gate.send_replace(Some(accepted));
+    }
+
+    /// Lets held requests go on.
+    pub fn release(&self) {
+        self.shared.gate.send_replace(None);
+    }
+
     /// Requests being handled right now (arrived, not yet answered).
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::SeqCst)
@@ -373,6 +389,27 @@ async fn receive(
             .map(str::to_owned)
     };
     let path = uri.path().to_owned();
+    let mut gate = shared.gate.subscribe();
+    loop {
+        let hold = *gate.borrow_and_update();
+        let accepted = || {
+            shared
+                .received
+                .lock()
+                .expect("received lock")
+                .iter()
+                .filter(|d| d.is_accepted())
+                .count()
+        };
+        match hold {
+            Some(n) if path == EVENTS_PATH && accepted() >= n => {
+                if gate.changed().await.is_err() {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
     let stall = shared.behaviour.lock().expect("behaviour lock").stall;
     if let Some(stall) = stall
         && path == EVENTS_PATH
