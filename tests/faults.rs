@@ -785,6 +785,21 @@ async fn common_row(w: &World, no: usize, label: &str, fault: Fault) -> Result<R
                 ));
             }
         }
+        Fault::Dropbox429(_) => {
+            // Dropbox's Retry-After: 1 honoured between the refused pages.
+            let times: Vec<Instant> = w
+                .emu
+                .calls_to(CONTINUE)
+                .iter()
+                .filter(|c| c.at >= started && c.status == 429)
+                .map(|c| c.at)
+                .collect();
+            let min = times.windows(2).map(|t| t[1] - t[0]).min();
+            notes.push(format!("smallest gap between refused pages {min:?}"));
+            if min.is_some_and(|m| m < Duration::from_millis(900)) {
+                failures.push(format!("Dropbox's Retry-After not honoured: gap {min:?}"));
+            }
+        }
         Fault::DropboxSlow(_) => {
             let failed_syncs = ingress
                 .metric_sum("dropbox_ingress_syncs_total", "result=\"error\"")
