@@ -4,13 +4,18 @@
 //!
 //! Every row: a fresh instance (its own Dropbox account and receiver), N
 //! distinct changes (uploads of distinct paths, so Dropbox never collapses
-//! them) in two waves, a fault injected while the first wave is being delivered
-//! (the second wave's webhook arrives during the fault), the fault lifted, then
-//! a wait until everything is delivered. The receiver counts what arrived, by
-//! per-event id (`eventId`) and by path. At the end one table is printed:
+//! them) in two waves, Dropbox pages of two entries (each page is one
+//! notification and one cursor commit), a fault injected while the first wave
+//! is being delivered (the receiver holds its second notification until the
+//! fault is in place; the second wave's webhook arrives during the fault), the
+//! fault lifted, then a wait until everything is delivered. The receiver
+//! counts what arrived, by per-event id (`eventId`) and by path, and a watch
+//! samples the committed cursor every 100 ms: a change it passes before the
+//! receiver accepted it counts as lost. At the end one table is printed:
 //! fault | changes made | delivered (distinct) | duplicates | lost | out of order;
 //! every row must have lost = 0 and out of order = 0, and its own assertions
-//! (listed under the table when they fail) must hold.
+//! (listed under the table when they fail) must hold. `FAULT_ROWS=1,10b`
+//! runs only some rows.
 
 mod support;
 
@@ -1385,7 +1390,7 @@ async fn run() -> Result<()> {
             },
         };
         eprintln!(
-            "faults: row {no} done in {:.1}s: {row:?}",
+            "faults: row {id} done in {:.1}s: {row:?}",
             row_started.elapsed().as_secs_f64()
         );
         rows.push(row);
