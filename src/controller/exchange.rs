@@ -12,7 +12,7 @@ use super::finalizer;
 use super::inputs::SecretString;
 use super::oauth::{
     AuthStep, OAuthCredentials, apply_token_secret, code_location, dropbox_condition,
-    ensure_account, invalid_client, store_tokens, token_valid,
+    ensure_account, invalid_client, kept_in_memory, store_tokens, token_valid,
 };
 use super::reconcile::{Error, Next, now, object_key};
 use super::token::{self, StoredToken};
@@ -179,21 +179,7 @@ pub(super) async fn exchange(
     let stored = token_from_response(response, None, Some(fingerprint), issued_at);
     if let Err(e) = store_tokens(instance, &stored, ctx).await {
         tracing::warn!(instance = %object_key(instance), error = %e, "storing fresh tokens failed; kept in memory, retrying");
-        let mut step = AuthStep::from_previous(
-            prev,
-            Desired::new(
-                AUTHORIZED,
-                Some(false),
-                Reason::TokensNotStored,
-                format!(
-                    "Dropbox issued tokens but the API server refused the token Secret ({e}); they are kept \
-                     in memory and stored as soon as it accepts them"
-                ),
-            ),
-            Next::Backoff { at_least: None },
-        );
-        step.code_fingerprint = Some(fingerprint.to_owned());
-        return Ok(step);
+        return Ok(kept_in_memory(prev, Some(fingerprint.to_owned()), &e));
     }
     tracing::info!(instance = %object_key(instance), account_id = ?stored.account_id, "authorization code exchanged");
     let mut step = AuthStep::from_previous(prev, token_valid(&stored), Next::WaitForChange);

@@ -192,6 +192,29 @@ pub(super) async fn store_tokens(
     }
 }
 
+/// Tokens Dropbox issued that the API server refused: kept in memory, retried.
+pub(super) fn kept_in_memory(
+    prev: &DropboxElementInstanceStatus,
+    fingerprint: Option<String>,
+    error: &kube::Error,
+) -> AuthStep {
+    let mut step = AuthStep::from_previous(
+        prev,
+        Desired::new(
+            AUTHORIZED,
+            Some(false),
+            Reason::TokensNotStored,
+            format!(
+                "Dropbox issued tokens but the API server refused the token Secret ({error}); they are \
+                 kept in memory and stored as soon as it accepts them"
+            ),
+        ),
+        Next::Backoff { at_least: None },
+    );
+    step.code_fingerprint = fingerprint;
+    step
+}
+
 fn awaiting(instance: &DropboxElementInstance, prev: &DropboxElementInstanceStatus) -> AuthStep {
     AuthStep::from_previous(
         prev,
@@ -234,21 +257,7 @@ pub async fn oauth2(
     let stored = match unstored {
         Some(tokens) => {
             if let Err(e) = store_tokens(instance, &tokens, ctx).await {
-                let mut step = AuthStep::from_previous(
-                    prev,
-                    Desired::new(
-                        AUTHORIZED,
-                        Some(false),
-                        Reason::TokensNotStored,
-                        format!(
-                            "Dropbox issued tokens but the API server refuses the token Secret ({e}); \
-                             they are kept in memory and stored as soon as it accepts them"
-                        ),
-                    ),
-                    Next::Backoff { at_least: None },
-                );
-                step.code_fingerprint = tokens.code_fingerprint.clone();
-                return Ok(step);
+                return Ok(kept_in_memory(prev, tokens.code_fingerprint.clone(), &e));
             }
             Some(tokens)
         }
