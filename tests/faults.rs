@@ -615,10 +615,9 @@ async fn common_row(w: &World, no: usize, label: &str, fault: Fault) -> Result<R
             case.rx.fail_next(503, n);
             None
         }
-        Fault::CallbackTimeouts(d) => {
+        Fault::CallbackTimeouts(_) => {
             case.rx
                 .stall(Some(DELIVERY_TIMEOUT + Duration::from_secs(1)));
-            let _ = d;
             None
         }
         Fault::CallbackDown(_) => {
