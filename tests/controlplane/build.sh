@@ -29,6 +29,10 @@ build() {
   fi
   echo "building $name $version ..." >&2
   local start=$SECONDS
+  # A cold build takes minutes: say that it is still going.
+  ( while sleep 30; do echo "  still building $name ($((SECONDS - start))s)" >&2; done ) &
+  local ticker=$!
+  trap 'kill $ticker 2>/dev/null' RETURN
   (cd "$here/$dir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$bin/$name.tmp" "$pkg")
   mv "$bin/$name.tmp" "$bin/$name"
   echo "$version" > "$bin/$name.version"
