@@ -31,9 +31,11 @@ build() {
   local start=$SECONDS
   # A cold build takes minutes: say that it is still going.
   ( while sleep 30; do echo "  still building $name ($((SECONDS - start))s)" >&2; done ) &
-  local ticker=$!
-  trap 'kill $ticker 2>/dev/null' RETURN
-  (cd "$here/$dir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$bin/$name.tmp" "$pkg")
+  local ticker=$! status=0
+  (cd "$here/$dir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$bin/$name.tmp" "$pkg") || status=$?
+  kill "$ticker" 2>/dev/null || true
+  wait "$ticker" 2>/dev/null || true
+  [ "$status" -eq 0 ] || return "$status"
   mv "$bin/$name.tmp" "$bin/$name"
   echo "$version" > "$bin/$name.version"
   echo "built $name in $((SECONDS - start))s" >&2
