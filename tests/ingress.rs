@@ -1066,3 +1066,36 @@ async fn objects_the_operator_did_not_make_are_never_taken_over() -> Result<()> 
     );
     Ok(())
 }
+
+/// Both servers listen dual-stack on `[::]` (the Deployment's setting), so
+/// IPv6-only and IPv4 clusters work; metrics stay off the webhook port.
+#[tokio::test]
+async fn the_ingress_listens_on_ipv4_and_ipv6_with_metrics_on_their_own_port() -> Result<()> {
+    let f = fixture("dual-stack").await;
+    let ingress = f.ingress().dual_stack().start().await;
+    let (webhooks, metrics) = (ingress.listen_port, ingress.metrics_port);
+    let http = support::dropbox::http_client();
+    for host in ["127.0.0.1", "[::1]"] {
+        let challenge = http
+            .get(format!(
+                "http://{host}:{webhooks}/webhooks/dropbox/{APP_KEY}?challenge=v"
+            ))
+            .send()
+            .await?;
+        // No instance uses the app key yet: the challenge is still answered.
+        assert_eq!(challenge.status(), 200, "{host}");
+        let scraped = http
+            .get(format!("http://{host}:{metrics}/metrics"))
+            .send()
+            .await?;
+        assert_eq!(scraped.status(), 200, "{host}");
+        assert!(scraped.text().await?.contains("dropbox_ingress_queue_depth"));
+        // Not on the public port.
+        let hidden = http
+            .get(format!("http://{host}:{webhooks}/metrics"))
+            .send()
+            .await?;
+        assert_eq!(hidden.status(), 404, "{host}: metrics on the webhook port");
+    }
+    Ok(())
+}
