@@ -961,9 +961,9 @@ async fn a_cursor_in_the_pre_0_2_configmap_keeps_its_position_after_upgrade() ->
     }))?;
     configmaps.create(&PostParams::default(), &legacy).await?;
 
-    // The new version starts.
+    // The new version starts: the controller first, since the ingress's start
+    // resync would move the cursor on at once.
     f.controller = controller_process(&f.ns, &f.emu).start().await;
-    let ingress = f.ingress().start().await;
     let moved = support::eventually(
         "the cursor to move to the operator namespace",
         Duration::from_secs(30),
@@ -984,6 +984,7 @@ async fn a_cursor_in_the_pre_0_2_configmap_keeps_its_position_after_upgrade() ->
     )
     .await?;
 
+    let ingress = f.ingress().start().await;
     f.webhook(&ingress, &[ACCOUNT]).await;
     let events = wait_events(&receiver, 2, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1089,7 +1090,12 @@ async fn the_ingress_listens_on_ipv4_and_ipv6_with_metrics_on_their_own_port() -
             .send()
             .await?;
         assert_eq!(scraped.status(), 200, "{host}");
-        assert!(scraped.text().await?.contains("dropbox_ingress_queue_depth"));
+        assert!(
+            scraped
+                .text()
+                .await?
+                .contains("dropbox_ingress_queue_depth")
+        );
         // Not on the public port.
         let hidden = http
             .get(format!("http://{host}:{webhooks}/metrics"))
