@@ -745,14 +745,16 @@ async fn two_ingress_replicas_lose_nothing_and_never_commit_a_cursor_twice() -> 
         .await;
     f.wait_condition("shared", "Ready", "True", None).await?;
 
-    // Record every committed cursor.
+    // Record every committed cursor (of the cursor ConfigMap in the operator
+    // namespace, named by the instance's uid).
     let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
+    let cursor_cm = contract::cursor_configmap_name(&f.uid("shared").await);
     let commits = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let recorder = {
         let commits = commits.clone();
         let stream = watcher(
             configmaps,
-            watcher::Config::default().fields("metadata.name=shared-dropbox-events"),
+            watcher::Config::default().fields(&format!("metadata.name={cursor_cm}")),
         )
         .applied_objects();
         tokio::spawn(async move {
@@ -796,6 +798,7 @@ async fn two_ingress_replicas_lose_nothing_and_never_commit_a_cursor_twice() -> 
     tokio::time::sleep(Duration::from_secs(2)).await;
     recorder.abort();
     let commits = commits.lock().expect("commits lock").clone();
+    assert!(commits.len() > 1, "commits were recorded: {commits:?}");
     let distinct: BTreeSet<_> = commits.iter().collect();
     assert_eq!(
         distinct.len(),
