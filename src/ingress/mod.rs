@@ -201,14 +201,18 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
 pub struct Membership {
     me: String,
     live: std::sync::Mutex<Vec<String>>,
+    /// Woken when the live set changes (and once it is first known): a replica
+    /// that took over instances syncs them at once, not at the next interval.
+    changed: tokio::sync::Notify,
 }
 
 impl Membership {
     pub fn new(identity: &str) -> Self {
         let me = contract::heartbeat_key(identity);
         Membership {
-            live: std::sync::Mutex::new(vec![me.clone()]),
+            live: std::sync::Mutex::new(Vec::new()),
             me,
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -217,7 +221,12 @@ impl Membership {
         if !replicas.contains(&self.me) {
             replicas.push(self.me.clone());
         }
-        *self.live.lock().expect("membership lock") = replicas;
+        replicas.sort();
+        let mut live = self.live.lock().expect("membership lock");
+        if *live != replicas {
+            *live = replicas;
+            self.changed.notify_one();
+        }
     }
 
     /// Whether this replica is responsible for instance `uid`.
@@ -248,6 +257,9 @@ async fn resync(
     interval: Duration,
     draining: &CancellationToken,
 ) {
+    // The first round waits (briefly) for the live set, so replicas that start
+    // together do not each sync everything.
+    let _ = tokio::time::timeout(Duration::from_secs(5), membership.changed.notified()).await;
     loop {
         let mut started = 0;
         for instance in store.state() {
@@ -263,6 +275,8 @@ async fn resync(
         let jitter = interval.mul_f64(rand::random::<f64>() / 5.0);
         tokio::select! {
             _ = tokio::time::sleep(interval - jitter) => {}
+            // A replica came or went: sync what this one is responsible for now.
+            _ = membership.changed.notified() => {}
             _ = draining.cancelled() => return,
         }
     }
