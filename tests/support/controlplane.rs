@@ -468,4 +468,54 @@ impl ControlPlane {
         }
         children.clear();
     }
+
+    /// Stops kube-apiserver (SIGKILL, as a crash or a node loss would), leaves it
+    /// down for `down`, starts it again with the same arguments (same port,
+    /// certificates and etcd) and waits until /readyz answers. Returns how long
+    /// it was away.
+    pub fn restart_kube_apiserver(&self, down: Duration) -> io::Result<Duration> {
+        let started = Instant::now();
+        {
+            let mut children = self.children.lock().expect("children lock");
+            let apiserver = children
+                .iter_mut()
+                .find(|c| {
+                    fs::read(format!("/proc/{}/cmdline", c.id())).is_ok_and(|cmdline| {
+                        cmdline
+                            .split(|b| *b == 0)
+                            .next()
+                            .is_some_and(|argv0| argv0.ends_with(b"kube-apiserver"))
+                    })
+                })
+                .ok_or_else(|| io::Error::other("no running kube-apiserver child"))?;
+            let cmdline = fs::read(format!("/proc/{}/cmdline", apiserver.id()))?;
+            let mut argv = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned());
+            let program = argv
+                .next()
+                .ok_or_else(|| io::Error::other("empty cmdline"))?;
+            let args: Vec<String> = argv.collect();
+            apiserver.kill()?;
+            apiserver.wait()?;
+            thread::sleep(down);
+            let log = || -> io::Result<Stdio> {
+                Ok(Stdio::from(
+                    fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .open(self.dir.join("kube-apiserver.log"))?,
+                ))
+            };
+            let mut cmd = Command::new(program);
+            cmd.args(args).stdout(log()?).stderr(log()?);
+            *apiserver = spawn_owned(cmd)?;
+        }
+        self.wait_until(Duration::from_secs(60), "kube-apiserver /readyz", || {
+            self.kubectl_quiet(&["get", "--raw=/readyz"])
+                .is_some_and(|out| out.trim() == "ok")
+        })?;
+        Ok(started.elapsed())
+    }
 }
