@@ -266,9 +266,16 @@ pub struct ControllerArgs {
     #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
 
-    /// Renew the lease this long before it expires.
+    /// Renew the lease at least this long before it expires (the leader renews
+    /// every ~2 s in any case, as client-go does).
     #[arg(long, env = "LEASE_RENEW_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub lease_renew_grace: Duration,
+
+    /// A leader that could not renew its lease for this long stops reconciling
+    /// and exits, before a standby can take the lease over (capped at two thirds
+    /// of --lease-duration).
+    #[arg(long, env = "LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub lease_renew_deadline: Duration,
 
     #[command(flatten)]
     pub ingress: IngressDeploymentArgs,

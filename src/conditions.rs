@@ -60,6 +60,11 @@ pub enum Reason {
     /// made by it (no managed-by label, or another instance's): nothing is
     /// overwritten or adopted.
     ResourceConflict,
+    /// Authorized/EventsReady=False: the Dropbox app lacks a permission (scope).
+    MissingScope,
+    /// Authorized=False: the code was sent to Dropbox but its tokens could not be
+    /// stored; codes are single-use, so a person has to approve again.
+    TokensNotStored,
 }
 
 impl Reason {
@@ -84,6 +89,8 @@ impl Reason {
             Reason::CallbackForbidden => "CallbackForbidden",
             Reason::Ready => "Ready",
             Reason::ResourceConflict => "ResourceConflict",
+            Reason::MissingScope => "MissingScope",
+            Reason::TokensNotStored => "TokensNotStored",
         }
     }
 
@@ -91,7 +98,11 @@ impl Reason {
     pub fn needs_authorization(self) -> bool {
         matches!(
             self,
-            Reason::CodeExchangeFailed | Reason::CodeAlreadyUsed | Reason::ReauthorizationRequired
+            Reason::CodeExchangeFailed
+                | Reason::CodeAlreadyUsed
+                | Reason::ReauthorizationRequired
+                | Reason::TokensNotStored
+                | Reason::AwaitingAuthorization
         )
     }
 
@@ -104,6 +115,7 @@ impl Reason {
                 | Reason::InvalidClient
                 | Reason::InvalidApiKey
                 | Reason::ResourceConflict
+                | Reason::MissingScope
         )
     }
 }
@@ -217,7 +229,7 @@ pub fn status_differs(
 mod tests {
     use super::*;
 
-    const ALL: [Reason; 19] = [
+    const ALL: [Reason; 21] = [
         Reason::TokenValid,
         Reason::SecretNotFound,
         Reason::SecretKeyMissing,
@@ -237,6 +249,8 @@ mod tests {
         Reason::CallbackForbidden,
         Reason::Ready,
         Reason::ResourceConflict,
+        Reason::MissingScope,
+        Reason::TokensNotStored,
     ];
 
     #[test]

@@ -44,8 +44,16 @@ pub enum DropboxError {
         summary: String,
         tag: Option<String>,
     },
-    /// The request did not complete: connection refused, timeout, TLS, ...
+    /// 401 `missing_scope`: the app lacks a permission the call needs.
+    #[error("the Dropbox app lacks the permission {scope:?} (missing_scope)")]
+    MissingScope { scope: String },
+    /// The request never left: the connection could not be made (refused,
+    /// unreachable, DNS, TLS handshake). Dropbox cannot have seen it.
     #[error("cannot reach Dropbox: {0}")]
+    NotSent(String),
+    /// The request may have reached Dropbox but no usable answer came back
+    /// (timeout, connection reset): its effect is unknown.
+    #[error("no answer from Dropbox: {0}")]
     Transport(String),
     /// Dropbox answered something this client does not understand.
     #[error("unexpected answer from Dropbox: {0}")]
@@ -60,6 +68,18 @@ impl DropboxError {
             DropboxError::RateLimited { .. }
                 | DropboxError::Unavailable { .. }
                 | DropboxError::Transport(_)
+                | DropboxError::NotSent(_)
+        )
+    }
+
+    /// Dropbox provably did not act on the request: it answered 429 or 5xx, or
+    /// the request never left. Only then may a single-use code be sent again.
+    pub fn proves_not_consumed(&self) -> bool {
+        matches!(
+            self,
+            DropboxError::RateLimited { .. }
+                | DropboxError::Unavailable { .. }
+                | DropboxError::NotSent(_)
         )
     }
 
@@ -91,6 +111,8 @@ impl DropboxError {
             DropboxError::Unavailable { .. } => "unavailable",
             DropboxError::Api { .. } => "api_error",
             DropboxError::Transport(_) => "transport",
+            DropboxError::NotSent(_) => "not_sent",
+            DropboxError::MissingScope { .. } => "missing_scope",
             DropboxError::Decode(_) => "decode",
         }
     }
@@ -232,6 +254,7 @@ impl DropboxClient {
         client_secret: &str,
         code: &str,
         redirect_uri: Option<&str>,
+        code_verifier: Option<&str>,
     ) -> Result<TokenResponse, DropboxError> {
         let mut form = vec![
             ("grant_type", "authorization_code"),
@@ -241,6 +264,10 @@ impl DropboxClient {
         ];
         if let Some(uri) = redirect_uri {
             form.push(("redirect_uri", uri));
+        }
+        // PKCE: the verifier whose S256 challenge the authorize link carried.
+        if let Some(verifier) = code_verifier {
+            form.push(("code_verifier", verifier));
         }
         self.token_request(&form).await
     }
@@ -397,6 +424,16 @@ impl DropboxClient {
                     .map(str::to_owned)
                     .filter(|s| !s.is_empty())
             });
+        if status == StatusCode::UNAUTHORIZED && tag.as_deref() == Some("missing_scope") {
+            let scope = parsed
+                .as_ref()
+                .and_then(|b| b.error.as_ref())
+                .and_then(|e| e.get("required_scope"))
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_owned();
+            return Err(DropboxError::MissingScope { scope });
+        }
         if status == StatusCode::UNAUTHORIZED {
             return Err(DropboxError::Unauthorized {
                 tag: tag.unwrap_or_else(|| "invalid_access_token".into()),
@@ -432,6 +469,12 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
 
 fn transport(err: reqwest::Error) -> DropboxError {
     // reqwest's message names the URL (no credentials in it) and the cause.
+    if err.is_connect() {
+        return DropboxError::NotSent(format!(
+            "connection failed: {}",
+            crate::retry::error_chain(&err)
+        ));
+    }
     let kind = if err.is_timeout() {
         "timed out"
     } else {

@@ -72,6 +72,7 @@ fn controller_options(
             identity: identity(args.leader_election_identity.as_deref()),
             lease_duration: args.lease_duration,
             renew_grace: args.lease_renew_grace,
+            renew_deadline: args.lease_renew_deadline,
         }),
     })
 }

@@ -84,6 +84,7 @@ pub struct ControllerMetrics {
     pub revocations: Family<ResultLabels, Counter>,
     pub token_expiry: Arc<TokenExpiry>,
     pub leader: Gauge,
+    pub reconcile_panics: Counter,
 }
 
 impl ControllerMetrics {
@@ -97,6 +98,7 @@ impl ControllerMetrics {
             revocations: Family::default(),
             token_expiry: Arc::new(TokenExpiry::default()),
             leader: Gauge::default(),
+            reconcile_panics: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("dropbox_operator");
         r.register(
@@ -133,6 +135,11 @@ impl ControllerMetrics {
             "leader",
             "1 while this replica holds the leader lease",
             m.leader.clone(),
+        );
+        r.register(
+            "reconcile_panics",
+            "Reconciles that panicked (contained to their object, retried with backoff)",
+            m.reconcile_panics.clone(),
         );
         registry.register_collector(Box::new(m.token_expiry.clone()));
         m

@@ -13,7 +13,7 @@ use clap::{CommandFactory, Parser as _};
 use dropbox_operator::api::DropboxElementInstance;
 use dropbox_operator::cli::{Cli, Command as CliCommand};
 use dropbox_operator::contract;
-use dropbox_operator::controller::reconcile::FINALIZER;
+use dropbox_operator::controller::finalizer::FINALIZER;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};

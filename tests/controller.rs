@@ -283,12 +283,13 @@ async fn missing_secret_is_a_condition_and_creating_it_later_makes_the_instance_
     let f = fixture("missing-secret").await;
     let controller = f.start_controller().await;
     f.create_oauth_instance("late", "late-code").await;
+    // No code yet: the instance waits for a person, with the link to approve.
     let waiting = f
         .wait_condition(
             "late",
             "Authorized",
             "False",
-            Some("SecretNotFound"),
+            Some("AwaitingAuthorization"),
             Duration::from_secs(30),
         )
         .await?;
@@ -296,22 +297,31 @@ async fn missing_secret_is_a_condition_and_creating_it_later_makes_the_instance_
         .context("Authorized")?
         .message;
     assert!(
-        message.contains("late-code"),
-        "the message names the Secret: {message}"
+        message.contains("late-code") && message.contains("\"code\""),
+        "the message names the Secret and key: {message}"
     );
     assert_eq!(
         waiting.status.as_ref().and_then(|s| s.phase),
-        Some(Phase::Failed)
+        Some(Phase::AwaitingAuthorization)
+    );
+    assert!(
+        waiting
+            .status
+            .as_ref()
+            .and_then(|s| s.authorize_url.as_deref())
+            .is_some_and(|u| u.contains("token_access_type=offline")),
+        "authorizeUrl is set"
     );
 
-    // A Secret without the key: still a condition, naming the key.
+    // A Secret without the key: still waiting, naming the key.
     f.put_secret("late-code", &[("wrong-key", "x")]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let waiting = f
         .wait_condition(
             "late",
             "Authorized",
             "False",
-            Some("SecretKeyMissing"),
+            Some("AwaitingAuthorization"),
             Duration::from_secs(30),
         )
         .await?;

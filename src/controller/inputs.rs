@@ -48,9 +48,11 @@ impl fmt::Debug for SecretString {
 #[derive(Debug)]
 pub enum Credentials {
     OAuth2 {
-        code: SecretString,
-        /// `sha256:<hex>` of the code.
-        code_fingerprint: String,
+        /// The code and its `sha256:<hex>` fingerprint; None when the code Secret
+        /// or key is not there (not yet, or a spent code was deleted).
+        code: Option<(SecretString, String)>,
+        /// The PKCE verifier stored next to the code (`code_verifier`), if any.
+        code_verifier: Option<SecretString>,
         redirect_uri: Option<String>,
     },
     ApiKey {
@@ -70,7 +72,12 @@ pub struct Inputs {
     /// The signature key, when events are enabled and one is referenced; a
     /// missing one is an EventsReady problem, not an Authorized one.
     pub signature_key: Option<Result<String, Problem>>,
+    /// The token Secret, when someone is deleting it while the instance lives.
+    pub token_secret_deleting: Option<Arc<Secret>>,
 }
+
+/// Key of the PKCE code verifier in the code Secret (written by `connect`).
+pub const CODE_VERIFIER_KEY: &str = "code_verifier";
 
 /// A referenced Secret or key that is not there: the user has to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +143,15 @@ impl SecretCache {
             }
         }
         Ok(fetched)
+    }
+
+    /// Secrets (metadata as watched) that carry finalizer `finalizer`.
+    pub fn tracked_with_finalizer(&self, finalizer: &str) -> Vec<Arc<PartialObjectMeta<Secret>>> {
+        self.versions
+            .state()
+            .into_iter()
+            .filter(|m| m.finalizers().iter().any(|f| f == finalizer))
+            .collect()
     }
 
     /// Drops a Secret that is going away (the token Secret of a deleted instance).
@@ -244,13 +260,24 @@ pub async fn read(
                         .into(),
                 }));
             };
-            let code = match secrets.value(&code_ref.name, &code_ref.key).await? {
-                Ok(v) => v,
-                Err(p) => return Ok(Err(p)),
+            // A missing code is not a problem by itself: a spent code may be
+            // deleted (the tokens carry on), and a new instance waits for one.
+            let code = secrets
+                .value(&code_ref.name, &code_ref.key)
+                .await?
+                .ok()
+                .map(|code| (fingerprint(&code), SecretString(code)));
+            let code_verifier = match code {
+                Some(_) => secrets
+                    .value(&code_ref.name, CODE_VERIFIER_KEY)
+                    .await?
+                    .ok()
+                    .map(SecretString),
+                None => None,
             };
             Credentials::OAuth2 {
-                code_fingerprint: fingerprint(&code),
-                code: SecretString(code),
+                code: code.map(|(fp, code)| (code, fp)),
+                code_verifier,
                 redirect_uri: auth.callback_url.clone(),
             }
         }
@@ -269,6 +296,7 @@ pub async fn read(
             }
         }
     };
+    let mut token_secret_deleting = None;
     let token = match credentials {
         Credentials::OAuth2 { .. } => {
             let name = token::secret_name(&instance.name_any());
@@ -283,6 +311,11 @@ pub async fn read(
                              it is left untouched. Delete or rename it so the tokens can be stored."
                         ),
                     }));
+                }
+                // Someone deletes it while the instance lives: revoke and let it go.
+                Some(s) if s.metadata.deletion_timestamp.is_some() => {
+                    token_secret_deleting = Some(s);
+                    None
                 }
                 Some(s) => StoredToken::from_secret(&s, instance),
                 None => None,
@@ -302,6 +335,7 @@ pub async fn read(
         credentials,
         token,
         signature_key,
+        token_secret_deleting,
     }))
 }
 
@@ -324,13 +358,15 @@ mod tests {
             client_secret: "TOPSECRET".into(),
         };
         let c = Credentials::OAuth2 {
-            code: SecretString("CODESECRET".into()),
-            code_fingerprint: fingerprint("CODESECRET"),
+            code: Some((SecretString("CODESECRET".into()), fingerprint("CODESECRET"))),
+            code_verifier: Some(SecretString("VERIFIERSECRET".into())),
             redirect_uri: None,
         };
         let shown = format!("{c:?} {app:?}");
         assert!(
-            !shown.contains("TOPSECRET") && !shown.contains("CODESECRET"),
+            !shown.contains("TOPSECRET")
+                && !shown.contains("CODESECRET")
+                && !shown.contains("VERIFIERSECRET"),
             "{shown}"
         );
     }

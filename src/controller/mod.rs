@@ -9,10 +9,13 @@
 //! This module wires them into a kube-runtime controller with leader election,
 //! metrics, probes and graceful shutdown.
 
+pub mod finalizer;
 pub mod ingress;
 pub mod inputs;
+pub mod oauth;
 pub mod projection;
 pub mod reconcile;
+pub mod status;
 pub mod token;
 
 use std::collections::HashMap;
@@ -21,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -66,6 +70,14 @@ pub struct Context {
     pub ingress: Arc<ingress::IngressManager>,
     /// What was projected into the operator namespace, per instance.
     pub projections: projection::Projections,
+    /// Tokens Dropbox issued that the API server has not stored yet, by instance
+    /// uid (the code that gave them is spent: they are all there is).
+    pub unstored: Mutex<HashMap<String, token::StoredToken>>,
+    /// The code marker (`finalizer::CODE_SENT_ANNOTATION`) this process last
+    /// wrote per instance uid: newer than any cached copy of the instance.
+    pub code_markers: Mutex<HashMap<String, Option<String>>>,
+    /// Instances (uid) whose token this process revoked on deletion.
+    pub revoked: Mutex<std::collections::HashSet<String>>,
     pub written: WrittenStatus,
     pub own_secret_writes: Arc<OwnSecretWrites>,
     /// Secret contents, re-read only when the metadata watch saw them change.
@@ -285,6 +297,28 @@ pub struct LeaderElection {
     pub identity: String,
     pub lease_duration: Duration,
     pub renew_grace: Duration,
+    pub renew_deadline: Duration,
+}
+
+impl LeaderElection {
+    /// Lease duration, renew grace and renew deadline in whole seconds, made
+    /// consistent: the lease is renewed about every 2 s (at most a third of its
+    /// duration), and a leader that has not renewed for the deadline (at most two
+    /// thirds of the duration) steps down before anyone else may take the lease.
+    pub fn timings(&self) -> (u64, u64, Duration) {
+        let duration = self.lease_duration.as_secs().max(3);
+        let interval = (duration / 3).clamp(1, 2);
+        let grace = self
+            .renew_grace
+            .as_secs()
+            .max(duration - interval)
+            .min(duration - 1);
+        let deadline = self
+            .renew_deadline
+            .min(Duration::from_secs(duration * 2 / 3))
+            .max(Duration::from_secs(interval + 1));
+        (duration, grace, deadline)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -346,11 +380,12 @@ async fn run_as_leader(
     ready: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let (duration, grace, renew_deadline) = election.timings();
     let manager = LeaseManagerBuilder::new(client.clone(), &election.lease_name)
         .with_namespace(&election.namespace)
         .with_identity(&election.identity)
-        .with_duration(election.lease_duration.as_secs().max(2))
-        .with_grace(election.renew_grace.as_secs().max(1))
+        .with_duration(duration)
+        .with_grace(grace)
         .with_field_manager(format!("dropbox-operator-leader-{}", election.identity))
         .build()
         .await?;
@@ -378,11 +413,20 @@ async fn run_as_leader(
                 }
             }
         };
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
+        let watchdog = renew_watchdog(&leases, &election, renew_deadline);
         tokio::select! {
             _ = run_controller(client, options, metrics.clone(), controller_stop.clone()) => Ok(()),
             _ = lost => {
                 controller_stop.cancel();
                 metrics.leader.set(0);
+                Err(RunError::LostLease)
+            }
+            why = watchdog => {
+                // Stop reconciling at once: a standby may take the lease soon.
+                controller_stop.cancel();
+                metrics.leader.set(0);
+                tracing::error!(reason = %why, "stepping down as leader");
                 Err(RunError::LostLease)
             }
         }
@@ -398,6 +442,40 @@ async fn run_as_leader(
         _ => tracing::warn!("releasing the leader lease did not finish"),
     }
     result
+}
+
+/// Resolves when this replica must stop acting as the leader: the lease names
+/// another holder or is gone, or it was not renewed within `deadline` (as
+/// client-go's renewDeadline: a leader cut off from the API server stops before
+/// its lease can expire and be taken).
+async fn renew_watchdog(
+    leases: &Api<Lease>,
+    election: &LeaderElection,
+    deadline: Duration,
+) -> String {
+    let deadline =
+        jiff::SignedDuration::try_from(deadline).unwrap_or(jiff::SignedDuration::from_secs(10));
+    let mut last_renew = jiff::Timestamp::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match leases.get_opt(&election.lease_name).await {
+            Ok(Some(lease)) => {
+                let spec = lease.spec.unwrap_or_default();
+                if spec.holder_identity.as_deref() != Some(election.identity.as_str()) {
+                    return "the lease names another holder".into();
+                }
+                if let Some(renewed) = spec.renew_time.or(spec.acquire_time) {
+                    last_renew = last_renew.max(renewed.0);
+                }
+            }
+            Ok(None) => return "the lease is gone".into(),
+            // Cut off from the API server: what counts is the last renewal seen.
+            Err(e) => tracing::warn!(error = %e, "cannot read the leader lease"),
+        }
+        if jiff::Timestamp::now().duration_since(last_renew) > deadline {
+            return format!("the lease was not renewed within {deadline:#}");
+        }
+    }
 }
 
 /// Instances that a Secret event concerns: the owner of a token Secret, and every
@@ -532,11 +610,33 @@ async fn run_controller(
         backoff: Backoff::new(Duration::from_secs(1), options.config.max_backoff),
         ingress,
         projections: projection::Projections::default(),
+        unstored: Mutex::default(),
+        code_markers: Mutex::default(),
+        revoked: Mutex::default(),
         written: WrittenStatus::default(),
         own_secret_writes,
         secrets: inputs::SecretCache::new(secret_versions),
     });
     tracing::info!(namespace = ?options.namespace, "controller started");
+    // Token Secrets whose instance vanished without a cleanup: revoked and released.
+    tokio::spawn({
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        async move {
+            crate::store::wait_until_ready(&ctx.store).await;
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                let bound = ctx.config.revoke_timeout;
+                if let Err(e) = finalizer::release_orphaned_token_secrets(&ctx, bound).await {
+                    tracing::warn!(error = %e, "releasing orphaned token Secrets failed; retrying later");
+                }
+            }
+        }
+    });
     controller
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
@@ -554,6 +654,33 @@ async fn run_controller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leader_steps_down_before_its_lease_can_be_taken() {
+        let election = |duration: u64, grace: u64, deadline: u64| LeaderElection {
+            namespace: "ns".into(),
+            lease_name: "lease".into(),
+            identity: "me".into(),
+            lease_duration: Duration::from_secs(duration),
+            renew_grace: Duration::from_secs(grace),
+            renew_deadline: Duration::from_secs(deadline),
+        };
+        for (d, g, dl) in [(15, 5, 10), (6, 2, 10), (4, 1, 10), (60, 5, 30), (3, 1, 1)] {
+            let (duration, grace, deadline) = election(d, g, dl).timings();
+            let interval = duration - grace;
+            assert!(grace < duration && interval >= 1, "{d}/{g}: grace {grace}");
+            assert!(interval <= 2, "{d}/{g}: renews every {interval}s");
+            assert!(deadline.as_secs() < duration, "{d}: deadline {deadline:?}");
+            assert!(
+                deadline.as_secs() > interval,
+                "{d}: deadline {deadline:?} vs {interval}s"
+            );
+        }
+        assert_eq!(
+            election(15, 5, 10).timings(),
+            (15, 13, Duration::from_secs(10))
+        );
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_honours_retry_after() {

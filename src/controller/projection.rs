@@ -320,6 +320,7 @@ impl Projector<'_> {
                 Err(e) => {
                     let reason = match &e {
                         DropboxError::RateLimited { .. } => Reason::RateLimited,
+                        DropboxError::MissingScope { .. } => Reason::MissingScope,
                         _ => Reason::DropboxUnavailable,
                     };
                     return Ok(Err(EventsStep {

@@ -65,6 +65,21 @@ pub fn is_ours(secret: &Secret, owner: &DropboxElementInstance) -> bool {
             .any(|r| Some(&r.uid) == owner.meta().uid.as_ref())
 }
 
+/// An expiry as stored; one that cannot be parsed, or that no Dropbox token
+/// could have (before 2000 or more than a year ahead: they live hours), counts
+/// as already expired, so the token is refreshed rather than trusted.
+pub fn sane_expiry(text: &str) -> jiff::Timestamp {
+    let expired = jiff::Timestamp::UNIX_EPOCH;
+    let Ok(t) = text.parse::<jiff::Timestamp>() else {
+        return expired;
+    };
+    let floor = jiff::Timestamp::from_second(946_684_800).unwrap_or(expired);
+    let ceiling = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(24 * 366))
+        .unwrap_or(jiff::Timestamp::MAX);
+    if t < floor || t > ceiling { expired } else { t }
+}
+
 impl StoredToken {
     /// Parses the token Secret; `None` when it is not this instance's (another
     /// owner) or holds no access token.
@@ -80,7 +95,7 @@ impl StoredToken {
         Some(StoredToken {
             access_token: text(data, ACCESS_TOKEN)?,
             refresh_token: text(data, REFRESH_TOKEN),
-            expires_at: text(data, EXPIRES_AT).and_then(|t| t.parse().ok()),
+            expires_at: text(data, EXPIRES_AT).map(|t| sane_expiry(&t)),
             account_id: text(data, ACCOUNT_ID),
             scope: text(data, SCOPE),
             code_fingerprint: secret
@@ -116,6 +131,9 @@ impl StoredToken {
                     BTreeMap::from([(CODE_FINGERPRINT_ANNOTATION.to_owned(), fp.clone())])
                 }),
                 owner_references: owner.controller_owner_ref(&()).map(|r| vec![r]),
+                // Kept until the controller revoked the token (namespace
+                // deletion, foreground cascade): see controller::finalizer.
+                finalizers: Some(vec![super::finalizer::FINALIZER.to_owned()]),
                 ..Default::default()
             },
             type_: Some("Opaque".into()),
