@@ -636,6 +636,23 @@ async fn long_names(c: &mut Ctx) -> Result<Outcome> {
     if out.not_ready > 0 {
         out.notes.push(c.describe(&names).await);
     }
+    // The instance label of each token Secret: a valid label value, its own.
+    let mut labels = Vec::new();
+    for n in &names {
+        let secret = c.token_secret(n).await?.context("token Secret")?;
+        labels.push(
+            secret
+                .labels()
+                .get("elements.dropbox-operator.dev/instance")
+                .cloned()
+                .unwrap_or_default(),
+        );
+    }
+    if labels[0] == labels[1] || labels.iter().any(|l| l.is_empty() || l.len() > 63) {
+        out.notes.push(format!(
+            "instance labels not distinct valid values: {labels:?}"
+        ));
+    }
     for n in &names {
         c.instances.delete(n, &DeleteParams::default()).await?;
     }
@@ -672,19 +689,38 @@ async fn quota(c: &mut Ctx) -> Result<Outcome> {
     let names = vec!["quota".to_owned()];
     // Let the controller meet the refusal (and retry) for a while.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    eprintln!("under quota: {}", state(&c.get("quota").await?));
+    let during = while_refused(c, "quota").await?;
     quotas
         .delete("no-more-secrets", &DeleteParams::default())
         .await?;
     wait_admitted(&c.secrets, true, Duration::from_secs(10)).await?;
     let mut out = Outcome {
         not_ready: c.not_ready(&names, READY_TIMEOUT).await,
+        notes: during,
         ..Outcome::default()
     };
     if out.not_ready > 0 {
         out.notes.push(c.describe(&names).await);
     }
     Ok(out)
+}
+
+/// While the token Secret is refused: the code must stay unsent (README,
+/// `TokensNotStored`: "the code is kept unsent and retried").
+async fn while_refused(c: &Ctx, name: &str) -> Result<Vec<String>> {
+    let i = c.get(name).await?;
+    eprintln!("while the token Secret is refused: {}", state(&i));
+    let mut notes = Vec::new();
+    if c.exchanges() > 0 {
+        notes.push(format!(
+            "the code was sent while its tokens could not be stored: {}",
+            state(&i)
+        ));
+    }
+    if is_ready(&i) {
+        notes.push("Ready although the token Secret was refused".into());
+    }
+    Ok(notes)
 }
 
 /// A ValidatingAdmissionPolicy refusing Secrets named `*-dropbox-token` in the
@@ -741,7 +777,7 @@ spec:
     c.oauth("vap", "vap-code", false).await?;
     let names = vec!["vap".to_owned()];
     tokio::time::sleep(Duration::from_secs(6)).await;
-    eprintln!("under the policy: {}", state(&c.get("vap").await?));
+    let during = while_refused(c, "vap").await?;
     let (ok, _, err) = support::kubectl(&[
         "delete",
         "validatingadmissionpolicybinding,validatingadmissionpolicy",
@@ -751,6 +787,7 @@ spec:
     wait_admitted(&c.secrets, true, Duration::from_secs(20)).await?;
     let mut out = Outcome {
         not_ready: c.not_ready(&names, READY_TIMEOUT).await,
+        notes: during,
         ..Outcome::default()
     };
     if out.not_ready > 0 {
