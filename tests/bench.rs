@@ -171,15 +171,31 @@ async fn plain_reconcile(
         .patch(
             &name,
             &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"finalizers": ["elements.dropbox-operator.dev/revoke-token"]}}),
-            ),
+            // The controller records the code as sent in the same write as the finalizer.
+            &Patch::Merge(json!({"metadata": {
+                "finalizers": ["elements.dropbox-operator.dev/revoke-token"],
+                "annotations": {"elements.dropbox-operator.dev/code-sent": format!("sha256:{i}")}
+            }})),
         )
         .await?;
     secrets.get("app").await?;
     let code_secret = secrets.get(&format!("code-{i}")).await?;
     let code = String::from_utf8_lossy(&code_secret.data.context("data")?["code"].0).into_owned();
     let _ = secrets.get_opt(&format!("{name}-dropbox-token")).await?;
+    // Before sending a code the controller proves the token Secret would be
+    // admitted (a server-side dry run).
+    let probe: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": format!("{name}-dropbox-token")},
+        "stringData": {"access_token": "probe"}
+    }))?;
+    secrets
+        .patch(
+            &format!("{name}-dropbox-token"),
+            &PatchParams::apply("plain-loop").force().dry_run(),
+            &Patch::Apply(&probe),
+        )
+        .await?;
     let token: Value = http
         .post(format!("{emu_url}/oauth2/token"))
         .form(&[

@@ -264,6 +264,52 @@ fn ingress_has_no_cluster_wide_secrets_configmaps_or_leases() -> Result<()> {
     Ok(())
 }
 
+/// Namespace admins/editors/viewers get instance rights through aggregation, and
+/// both Deployments get a PodDisruptionBudget when they run more than one pod.
+#[test]
+fn aggregated_roles_and_disruption_budgets() -> Result<()> {
+    let docs = documents(&template("ops", &[])?);
+    for (role, verbs) in [("admin", "delete"), ("edit", "delete"), ("view", "watch")] {
+        let found = docs
+            .iter()
+            .find(|d| {
+                kind_of(d) == "ClusterRole"
+                    && d["metadata"]["labels"]
+                        [format!("rbac.authorization.k8s.io/aggregate-to-{role}")]
+                        == "true"
+            })
+            .with_context(|| format!("no ClusterRole aggregated to {role}"))?;
+        let granted = found["rules"][0]["verbs"].to_string();
+        ensure!(granted.contains(verbs), "{role}: {granted}");
+        if role == "view" {
+            ensure!(
+                !granted.contains("delete") && !granted.contains("create"),
+                "{granted}"
+            );
+        }
+    }
+    let pdbs: Vec<&str> = docs
+        .iter()
+        .filter(|d| kind_of(d) == "PodDisruptionBudget")
+        .map(name_of)
+        .collect();
+    ensure!(pdbs.len() == 2, "{pdbs:?}");
+    // One replica of each: no budget could ever be met, none is rendered.
+    let single = documents(&template(
+        "ops",
+        &[
+            "--set",
+            "replicas=1",
+            "--set",
+            "webhookIngress.replicas=1",
+            "--set",
+            "leaderElection.enabled=true",
+        ],
+    )?);
+    ensure!(!single.iter().any(|d| kind_of(d) == "PodDisruptionBudget"));
+    Ok(())
+}
+
 #[test]
 fn schema_refuses_bad_values() {
     for (set, expect) in [

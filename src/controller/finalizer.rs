@@ -234,13 +234,7 @@ async fn revoke_and_report(
         action: "Revoke".into(),
         secondary: None,
     };
-    if let Err(e) = ctx
-        .recorder
-        .publish(&event, &instance.object_ref(&()))
-        .await
-    {
-        tracing::warn!(error = %e, "could not publish a Kubernetes Event");
-    }
+    super::status::publish(instance, &event, ctx).await;
 }
 
 /// Revokes the token family. An expired access token cannot call revoke, so it

@@ -152,11 +152,12 @@ pub async fn publish_transitions(
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx
-        .recorder
-        .publish(&event, &instance.object_ref(&()))
-        .await
-    {
+    publish(instance, &event, ctx).await;
+}
+
+/// Publishes a Kubernetes Event about the instance; a failure is logged, never fatal.
+pub async fn publish(instance: &DropboxElementInstance, event: &KubeEvent, ctx: &Context) {
+    if let Err(e) = ctx.recorder.publish(event, &instance.object_ref(&())).await {
         tracing::warn!(error = %e, "could not publish a Kubernetes Event");
     }
 }

@@ -1,16 +1,18 @@
 //! The token Secret `<name>-dropbox-token`, owned by the instance (so the garbage
-//! collector removes it with the instance): `access_token`, `refresh_token`,
-//! `expires_at`, `account_id`, `scope`.
+//! collector removes it with the instance) and kept by the revoke finalizer
+//! until the token is revoked: `access_token`, `refresh_token`, `expires_at`,
+//! `account_id`, `scope`. Also the token arithmetic: expiry, refresh time.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::{Resource, ResourceExt};
 
-use crate::api::DropboxElementInstance;
+use crate::api::{DropboxElementInstance, TokenStatus};
 
 pub const ACCESS_TOKEN: &str = "access_token";
 pub const REFRESH_TOKEN: &str = "refresh_token";
@@ -140,5 +142,110 @@ impl StoredToken {
             data: Some(data),
             ..Default::default()
         }
+    }
+}
+
+// Token arithmetic, all checked: an absurd value means "expired", never a panic.
+
+pub fn token_from_response(
+    response: crate::dropbox::TokenResponse,
+    previous: Option<&StoredToken>,
+    code_fingerprint: Option<&str>,
+    issued_at: jiff::Timestamp,
+) -> StoredToken {
+    // Checked: an absurd expires_in counts as "expires now" (refreshed soon), never a panic.
+    let expires_at = response.expires_in.map(|s| {
+        i64::try_from(s)
+            .ok()
+            .and_then(|s| {
+                issued_at
+                    .checked_add(jiff::SignedDuration::from_secs(s))
+                    .ok()
+            })
+            .unwrap_or(issued_at)
+    });
+    StoredToken {
+        access_token: response.access_token,
+        refresh_token: response
+            .refresh_token
+            .or_else(|| previous.and_then(|p| p.refresh_token.clone())),
+        expires_at,
+        account_id: response
+            .account_id
+            .or_else(|| previous.and_then(|p| p.account_id.clone())),
+        scope: response
+            .scope
+            .or_else(|| previous.and_then(|p| p.scope.clone())),
+        code_fingerprint: code_fingerprint
+            .map(str::to_owned)
+            .or_else(|| previous.and_then(|p| p.code_fingerprint.clone())),
+    }
+}
+
+pub fn token_status(
+    instance: &DropboxElementInstance,
+    stored: &StoredToken,
+    last_refresh: Option<Time>,
+) -> TokenStatus {
+    TokenStatus {
+        secret_name: Some(secret_name(&instance.name_any())),
+        expires_at: stored.expires_at.map(Time),
+        last_refresh_time: last_refresh,
+    }
+}
+
+/// How long before expiry to refresh: the configured margin (default 5 min), but
+/// never more than half the token's lifetime, so very short-lived tokens (tests,
+/// unusual deployments) are not refreshed in a tight loop.
+pub fn refresh_at(
+    stored: &StoredToken,
+    last_refresh: Option<&Time>,
+    margin: Duration,
+) -> Option<jiff::Timestamp> {
+    let expires_at = stored.expires_at?;
+    let margin =
+        jiff::SignedDuration::try_from(margin).unwrap_or(jiff::SignedDuration::from_secs(300));
+    let margin = match last_refresh {
+        Some(Time(issued)) if *issued < expires_at => {
+            margin.min(expires_at.duration_since(*issued) / 2)
+        }
+        _ => margin,
+    };
+    Some(expires_at.checked_sub(margin).unwrap_or(expires_at))
+}
+
+pub fn until(t: jiff::Timestamp) -> Duration {
+    Duration::try_from(t.duration_since(super::reconcile::now())).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(expires_at: &str) -> StoredToken {
+        StoredToken {
+            access_token: "a".into(),
+            refresh_token: Some("r".into()),
+            expires_at: Some(expires_at.parse().expect("ts")),
+            account_id: None,
+            scope: None,
+            code_fingerprint: None,
+        }
+    }
+
+    #[test]
+    fn refresh_is_five_minutes_before_expiry_for_normal_tokens() {
+        let t = stored("2026-01-01T04:00:00Z");
+        let issued = Time("2026-01-01T00:00:00Z".parse().expect("ts"));
+        let at = refresh_at(&t, Some(&issued), Duration::from_secs(300)).expect("expires");
+        assert_eq!(at.to_string(), "2026-01-01T03:55:00Z");
+    }
+
+    #[test]
+    fn short_lived_tokens_refresh_at_half_life() {
+        let t = stored("2026-01-01T00:00:20Z");
+        let issued = Time("2026-01-01T00:00:00Z".parse().expect("ts"));
+        let at = refresh_at(&t, Some(&issued), Duration::from_secs(300)).expect("expires");
+        assert_eq!(at.to_string(), "2026-01-01T00:00:10Z");
     }
 }

@@ -29,7 +29,13 @@ build() {
   fi
   echo "building $name $version ..." >&2
   local start=$SECONDS
-  (cd "$here/$dir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$bin/$name.tmp" "$pkg")
+  # A cold build takes minutes: say that it is still going.
+  ( while sleep 30; do echo "  still building $name ($((SECONDS - start))s)" >&2; done ) &
+  local ticker=$! status=0
+  (cd "$here/$dir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$bin/$name.tmp" "$pkg") || status=$?
+  kill "$ticker" 2>/dev/null || true
+  wait "$ticker" 2>/dev/null || true
+  [ "$status" -eq 0 ] || return "$status"
   mv "$bin/$name.tmp" "$bin/$name"
   echo "$version" > "$bin/$name.version"
   echo "built $name in $((SECONDS - start))s" >&2

@@ -1,0 +1,235 @@
+//! What the controller remembers between reconciles, in memory: its own writes
+//! (so their echoes wake nothing), codes being exchanged (so no code is sent
+//! twice, not even by two instances at once) and per-instance backoff.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::runtime::reflector::Store;
+
+use crate::api::DropboxElementInstance;
+
+/// Versions of the token Secrets this controller wrote. The watch echoes each
+/// write back; that echo carries nothing new, so it wakes no instance.
+#[derive(Default)]
+pub struct OwnSecretWrites {
+    versions: Mutex<HashMap<(String, String), String>>,
+}
+
+impl OwnSecretWrites {
+    pub fn record(&self, secret: &Secret) {
+        if let Some(rv) = secret.resource_version() {
+            self.versions.lock().expect("own writes lock").insert(
+                (secret.namespace().unwrap_or_default(), secret.name_any()),
+                rv,
+            );
+        }
+    }
+
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.versions
+            .lock()
+            .expect("own writes lock")
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// True when this (namespace, name, resourceVersion) is our own write.
+    pub fn is_echo(&self, namespace: &str, name: &str, resource_version: Option<&str>) -> bool {
+        let versions = self.versions.lock().expect("own writes lock");
+        resource_version.is_some_and(|rv| {
+            versions
+                .get(&(namespace.to_owned(), name.to_owned()))
+                .map(String::as_str)
+                == Some(rv)
+        })
+    }
+}
+
+/// The resourceVersion each of our status writes was made over. Reconciles read
+/// instances from the watch cache, which can lag behind our own write (a Secret
+/// event may wake an instance before its status update arrives); reconciling that
+/// stale copy would compute from a status that no longer exists. Seeing the very
+/// version we already wrote over means "wait for the watch to catch up".
+#[derive(Default)]
+pub struct WrittenStatus {
+    over: Mutex<HashMap<String, String>>,
+}
+
+impl WrittenStatus {
+    fn key(instance: &DropboxElementInstance) -> String {
+        instance.uid().unwrap_or_default()
+    }
+
+    /// Records a status write made over `read` that produced `written`.
+    pub fn record(&self, read: &DropboxElementInstance, written: &DropboxElementInstance) {
+        let mut over = self.over.lock().expect("written status lock");
+        match read.resource_version() {
+            // A write the server found to be a no-op leaves the version as it was.
+            Some(rv) if written.resource_version().as_ref() != Some(&rv) => {
+                over.insert(Self::key(read), rv);
+            }
+            _ => {
+                over.remove(&Self::key(read));
+            }
+        }
+    }
+
+    /// True when `instance` is the version our last status write replaced.
+    pub fn is_stale(&self, instance: &DropboxElementInstance) -> bool {
+        let over = self.over.lock().expect("written status lock");
+        over.get(&Self::key(instance))
+            .is_some_and(|rv| Some(rv) == instance.resource_version().as_ref())
+    }
+
+    pub fn forget(&self, instance: &DropboxElementInstance) {
+        self.over
+            .lock()
+            .expect("written status lock")
+            .remove(&Self::key(instance));
+    }
+}
+
+/// Authorization codes this process has sent or is sending, by fingerprint, so a
+/// code is never sent twice, not even by two instances at the same moment.
+#[derive(Default)]
+pub struct CodeRegistry {
+    claimed: Mutex<HashMap<String, String>>,
+}
+
+impl CodeRegistry {
+    /// Claims `fingerprint` for instance `uid`. Fails with the holder's name when
+    /// another instance exchanged the code (its status says so) or is exchanging it.
+    pub fn claim(
+        &self,
+        fingerprint: &str,
+        uid: &str,
+        store: &Store<DropboxElementInstance>,
+    ) -> Result<(), String> {
+        let mut claimed = self.claimed.lock().expect("code registry lock");
+        if let Some(holder) = claimed.get(fingerprint)
+            && holder != uid
+        {
+            let name = store
+                .state()
+                .iter()
+                .find(|i| i.uid().as_deref() == Some(holder.as_str()))
+                .map(|i| format!("{}/{}", i.namespace().unwrap_or_default(), i.name_any()))
+                .unwrap_or_else(|| "(deleted)".into());
+            return Err(name);
+        }
+        let other = store.state().into_iter().find(|i| {
+            i.uid().as_deref() != Some(uid)
+                && i.status
+                    .as_ref()
+                    .and_then(|s| s.code_fingerprint.as_deref())
+                    == Some(fingerprint)
+        });
+        if let Some(other) = other {
+            return Err(format!(
+                "{}/{}",
+                other.namespace().unwrap_or_default(),
+                other.name_any()
+            ));
+        }
+        claimed.insert(fingerprint.to_owned(), uid.to_owned());
+        Ok(())
+    }
+
+    /// Gives a claim back when Dropbox did not consume the code (transient error,
+    /// invalid client).
+    pub fn release(&self, fingerprint: &str, uid: &str) {
+        let mut claimed = self.claimed.lock().expect("code registry lock");
+        if claimed.get(fingerprint).map(String::as_str) == Some(uid) {
+            claimed.remove(fingerprint);
+        }
+    }
+}
+
+/// Per-instance exponential backoff with jitter ("equal jitter": a random delay
+/// between half and all of the exponential step), reset on success.
+///
+/// The controller's own status write wakes the instance up again at once; the
+/// backoff remembers until when the instance should wait and for which inputs,
+/// so that wake-up does not retry early, while a real change (a new code, a
+/// fixed Secret, a new generation) is acted on immediately.
+pub struct Backoff {
+    state: Mutex<HashMap<String, BackoffState>>,
+    base: Duration,
+    max: Duration,
+}
+
+struct BackoffState {
+    attempts: u32,
+    not_before: tokio::time::Instant,
+    inputs: u64,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            state: Mutex::default(),
+            base,
+            max,
+        }
+    }
+
+    /// The delay before the next attempt for `key`, never below `at_least`
+    /// (e.g. Dropbox's Retry-After). `inputs` identifies what the attempt used.
+    pub fn next_delay(&self, key: &str, at_least: Option<Duration>, inputs: u64) -> Duration {
+        let mut state = self.state.lock().expect("backoff lock");
+        let entry = state.entry(key.to_owned()).or_insert(BackoffState {
+            attempts: 0,
+            not_before: tokio::time::Instant::now(),
+            inputs,
+        });
+        entry.attempts = entry.attempts.saturating_add(1);
+        let delay = crate::retry::backoff_delay(self.base, self.max, entry.attempts, at_least);
+        entry.not_before = tokio::time::Instant::now() + delay;
+        entry.inputs = inputs;
+        delay
+    }
+
+    /// How long `key` still has to wait, when it is backing off for the same inputs.
+    pub fn remaining(&self, key: &str, inputs: u64) -> Option<Duration> {
+        let state = self.state.lock().expect("backoff lock");
+        let entry = state.get(key).filter(|e| e.inputs == inputs)?;
+        let now = tokio::time::Instant::now();
+        (entry.not_before > now).then(|| entry.not_before - now)
+    }
+
+    pub fn reset(&self, key: &str) {
+        self.state.lock().expect("backoff lock").remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_honours_retry_after() {
+        let b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let d1 = b.next_delay("x", None, 1);
+        assert!(
+            d1 >= Duration::from_millis(500) && d1 <= Duration::from_secs(1),
+            "{d1:?}"
+        );
+        let d2 = b.next_delay("x", None, 1);
+        assert!(
+            d2 >= Duration::from_secs(1) && d2 <= Duration::from_secs(2),
+            "{d2:?}"
+        );
+        for _ in 0..20 {
+            b.next_delay("x", None, 1);
+        }
+        assert!(b.next_delay("x", None, 1) <= Duration::from_secs(60));
+        b.reset("x");
+        assert!(b.next_delay("x", Some(Duration::from_secs(7)), 1) >= Duration::from_secs(7));
+        // Waiting applies to the same inputs only.
+        assert!(b.remaining("x", 1).is_some());
+        assert!(b.remaining("x", 2).is_none());
+    }
+}
