@@ -1096,10 +1096,12 @@ async fn absurd_expiry(c: &mut Ctx) -> Result<Outcome> {
         (names[0].clone(), "-9999-01-01T00:00:00Z"),
         (names[1].clone(), "+9999-12-31T23:59:59Z"),
     ];
+    // (refresh token, when its Secret was edited) per instance.
     let mut refresh_tokens = Vec::new();
     for (name, expiry) in &edits {
         let secret = c.token_secret(name).await?.context("token Secret")?;
-        refresh_tokens.push(secret_text(&secret, "refresh_token").context("refresh_token")?);
+        let rt = secret_text(&secret, "refresh_token").context("refresh_token")?;
+        refresh_tokens.push((rt, Instant::now()));
         c.secrets
             .patch(
                 &format!("{name}-dropbox-token"),
@@ -1108,13 +1110,12 @@ async fn absurd_expiry(c: &mut Ctx) -> Result<Outcome> {
             )
             .await?;
     }
-    let edited = Instant::now();
     let mut notes = Vec::new();
-    for ((name, expiry), rt) in edits.iter().zip(&refresh_tokens) {
+    for ((name, expiry), (rt, edited)) in edits.iter().zip(&refresh_tokens) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let refreshed = c.emu.calls_to("/oauth2/token").iter().any(|call| {
-                call.at >= edited
+                call.at >= *edited
                     && call.form.get("refresh_token") == Some(rt)
                     && call.status == 200
             });
