@@ -955,3 +955,80 @@ fn content_hash_matches_dropbox_definition() {
     concat.extend_from_slice(&Sha256::digest(&data[4 * 1024 * 1024..]));
     assert_eq!(content_hash(&data), hex::encode(Sha256::digest(&concat)));
 }
+
+#[tokio::test]
+async fn cursors_encode_their_position_and_cannot_be_forged() {
+    let emu = emulator().await;
+    let (access, _) = tokens(&emu).await;
+    let root = json!({"path": "", "recursive": true, "include_deleted": true});
+    emu.upload(ALICE, "/a.txt", b"a");
+
+    // The same position: the same string, however it was reached.
+    let first = latest_cursor(&emu, &access, root.clone()).await;
+    let again = latest_cursor(&emu, &access, root.clone()).await;
+    assert_eq!(first, again, "two get_latest_cursor at one position");
+    let (pages, unchanged) = drain(&emu, &access, first.clone()).await;
+    assert_eq!(pages[0]["entries"], json!([]));
+    assert_eq!(unchanged, first, "nothing new: the cursor stays");
+
+    emu.set_list_limit(1);
+    for name in ["b", "c", "d"] {
+        emu.upload(ALICE, &format!("/{name}.txt"), name.as_bytes());
+    }
+    // Two readers of one cursor (two replicas) end at the same cursor, page by page.
+    let (pages_1, end_1) = drain(&emu, &access, first.clone()).await;
+    let (pages_2, end_2) = drain(&emu, &access, first.clone()).await;
+    let cursors =
+        |pages: &[Value]| -> Vec<Value> { pages.iter().map(|p| p["cursor"].clone()).collect() };
+    assert_eq!(pages_1.len(), 3);
+    assert_eq!(cursors(&pages_1), cursors(&pages_2));
+    assert_eq!(end_1, end_2);
+    assert_ne!(end_1, first, "a new position, a new cursor");
+    assert_eq!(end_1, latest_cursor(&emu, &access, root.clone()).await);
+    assert_eq!(emu.cursor_position(&first), Some(1));
+    assert_eq!(emu.cursor_position(&end_1), Some(4));
+    assert_eq!(emu.change_log(ALICE).len(), 4);
+    assert_eq!(emu.change_log(ALICE)[3]["path_display"], json!("/d.txt"));
+
+    // Bound to the folder and the account: other folder, other account, other string.
+    emu.create_folder(ALICE, "/Sub");
+    let head = latest_cursor(&emu, &access, root.clone()).await;
+    let sub = latest_cursor(&emu, &access, json!({"path": "/sub", "recursive": true})).await;
+    assert_ne!(head, sub);
+    let code = emu.issue_code(KEY, BOB, None);
+    let (_, body) = exchange(&emu, &code, None).await;
+    let bob = body["access_token"].as_str().unwrap().to_owned();
+    let bobs = latest_cursor(&emu, &bob, root.clone()).await;
+    assert_ne!(bobs, head);
+    let (status, _) = rpc_json(
+        &emu,
+        &bob,
+        "/2/files/list_folder/continue",
+        Some(json!({"cursor": head})),
+    )
+    .await;
+    assert_eq!(status, 409, "another account's cursor");
+
+    // A string that was never issued (one character changed) is refused.
+    let mut forged = head.clone().into_bytes();
+    forged[0] = if forged[0] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let (status, _) = rpc_json(
+        &emu,
+        &access,
+        "/2/files/list_folder/continue",
+        Some(json!({"cursor": forged})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(emu.cursor_position(&forged), None);
+
+    // A reset changes the epoch: the same position has a new string.
+    emu.reset_cursors(ALICE);
+    let after_reset = latest_cursor(&emu, &access, root).await;
+    assert_ne!(after_reset, head);
+    assert_eq!(
+        emu.cursor_position(&after_reset),
+        emu.cursor_position(&head)
+    );
+}

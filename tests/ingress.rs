@@ -745,14 +745,16 @@ async fn two_ingress_replicas_lose_nothing_and_never_commit_a_cursor_twice() -> 
         .await;
     f.wait_condition("shared", "Ready", "True", None).await?;
 
-    // Record every committed cursor.
+    // Record every committed cursor (of the cursor ConfigMap in the operator
+    // namespace, named by the instance's uid).
     let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
+    let cursor_cm = contract::cursor_configmap_name(&f.uid("shared").await);
     let commits = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let recorder = {
         let commits = commits.clone();
         let stream = watcher(
             configmaps,
-            watcher::Config::default().fields("metadata.name=shared-dropbox-events"),
+            watcher::Config::default().fields(&format!("metadata.name={cursor_cm}")),
         )
         .applied_objects();
         tokio::spawn(async move {
@@ -796,6 +798,7 @@ async fn two_ingress_replicas_lose_nothing_and_never_commit_a_cursor_twice() -> 
     tokio::time::sleep(Duration::from_secs(2)).await;
     recorder.abort();
     let commits = commits.lock().expect("commits lock").clone();
+    assert!(commits.len() > 1, "commits were recorded: {commits:?}");
     let distinct: BTreeSet<_> = commits.iter().collect();
     assert_eq!(
         distinct.len(),
@@ -961,9 +964,9 @@ async fn a_cursor_in_the_pre_0_2_configmap_keeps_its_position_after_upgrade() ->
     }))?;
     configmaps.create(&PostParams::default(), &legacy).await?;
 
-    // The new version starts.
+    // The new version starts: the controller first, since the ingress's start
+    // resync would move the cursor on at once.
     f.controller = controller_process(&f.ns, &f.emu).start().await;
-    let ingress = f.ingress().start().await;
     let moved = support::eventually(
         "the cursor to move to the operator namespace",
         Duration::from_secs(30),
@@ -984,6 +987,7 @@ async fn a_cursor_in_the_pre_0_2_configmap_keeps_its_position_after_upgrade() ->
     )
     .await?;
 
+    let ingress = f.ingress().start().await;
     f.webhook(&ingress, &[ACCOUNT]).await;
     let events = wait_events(&receiver, 2, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1064,5 +1068,43 @@ async fn objects_the_operator_did_not_make_are_never_taken_over() -> Result<()> 
             .collect::<Vec<_>>(),
         ["foreign"]
     );
+    Ok(())
+}
+
+/// Both servers listen dual-stack on `[::]` (the Deployment's setting), so
+/// IPv6-only and IPv4 clusters work; metrics stay off the webhook port.
+#[tokio::test]
+async fn the_ingress_listens_on_ipv4_and_ipv6_with_metrics_on_their_own_port() -> Result<()> {
+    let f = fixture("dual-stack").await;
+    let ingress = f.ingress().dual_stack().start().await;
+    let (webhooks, metrics) = (ingress.listen_port, ingress.metrics_port);
+    let http = support::dropbox::http_client();
+    for host in ["127.0.0.1", "[::1]"] {
+        let challenge = http
+            .get(format!(
+                "http://{host}:{webhooks}/webhooks/dropbox/{APP_KEY}?challenge=v"
+            ))
+            .send()
+            .await?;
+        // No instance uses the app key yet: the challenge is still answered.
+        assert_eq!(challenge.status(), 200, "{host}");
+        let scraped = http
+            .get(format!("http://{host}:{metrics}/metrics"))
+            .send()
+            .await?;
+        assert_eq!(scraped.status(), 200, "{host}");
+        assert!(
+            scraped
+                .text()
+                .await?
+                .contains("dropbox_ingress_queue_depth")
+        );
+        // Not on the public port.
+        let hidden = http
+            .get(format!("http://{host}:{webhooks}/metrics"))
+            .send()
+            .await?;
+        assert_eq!(hidden.status(), 404, "{host}: metrics on the webhook port");
+    }
     Ok(())
 }

@@ -41,7 +41,48 @@ pub struct ControlPlane {
     pub ca_pem: String,
     /// Bearer token of the admin user.
     pub admin_token: String,
-    children: Mutex<Vec<Child>>,
+    /// `http://127.0.0.1:<port>`: etcd's client URL.
+    etcd_url: String,
+    children: Mutex<Vec<Managed>>,
+}
+
+/// A control-plane process and how it was started, so it can be started again
+/// the same way (same flags, ports, certificates and data).
+struct Managed {
+    /// `etcd`, `kube-apiserver`, `kube-controller-manager` (also its log's name).
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    child: Child,
+}
+
+impl Managed {
+    fn command(&self, dir: &Path, append: bool) -> io::Result<Command> {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .stdout(log_stdio(dir, self.name, append)?)
+            .stderr(log_stdio(dir, self.name, true)?);
+        Ok(cmd)
+    }
+}
+
+/// Starts `program` with `args` (logs to `<dir>/<name>.log`), owned by this process.
+fn start_managed(
+    dir: &Path,
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+) -> io::Result<Managed> {
+    let mut cmd = Command::new(&program);
+    cmd.args(&args)
+        .stdout(log_stdio(dir, name, false)?)
+        .stderr(log_stdio(dir, name, true)?);
+    Ok(Managed {
+        name,
+        program,
+        args,
+        child: spawn_owned(cmd)?,
+    })
 }
 
 /// The repository root (where Cargo.toml is).
@@ -141,10 +182,19 @@ fn write(path: &Path, contents: impl AsRef<[u8]>) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
-fn log_file(dir: &Path, name: &str) -> io::Result<Stdio> {
-    Ok(Stdio::from(fs::File::create(
-        dir.join(format!("{name}.log")),
-    )?))
+/// The log of process `name`: truncated on first start (`append` false), appended
+/// to on a restart and by the second handle (stderr) of the same start.
+fn log_stdio(dir: &Path, name: &str, append: bool) -> io::Result<Stdio> {
+    let path = dir.join(format!("{name}.log"));
+    let file = if append {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+    } else {
+        fs::File::create(path)?
+    };
+    Ok(Stdio::from(file))
 }
 
 /// Removes control-plane directories under `parent` whose owning process is gone.
@@ -254,8 +304,7 @@ impl ControlPlane {
         let mut children = Vec::new();
         let etcd_port = free_port();
         let peer_port = free_port();
-        let mut etcd = Command::new(bin_dir.join("etcd"));
-        etcd.args([
+        let etcd_args = [
             "--name=controlplane",
             &format!("--data-dir={}", dir.join("etcd").display()),
             &format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
@@ -266,49 +315,53 @@ impl ControlPlane {
             // Test data is disposable: skipping fsync makes every write much cheaper.
             "--unsafe-no-fsync",
             "--log-level=warn",
-        ])
-        .stdout(log_file(&dir, "etcd")?)
-        .stderr(log_file(&dir, "etcd")?);
-        children.push(spawn_owned(etcd)?);
+        ];
+        children.push(start_managed(
+            &dir,
+            "etcd",
+            bin_dir.join("etcd"),
+            etcd_args.iter().map(|a| (*a).to_owned()).collect(),
+        )?);
 
         let api_port = free_port();
         let server = format!("https://127.0.0.1:{api_port}");
-        let mut apiserver = Command::new(bin_dir.join("kube-apiserver"));
-        apiserver
-            .args([
-                &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                // No kubelet or Service routing here: the `kubernetes` Service endpoints
-                // (which may not be loopback) are not needed.
-                "--endpoint-reconciler-type=none",
-                &format!("--secure-port={api_port}"),
-                &format!("--cert-dir={}", dir.join("certs").display()),
-                &format!("--tls-cert-file={}", dir.join("apiserver.crt").display()),
-                &format!(
-                    "--tls-private-key-file={}",
-                    dir.join("apiserver.key").display()
-                ),
-                &format!("--client-ca-file={}", dir.join("ca.crt").display()),
-                &format!("--token-auth-file={}", dir.join("tokens.csv").display()),
-                "--authorization-mode=RBAC",
-                "--service-account-issuer=https://kubernetes.default.svc",
-                &format!(
-                    "--service-account-key-file={}",
-                    dir.join("sa.pub").display()
-                ),
-                &format!(
-                    "--service-account-signing-key-file={}",
-                    dir.join("sa.key").display()
-                ),
-                "--service-cluster-ip-range=10.96.0.0/24",
-                "--enable-priority-and-fairness=false",
-                "--profiling=false",
-                "--v=1",
-            ])
-            .stdout(log_file(&dir, "kube-apiserver")?)
-            .stderr(log_file(&dir, "kube-apiserver")?);
-        children.push(spawn_owned(apiserver)?);
+        let apiserver_args = [
+            &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            // No kubelet or Service routing here: the `kubernetes` Service endpoints
+            // (which may not be loopback) are not needed.
+            "--endpoint-reconciler-type=none",
+            &format!("--secure-port={api_port}"),
+            &format!("--cert-dir={}", dir.join("certs").display()),
+            &format!("--tls-cert-file={}", dir.join("apiserver.crt").display()),
+            &format!(
+                "--tls-private-key-file={}",
+                dir.join("apiserver.key").display()
+            ),
+            &format!("--client-ca-file={}", dir.join("ca.crt").display()),
+            &format!("--token-auth-file={}", dir.join("tokens.csv").display()),
+            "--authorization-mode=RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            &format!(
+                "--service-account-key-file={}",
+                dir.join("sa.pub").display()
+            ),
+            &format!(
+                "--service-account-signing-key-file={}",
+                dir.join("sa.key").display()
+            ),
+            "--service-cluster-ip-range=10.96.0.0/24",
+            "--enable-priority-and-fairness=false",
+            "--profiling=false",
+            "--v=1",
+        ];
+        children.push(start_managed(
+            &dir,
+            "kube-apiserver",
+            bin_dir.join("kube-apiserver"),
+            apiserver_args.iter().map(|a| (*a).to_owned()).collect(),
+        )?);
 
         let kubeconfig = dir.join("kubeconfig");
         write(
@@ -333,6 +386,7 @@ impl ControlPlane {
             server,
             ca_pem: pki.ca_pem.clone(),
             admin_token,
+            etcd_url: format!("http://127.0.0.1:{etcd_port}"),
             children: Mutex::new(children),
         };
         cp.wait_until(Duration::from_secs(120), "kube-apiserver /readyz", || {
@@ -340,8 +394,7 @@ impl ControlPlane {
                 .is_some_and(|out| out.trim() == "ok")
         })?;
 
-        let mut kcm = Command::new(bin_dir.join("kube-controller-manager"));
-        kcm.args([
+        let kcm_args = [
             &format!("--kubeconfig={}", kcm_kubeconfig.display()),
             &format!("--authentication-kubeconfig={}", kcm_kubeconfig.display()),
             &format!("--authorization-kubeconfig={}", kcm_kubeconfig.display()),
@@ -357,13 +410,14 @@ impl ControlPlane {
             // Short resync of discovery so the garbage collector sees new CRDs quickly.
             "--concurrent-gc-syncs=5",
             "--v=1",
-        ])
-        .stdout(log_file(&dir, "kube-controller-manager")?)
-        .stderr(log_file(&dir, "kube-controller-manager")?);
-        cp.children
-            .lock()
-            .expect("children lock")
-            .push(spawn_owned(kcm)?);
+        ];
+        let kcm = start_managed(
+            &dir,
+            "kube-controller-manager",
+            bin_dir.join("kube-controller-manager"),
+            kcm_args.iter().map(|a| (*a).to_owned()).collect(),
+        )?;
+        cp.children.lock().expect("children lock").push(kcm);
 
         // The serviceaccount controller creates `default` in every namespace: seeing it
         // proves the controller-manager is connected and running controllers.
@@ -421,13 +475,84 @@ impl ControlPlane {
 
     fn exited_child(&self) -> Option<String> {
         let mut children = self.children.lock().expect("children lock");
-        children.iter_mut().find_map(|c| match c.try_wait() {
+        children.iter_mut().find_map(|c| match c.child.try_wait() {
             Ok(Some(status)) => Some(format!(
-                "control-plane process {} exited with {status}",
-                c.id()
+                "control-plane process {} ({}) exited with {status}",
+                c.child.id(),
+                c.name
             )),
             _ => None,
         })
+    }
+
+    /// Stops process `name` (SIGTERM, SIGKILL after 5 s) and starts it again with
+    /// the same flags; its log is appended to.
+    fn restart(&self, name: &str) -> io::Result<()> {
+        let mut children = self.children.lock().expect("children lock");
+        let managed = children
+            .iter_mut()
+            .find(|c| c.name == name)
+            .ok_or_else(|| io::Error::other(format!("no control-plane process {name}")))?;
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(managed.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while managed.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = managed.child.kill();
+                managed.child.wait()?;
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let cmd = managed.command(&self.dir, true)?;
+        managed.child = spawn_owned(cmd)?;
+        Ok(())
+    }
+
+    fn wait_apiserver_ready(&self) -> io::Result<()> {
+        self.wait_until(Duration::from_secs(120), "kube-apiserver /readyz", || {
+            self.kubectl_quiet(&["get", "--raw=/readyz"])
+                .is_some_and(|out| out.trim() == "ok")
+        })
+    }
+
+    /// Whether etcd answers `GET /health` with `"health":"true"`.
+    fn etcd_healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let Some(addr) = self.etcd_url.strip_prefix("http://") else {
+            return false;
+        };
+        let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let request = format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        if stream.write_all(request.as_bytes()).is_err() {
+            return false;
+        }
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer.starts_with("HTTP/1.0 200") && answer.contains(r#""health":"true""#)
+    }
+
+    /// Restarts kube-apiserver (same flags, port, certificates and etcd) and
+    /// waits until its /readyz is ok. Blocking; clients see connection errors
+    /// meanwhile.
+    pub fn restart_apiserver(&self) -> io::Result<()> {
+        self.restart("kube-apiserver")?;
+        self.wait_apiserver_ready()
+    }
+
+    /// Restarts etcd (same flags and port; its data is kept) and waits until it
+    /// is healthy and kube-apiserver's /readyz is ok again. Blocking.
+    pub fn restart_etcd(&self) -> io::Result<()> {
+        self.restart("etcd")?;
+        self.wait_until(Duration::from_secs(60), "etcd /health", || {
+            self.etcd_healthy()
+        })?;
+        self.wait_apiserver_ready()
     }
 
     /// A kubectl command for this control plane (admin credentials).
@@ -462,9 +587,9 @@ impl ControlPlane {
     /// Stops every process (SIGKILL) now instead of at process exit.
     pub fn stop(&self) {
         let mut children = self.children.lock().expect("children lock");
-        for child in children.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
+        for managed in children.iter_mut().rev() {
+            let _ = managed.child.kill();
+            let _ = managed.child.wait();
         }
         children.clear();
     }

@@ -394,6 +394,28 @@ impl Emulator {
         self.st().account_mut(account_id).epoch += 1;
     }
 
+    /// The journal position a cursor issued here stands at (changes of the
+    /// account before it are reported), `None` for a string never issued. Lets
+    /// tests check how far a committed cursor has moved.
+    pub fn cursor_position(&self, cursor: &str) -> Option<usize> {
+        self.st().cursors.get(cursor).map(|c| c.pos)
+    }
+
+    /// Every change of the account so far, in commit order: the metadata
+    /// list_folder/continue reports for it (`path_display`, `.tag`, ...), with
+    /// its journal position at index i.
+    pub fn change_log(&self, account_id: &str) -> Vec<Value> {
+        self.st()
+            .accounts
+            .get(account_id)
+            .expect("change_log: unknown account")
+            .files
+            .journal
+            .iter()
+            .map(|(_, meta)| meta.clone())
+            .collect()
+    }
+
     /// Max entries per list_folder(/continue) page; default 2000.
     pub fn set_list_limit(&self, limit: usize) {
         assert!(limit >= 1, "list limit must be at least 1");
@@ -557,8 +579,12 @@ impl Fault {
     }
 }
 
-/// A list_folder cursor. Cursors are opaque random strings looked up here, so a
-/// cursor is bound to its account and folder and can't be forged.
+/// A list_folder cursor. Like Dropbox's, a cursor string encodes a position: it
+/// is base64url(HMAC-SHA256(emulator-private key, (account, folder, recursive,
+/// limit, epoch, journal position, rest of the listing))), so two calls that end
+/// at the same position of the same account/folder/epoch get the same string,
+/// while a cursor stays bound to its account and folder and can't be forged
+/// (the string is also looked up here: only issued cursors are accepted).
 #[derive(Clone)]
 struct Cursor {
     account_id: String,
@@ -589,6 +615,8 @@ struct State {
     latency: HashMap<String, Duration>,
     calls: Vec<Call>,
     cursors: HashMap<String, Cursor>,
+    /// Keys the cursor strings; never leaves the emulator.
+    cursor_key: [u8; 32],
 }
 
 /// Why an access token is refused; maps to the `AuthError` tag.
@@ -613,6 +641,7 @@ impl State {
             latency: HashMap::new(),
             calls: Vec::new(),
             cursors: HashMap::new(),
+            cursor_key: rand::random(),
         }
     }
 
@@ -672,8 +701,28 @@ impl State {
         (token, self.access_ttl.as_secs().max(1))
     }
 
+    /// The cursor string of a position (the same position, the same string).
     fn new_cursor(&mut self, cursor: Cursor) -> String {
-        let id = random_string(48);
+        let pending = if cursor.pending.is_empty() {
+            String::new()
+        } else {
+            hex::encode(Sha256::digest(
+                Value::Array(cursor.pending.clone()).to_string().as_bytes(),
+            ))
+        };
+        let position = json!([
+            cursor.account_id,
+            cursor.root,
+            cursor.recursive,
+            cursor.limit,
+            cursor.epoch,
+            cursor.pos,
+            pending
+        ]);
+        let id = URL_SAFE_NO_PAD.encode(hmac_sha256(
+            &self.cursor_key,
+            position.to_string().as_bytes(),
+        ));
         self.cursors.insert(id.clone(), cursor);
         id
     }

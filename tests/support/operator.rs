@@ -37,6 +37,8 @@ pub struct OperatorProcess {
     /// Variables removed from the process's environment (after `env`).
     pub unset: Vec<String>,
     pub name: String,
+    /// Address the servers bind: `127.0.0.1`, or `[::]` (dual-stack).
+    pub bind: &'static str,
 }
 
 impl OperatorProcess {
@@ -49,6 +51,7 @@ impl OperatorProcess {
             env: Vec::new(),
             unset: Vec::new(),
             name: "controller".into(),
+            bind: "127.0.0.1",
         }
     }
 
@@ -77,6 +80,12 @@ impl OperatorProcess {
         self
     }
 
+    /// Binds the servers on `[::]` (IPv6 and IPv4), as the Deployment does.
+    pub fn dual_stack(mut self) -> Self {
+        self.bind = "[::]";
+        self
+    }
+
     pub fn name(mut self, name: &str) -> Self {
         self.name = name.to_owned();
         self
@@ -99,8 +108,8 @@ impl OperatorProcess {
             .env("DROPBOX_WWW_URL", "https://www.dropbox.com")
             .env("WATCH_NAMESPACE", &self.namespace)
             .env("POD_NAMESPACE", &self.namespace)
-            .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
-            .env("LISTEN_ADDR", format!("127.0.0.1:{listen_port}"))
+            .env("METRICS_ADDR", format!("{}:{port}", self.bind))
+            .env("LISTEN_ADDR", format!("{}:{listen_port}", self.bind))
             .env("LOG_LEVEL", "info,dropbox_operator=debug")
             .env("DROPBOX_TIMEOUT", "3s")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

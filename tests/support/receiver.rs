@@ -1,22 +1,44 @@
 //! A callback receiver, as an application would run one: records every delivery
 //! and verifies both signature schemes (Elements-Webhook-Signature and Standard
-//! Webhooks). It can fail or stall on demand.
+//! Webhooks). It can fail, rate-limit, redirect, stall or go down on demand.
+//!
+//! The signatures are checked with this file's own HMAC code, written from the
+//! README's rule ("Events": `sha256=` + base64(HMAC-SHA256(key, raw body)), and
+//! `v1,` + base64(HMAC-SHA256(key, "<webhook-id>.<webhook-timestamp>.<body>"))),
+//! not with the crate's verifiers: a mistake shared by the ingress's signer and
+//! its verifier cannot make a test pass.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use dropbox_operator::ingress::payload::{verify_elements_signature, verify_standard_webhooks};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+type HmacSha256 = Hmac<sha2::Sha256>;
+
+/// The path deliveries are expected on.
+const EVENTS_PATH: &str = "/events";
+/// Where a redirect answer points: a delivery arriving here means the ingress
+/// followed a redirect (it must not).
+const REDIRECTED_PATH: &str = "/redirected";
 
 /// One delivery as received.
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub event_id: String,
+    /// The request path (`/events`, or `/redirected` for a followed redirect).
+    pub path: String,
     /// Request headers (names lower-cased).
     pub headers: Vec<(String, String)>,
     pub content_type: String,
@@ -26,6 +48,9 @@ pub struct Delivery {
     pub elements_signature_ok: Option<bool>,
     pub standard_webhooks_ok: Option<bool>,
     pub status: u16,
+    /// When the request arrived (before any stall).
+    pub arrived: Instant,
+    /// When it was answered (after any stall).
     pub at: Instant,
 }
 
@@ -43,73 +68,238 @@ impl Delivery {
     pub fn events(&self) -> Vec<Value> {
         self.event_array().cloned().unwrap_or_default()
     }
+
+    /// Whether the receiver took it (answered 2xx on the events path).
+    pub fn is_accepted(&self) -> bool {
+        (200..300).contains(&self.status) && self.path == EVENTS_PATH
+    }
+}
+
+/// An injected failure of the events path.
+#[derive(Clone, Copy, Default)]
+struct Failure {
+    status: u16,
+    /// Until when (None: no time bound).
+    until: Option<Instant>,
+    /// How many more requests (None: no count bound).
+    remaining: Option<usize>,
+    /// `Retry-After` seconds to send with it.
+    retry_after: Option<u64>,
+    /// Send `Location: <receiver>/redirected` with it.
+    redirect: bool,
 }
 
 #[derive(Default)]
 struct Behaviour {
-    fail_status: Option<u16>,
-    fail_until: Option<Instant>,
+    failure: Option<Failure>,
     stall: Option<Duration>,
 }
 
 #[derive(Clone)]
 struct Shared {
     key: Option<Vec<u8>>,
+    base: String,
     received: Arc<Mutex<Vec<Delivery>>>,
     behaviour: Arc<Mutex<Behaviour>>,
+    /// Requests being handled right now (e.g. held by a stall).
+    in_flight: Arc<AtomicUsize>,
+    /// `Some(n)`: once `n` deliveries were accepted, hold every further request
+    /// until this is set back to `None`.
+    gate: Arc<tokio::sync::watch::Sender<Option<usize>>>,
+}
+
+/// Counts a request as in flight until it is answered or dropped (the client
+/// went away).
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(counter: &Arc<AtomicUsize>) -> InFlight {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+struct Server {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub struct Receiver {
     pub url: String,
+    addr: SocketAddr,
     shared: Shared,
-    server: tokio::task::AbortHandle,
+    server: Mutex<Server>,
 }
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        self.server.abort();
+        let server = self.server.get_mut().expect("server lock");
+        server.stop.cancel();
+        if let Some(task) = server.task.take() {
+            task.abort();
+        }
+    }
+}
+
+fn serve(listener: tokio::net::TcpListener, shared: Shared) -> Server {
+    let app = Router::new()
+        .route(EVENTS_PATH, post(receive))
+        .route(REDIRECTED_PATH, post(receive))
+        .with_state(shared);
+    let stop = CancellationToken::new();
+    let signal = stop.clone();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { signal.cancelled().await })
+            .await;
+    });
+    Server {
+        stop,
+        task: Some(task),
     }
 }
 
 impl Receiver {
     /// Starts a receiver on 127.0.0.1 that expects deliveries signed with `key`.
     pub async fn start(key: Option<&[u8]>) -> Receiver {
-        let shared = Shared {
-            key: key.map(<[u8]>::to_vec),
-            received: Arc::default(),
-            behaviour: Arc::default(),
-        };
-        let app = Router::new()
-            .route("/events", post(receive))
-            .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind receiver");
-        let url = format!(
-            "http://{}/events",
-            listener.local_addr().expect("receiver address")
-        );
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        })
-        .abort_handle();
+        let addr = listener.local_addr().expect("receiver address");
+        let shared = Shared {
+            key: key.map(<[u8]>::to_vec),
+            base: format!("http://{addr}"),
+            received: Arc::default(),
+            behaviour: Arc::default(),
+            in_flight: Arc::default(),
+            gate: Arc::new(tokio::sync::watch::Sender::new(None)),
+        };
+        let server = serve(listener, shared.clone());
         Receiver {
-            url,
+            url: format!("http://{addr}{EVENTS_PATH}"),
+            addr,
             shared,
-            server,
+            server: Mutex::new(server),
         }
+    }
+
+    fn set_failure(&self, failure: Failure) {
+        self.shared
+            .behaviour
+            .lock()
+            .expect("behaviour lock")
+            .failure = Some(failure);
     }
 
     /// Answer `status` to every delivery for `duration`.
     pub fn fail_for(&self, status: u16, duration: Duration) {
-        let mut b = self.shared.behaviour.lock().expect("behaviour lock");
-        b.fail_status = Some(status);
-        b.fail_until = Some(Instant::now() + duration);
+        self.set_failure(Failure {
+            status,
+            until: Some(Instant::now() + duration),
+            ..Failure::default()
+        });
+    }
+
+    /// Answer `status` to the next `count` deliveries.
+    pub fn fail_next(&self, status: u16, count: usize) {
+        self.set_failure(Failure {
+            status,
+            remaining: Some(count),
+            ..Failure::default()
+        });
+    }
+
+    /// Answer `429` with `Retry-After: retry_after_secs` for `duration`.
+    pub fn rate_limit_for(&self, duration: Duration, retry_after_secs: u64) {
+        self.set_failure(Failure {
+            status: 429,
+            until: Some(Instant::now() + duration),
+            retry_after: Some(retry_after_secs),
+            ..Failure::default()
+        });
+    }
+
+    /// Answer redirect `status` (3xx) with a `Location` on this receiver for
+    /// `duration`; a delivery that follows it shows up with path `/redirected`.
+    pub fn redirect_for(&self, status: u16, duration: Duration) {
+        self.set_failure(Failure {
+            status,
+            until: Some(Instant::now() + duration),
+            redirect: true,
+            ..Failure::default()
+        });
+    }
+
+    /// Stops failing.
+    pub fn heal(&self) {
+        self.shared
+            .behaviour
+            .lock()
+            .expect("behaviour lock")
+            .failure = None;
     }
 
     /// Hold every delivery this long before answering.
     pub fn stall(&self, duration: Option<Duration>) {
         self.shared.behaviour.lock().expect("behaviour lock").stall = duration;
+    }
+
+    /// Stops listening: new connections are refused and idle keep-alive
+    /// connections are closed (requests in flight are answered first).
+    pub async fn go_down(&self) {
+        let task = {
+            let mut server = self.server.lock().expect("server lock");
+            server.stop.cancel();
+            server.task.take()
+        };
+        if let Some(task) = task {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+    }
+
+    /// Listens again on the same port after [`Receiver::go_down`].
+    pub async fn come_up(&self) {
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("rebind receiver on {}: {e}", self.addr),
+            }
+        };
+        *self.server.lock().expect("server lock") = serve(listener, self.shared.clone());
+    }
+
+    /// Once `accepted` deliveries were accepted, hold every further request
+    /// (before any stall or failure) until [`Receiver::release`]: a test can then
+    /// inject a fault at a known point of a stream of deliveries.
+    pub fn hold_after(&self, accepted: usize) {
+        self.shared.gate.send_replace(Some(accepted));
+    }
+
+    /// Lets held requests go on.
+    pub fn release(&self) {
+        self.shared.gate.send_replace(None);
+    }
+
+    /// Requests being handled right now (arrived, not yet answered).
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
     }
 
     /// Every request received, including refused ones.
@@ -119,7 +309,10 @@ impl Receiver {
 
     /// Deliveries answered 2xx.
     pub fn accepted(&self) -> Vec<Delivery> {
-        self.all().into_iter().filter(|d| d.status < 300).collect()
+        self.all()
+            .into_iter()
+            .filter(Delivery::is_accepted)
+            .collect()
     }
 
     /// How many events were accepted so far (cheap: nothing is copied).
@@ -127,7 +320,7 @@ impl Receiver {
         let received = self.shared.received.lock().expect("received lock");
         received
             .iter()
-            .filter(|d| d.status < 300)
+            .filter(|d| d.is_accepted())
             .map(|d| d.event_array().map_or(0, Vec::len))
             .sum()
     }
@@ -136,32 +329,116 @@ impl Receiver {
     pub fn accepted_events(&self) -> Vec<Value> {
         self.accepted().iter().flat_map(Delivery::events).collect()
     }
+
+    /// Requests that arrived on the redirect target (a followed redirect).
+    pub fn redirected(&self) -> Vec<Delivery> {
+        self.all()
+            .into_iter()
+            .filter(|d| d.path == REDIRECTED_PATH)
+            .collect()
+    }
 }
 
-async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> StatusCode {
+/// HMAC-SHA256 of the concatenated `parts`, checked in constant time against
+/// the base64 `signature`.
+fn hmac_matches(key: &[u8], parts: &[&[u8]], signature_b64: &str) -> bool {
+    let Ok(signature) = BASE64.decode(signature_b64.trim()) else {
+        return false;
+    };
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes any key");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.verify_slice(&signature).is_ok()
+}
+
+/// `Elements-Webhook-Signature: sha256=<base64 HMAC(key, body)>`.
+fn elements_signature_ok(key: &[u8], body: &[u8], header: &str) -> bool {
+    header
+        .strip_prefix("sha256=")
+        .is_some_and(|sig| hmac_matches(key, &[body], sig))
+}
+
+/// Standard Webhooks: any of the space-separated `v1,<base64>` signatures over
+/// `"<id>.<timestamp>.<body>"`.
+fn standard_webhooks_ok(key: &[u8], id: &str, timestamp: &str, body: &[u8], header: &str) -> bool {
+    header
+        .split(' ')
+        .filter_map(|s| s.strip_prefix("v1,"))
+        .any(|sig| {
+            hmac_matches(
+                key,
+                &[id.as_bytes(), b".", timestamp.as_bytes(), b".", body],
+                sig,
+            )
+        })
+}
+
+async fn receive(
+    State(shared): State<Shared>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let arrived = Instant::now();
+    let _in_flight = InFlight::enter(&shared.in_flight);
     let header = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
+    let path = uri.path().to_owned();
+    let mut gate = shared.gate.subscribe();
+    loop {
+        let hold = *gate.borrow_and_update();
+        let accepted = || {
+            shared
+                .received
+                .lock()
+                .expect("received lock")
+                .iter()
+                .filter(|d| d.is_accepted())
+                .count()
+        };
+        match hold {
+            Some(n) if path == EVENTS_PATH && accepted() >= n => {
+                if gate.changed().await.is_err() {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
     let stall = shared.behaviour.lock().expect("behaviour lock").stall;
-    if let Some(stall) = stall {
+    if let Some(stall) = stall
+        && path == EVENTS_PATH
+    {
         tokio::time::sleep(stall).await;
     }
-    let status = {
-        let b = shared.behaviour.lock().expect("behaviour lock");
-        match (b.fail_status, b.fail_until) {
-            (Some(s), Some(until)) if Instant::now() < until => s,
-            _ => 200,
+    // The failure in force, if any (a counted one uses up one request).
+    let failure = if path == EVENTS_PATH {
+        let mut b = shared.behaviour.lock().expect("behaviour lock");
+        let now = Instant::now();
+        match b.failure.as_mut() {
+            Some(f) if f.until.is_none_or(|t| now < t) && f.remaining.is_none_or(|n| n > 0) => {
+                if let Some(n) = f.remaining.as_mut() {
+                    *n -= 1;
+                }
+                Some(*f)
+            }
+            _ => None,
         }
+    } else {
+        None
     };
+    let status = failure.map_or(200, |f| f.status);
     let event_id = header("elements-webhook-id").unwrap_or_default();
     let (elements_ok, standard_ok) = match &shared.key {
         Some(key) => (
             Some(
                 header("elements-webhook-signature")
-                    .is_some_and(|sig| verify_elements_signature(key, &body, &sig)),
+                    .is_some_and(|sig| elements_signature_ok(key, &body, &sig)),
             ),
             Some(
                 match (
@@ -170,7 +447,7 @@ async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) 
                     header("webhook-signature"),
                 ) {
                     (Some(id), Some(ts), Some(sig)) => {
-                        id == event_id && verify_standard_webhooks(key, &id, &ts, &body, &sig)
+                        id == event_id && standard_webhooks_ok(key, &id, &ts, &body, &sig)
                     }
                     _ => false,
                 },
@@ -188,6 +465,7 @@ async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) 
         .expect("received lock")
         .push(Delivery {
             event_id,
+            path,
             headers: all_headers,
             content_type: header("content-type").unwrap_or_default(),
             body: serde_json::from_slice(&body).unwrap_or(Value::Null),
@@ -195,7 +473,23 @@ async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) 
             elements_signature_ok: elements_ok,
             standard_webhooks_ok: standard_ok,
             status,
+            arrived,
             at: Instant::now(),
         });
-    StatusCode::from_u16(status).unwrap_or(StatusCode::OK)
+    let mut response = StatusCode::from_u16(status)
+        .unwrap_or(StatusCode::OK)
+        .into_response();
+    if let Some(f) = failure {
+        if let Some(secs) = f.retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if f.redirect
+            && let Ok(v) = HeaderValue::from_str(&format!("{}{REDIRECTED_PATH}", shared.base))
+        {
+            response.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    response
 }
