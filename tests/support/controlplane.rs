@@ -600,47 +600,26 @@ impl ControlPlane {
     /// it was away.
     pub fn restart_kube_apiserver(&self, down: Duration) -> io::Result<Duration> {
         let started = Instant::now();
+        let find = |children: &[Managed]| -> io::Result<usize> {
+            children
+                .iter()
+                .position(|c| c.name == "kube-apiserver")
+                .ok_or_else(|| io::Error::other("no control-plane process kube-apiserver"))
+        };
         {
             let mut children = self.children.lock().expect("children lock");
-            let apiserver = children
-                .iter_mut()
-                .find(|c| {
-                    fs::read(format!("/proc/{}/cmdline", c.id())).is_ok_and(|cmdline| {
-                        cmdline
-                            .split(|b| *b == 0)
-                            .next()
-                            .is_some_and(|argv0| argv0.ends_with(b"kube-apiserver"))
-                    })
-                })
-                .ok_or_else(|| io::Error::other("no running kube-apiserver child"))?;
-            let cmdline = fs::read(format!("/proc/{}/cmdline", apiserver.id()))?;
-            let mut argv = cmdline
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned());
-            let program = argv
-                .next()
-                .ok_or_else(|| io::Error::other("empty cmdline"))?;
-            let args: Vec<String> = argv.collect();
-            apiserver.kill()?;
-            apiserver.wait()?;
-            thread::sleep(down);
-            let log = || -> io::Result<Stdio> {
-                Ok(Stdio::from(
-                    fs::OpenOptions::new()
-                        .append(true)
-                        .create(true)
-                        .open(self.dir.join("kube-apiserver.log"))?,
-                ))
-            };
-            let mut cmd = Command::new(program);
-            cmd.args(args).stdout(log()?).stderr(log()?);
-            *apiserver = spawn_owned(cmd)?;
+            let i = find(&children)?;
+            children[i].child.kill()?;
+            children[i].child.wait()?;
         }
-        self.wait_until(Duration::from_secs(60), "kube-apiserver /readyz", || {
-            self.kubectl_quiet(&["get", "--raw=/readyz"])
-                .is_some_and(|out| out.trim() == "ok")
-        })?;
+        thread::sleep(down);
+        {
+            let mut children = self.children.lock().expect("children lock");
+            let i = find(&children)?;
+            let cmd = children[i].command(&self.dir, true)?;
+            children[i].child = spawn_owned(cmd)?;
+        }
+        self.wait_apiserver_ready()?;
         Ok(started.elapsed())
     }
 }
