@@ -593,4 +593,33 @@ impl ControlPlane {
         }
         children.clear();
     }
+
+    /// Stops kube-apiserver (SIGKILL, as a crash or a node loss would), leaves it
+    /// down for `down`, starts it again with the same arguments (same port,
+    /// certificates and etcd) and waits until /readyz answers. Returns how long
+    /// it was away.
+    pub fn restart_kube_apiserver(&self, down: Duration) -> io::Result<Duration> {
+        let started = Instant::now();
+        let find = |children: &[Managed]| -> io::Result<usize> {
+            children
+                .iter()
+                .position(|c| c.name == "kube-apiserver")
+                .ok_or_else(|| io::Error::other("no control-plane process kube-apiserver"))
+        };
+        {
+            let mut children = self.children.lock().expect("children lock");
+            let i = find(&children)?;
+            children[i].child.kill()?;
+            children[i].child.wait()?;
+        }
+        thread::sleep(down);
+        {
+            let mut children = self.children.lock().expect("children lock");
+            let i = find(&children)?;
+            let cmd = children[i].command(&self.dir, true)?;
+            children[i].child = spawn_owned(cmd)?;
+        }
+        self.wait_apiserver_ready()?;
+        Ok(started.elapsed())
+    }
 }

@@ -141,7 +141,10 @@ impl Emulator {
         );
     }
 
-    /// The `scope` the token endpoint reports for the app (space-separated).
+    /// The app's permissions (space-separated scopes): what the token endpoint
+    /// reports, and what tokens approved from now on may do. A route needing a
+    /// scope the token's grant lacks answers 401 `missing_scope`; like Dropbox,
+    /// granting a permission later takes a new approval (a new code).
     pub fn set_app_scope(&self, app_key: &str, scope: &str) {
         let mut st = self.st();
         let app = st
@@ -259,6 +262,27 @@ impl Emulator {
     /// Lifetime of authorization codes issued from now on (default 600 s).
     pub fn set_code_ttl(&self, ttl: Duration) {
         self.st().code_ttl = ttl;
+    }
+
+    /// From now on a successful code exchange consumes the code, mints the tokens
+    /// and records the call at once, and only then waits `delay` before answering
+    /// (a client that gave up meanwhile never sees the tokens, but the code is
+    /// spent, as on the real service); zero turns it off. Unlike
+    /// [`Emulator::set_latency`], which waits before the request is handled.
+    pub fn hang_after_consuming_code(&self, delay: Duration) {
+        self.st().hang_after_code = delay;
+    }
+
+    /// Access tokens minted from a refresh token (code exchange or refresh) that
+    /// `/2/` routes would accept right now: what a revocation should have killed.
+    pub fn live_oauth_access_tokens(&self) -> Vec<String> {
+        let st = self.st();
+        st.access_tokens
+            .iter()
+            .filter(|(_, t)| t.refresh_token.is_some())
+            .filter(|(token, _)| st.check_access_token(token).is_ok())
+            .map(|(token, _)| token.clone())
+            .collect()
     }
 
     /// The user disconnected the app: every refresh token (and access token) of the
@@ -518,6 +542,9 @@ struct Code {
 struct Grant {
     app_key: String,
     account_id: String,
+    /// The app's scope when the user approved it: a token has the scopes of its
+    /// grant, so permissions added to the app later need a new approval.
+    scope: String,
 }
 
 struct AccessToken {
@@ -581,6 +608,8 @@ struct State {
     access_tokens: HashMap<String, AccessToken>,
     access_ttl: Duration,
     code_ttl: Duration,
+    /// See [`Emulator::hang_after_consuming_code`].
+    hang_after_code: Duration,
     list_limit: usize,
     faults: Vec<Fault>,
     latency: HashMap<String, Duration>,
@@ -606,6 +635,7 @@ impl State {
             access_tokens: HashMap::new(),
             access_ttl: DEFAULT_ACCESS_TTL,
             code_ttl: DEFAULT_CODE_TTL,
+            hang_after_code: Duration::ZERO,
             list_limit: MAX_LIST_LIMIT,
             faults: Vec::new(),
             latency: HashMap::new(),
@@ -996,6 +1026,19 @@ impl Reply {
         )
     }
 
+    /// `AuthError.missing_scope` (401; `auth.stone`: `missing_scope TokenScopeError`
+    /// with `required_scope`), e.g. `{"error_summary": "missing_scope/..", "error":
+    /// {".tag": "missing_scope", "required_scope": "files.metadata.read"}}`.
+    fn missing_scope(required: &str) -> Reply {
+        Reply::json(
+            401,
+            &json!({
+                "error_summary": summary(&["missing_scope"]),
+                "error": {".tag": "missing_scope", "required_scope": required},
+            }),
+        )
+    }
+
     /// A route error (409) whose union is `error`, summarized by `tags`.
     fn route_error(tags: &[&str], error: Value) -> Reply {
         Reply::json(
@@ -1122,29 +1165,44 @@ async fn process(
             form.entry(k.into_owned()).or_insert_with(|| v.into_owned());
         }
     }
-    let mut st = lock(&state);
-    let reply = match st.take_fault(&route) {
-        Some(FaultKind::RateLimit(secs)) => Reply::rate_limited(secs),
-        Some(FaultKind::Status(status)) => injected(&route, status),
-        None => dispatch(&mut st, &method, &route, &headers, &form, &body),
+    // The guard lives in this block only, so the future stays Send.
+    let (reply, hang) = {
+        let mut st = lock(&state);
+        let reply = match st.take_fault(&route) {
+            Some(FaultKind::RateLimit(secs)) => Reply::rate_limited(secs),
+            Some(FaultKind::Status(status)) => injected(&route, status),
+            None => dispatch(&mut st, &method, &route, &headers, &form, &body),
+        };
+        let consumed_code = route == "/oauth2/token"
+            && reply.status == 200
+            && form.get("grant_type").map(String::as_str) == Some("authorization_code");
+        let hang = if consumed_code {
+            st.hang_after_code
+        } else {
+            Duration::ZERO
+        };
+        st.calls.push(Call {
+            method: method.to_string(),
+            route,
+            status: reply.status,
+            headers: headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            form,
+            body: String::from_utf8_lossy(&body).into_owned(),
+            at,
+        });
+        (reply, hang)
     };
-    st.calls.push(Call {
-        method: method.to_string(),
-        route,
-        status: reply.status,
-        headers: headers
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        form,
-        body: String::from_utf8_lossy(&body).into_owned(),
-        at,
-    });
+    if !hang.is_zero() {
+        tokio::time::sleep(hang).await;
+    }
     reply
 }
 
@@ -1213,6 +1271,14 @@ fn dispatch(
         Ok(v) => v,
         Err(reply) => return reply,
     };
+    if let Some(required) = required_scope(name)
+        && !st
+            .token_scope(&token)
+            .split_whitespace()
+            .any(|s| s == required)
+    {
+        return Reply::missing_scope(required);
+    }
     let args = match rpc_args(name, headers, body) {
         Ok(v) => v,
         Err(reply) => return reply,
@@ -1235,6 +1301,40 @@ fn dispatch(
         "files/list_folder" => list_folder(st, name, &account_id, &args, true),
         "files/list_folder/get_latest_cursor" => list_folder(st, name, &account_id, &args, false),
         _ => list_folder_continue(st, name, &account_id, &args),
+    }
+}
+
+/// The scope a route needs (the App Console's permission names; the `files/`
+/// routes here only read metadata). `auth/token/revoke` needs none.
+fn required_scope(route_name: &str) -> Option<&'static str> {
+    match route_name {
+        "users/get_current_account" => Some("account_info.read"),
+        "files/list_folder"
+        | "files/list_folder/continue"
+        | "files/list_folder/get_latest_cursor" => Some("files.metadata.read"),
+        _ => None,
+    }
+}
+
+impl State {
+    /// The scopes of an (already authenticated) access token: those of its grant,
+    /// or, for a legacy long-lived token, the app's current ones.
+    fn token_scope(&self, token: &str) -> String {
+        let Some(t) = self.access_tokens.get(token) else {
+            return String::new();
+        };
+        let grant = t
+            .refresh_token
+            .as_ref()
+            .and_then(|rt| self.refresh_tokens.get(rt));
+        match grant {
+            Some(g) => g.scope.clone(),
+            None => self
+                .apps
+                .get(&t.app_key)
+                .map(|a| a.scope.clone())
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -1321,6 +1421,7 @@ fn exchange_code(st: &mut State, client_id: &str, form: &BTreeMap<String, String
         Grant {
             app_key: c.app_key.clone(),
             account_id: c.account_id.clone(),
+            scope: st.apps[&c.app_key].scope.clone(),
         },
     );
     let (access_token, expires_in) =
