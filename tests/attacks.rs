@@ -51,15 +51,7 @@ fn attacks_on_the_ingress_are_refused() {
         support::netns::rerun_isolated("attacks_on_the_ingress_are_refused");
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        if let Err(e) = run().await {
-            panic!("{e:#}");
-        }
-    });
+    support::run_blocking(run());
 }
 
 struct World {

@@ -76,15 +76,7 @@ struct Outcome {
 
 #[test]
 fn credential_lifecycle_survives_faults() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        if let Err(e) = run().await {
-            panic!("{e:#}");
-        }
-    });
+    support::run_blocking(run());
 }
 
 const ROWS: [(&str, &str); 15] = [

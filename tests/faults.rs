@@ -73,15 +73,7 @@ struct Row {
 
 #[test]
 fn delivery_holds_under_every_fault() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        if let Err(e) = run().await {
-            panic!("{e:#}");
-        }
-    });
+    support::run_blocking(run());
 }
 
 struct World {

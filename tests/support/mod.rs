@@ -144,6 +144,18 @@ pub fn kubectl_stdin(args: &[&str], stdin: &str) -> (bool, String, String) {
     )
 }
 
+/// Runs a long, table-printing test body on a multi-thread runtime of its own
+/// (one `#[test]` that runs its rows in sequence), failing with the error chain.
+pub fn run_blocking(body: impl Future<Output = Result<()>>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Err(e) = runtime.block_on(body) {
+        panic!("{e:#}");
+    }
+}
+
 /// Polls `get` until `pred` holds, or fails after `timeout` with the last value seen.
 pub async fn eventually<T, F, Fut>(
     what: &str,
