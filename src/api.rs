@@ -237,6 +237,13 @@ pub struct EventsSpec {
     /// `cloudevents` (CloudEvents 1.0 structured mode).
     #[serde(default)]
     pub format: EventFormat,
+
+    /// Only changes in this Dropbox folder and below, e.g. `/Reports` (default:
+    /// the whole account). Changing it re-baselines: one `UNKNOWN` event, then
+    /// the changes under the new folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(/[^/]+)+$"), length(max = 1024))]
+    pub path: Option<String>,
 }
 
 /// Payload format of delivered events.

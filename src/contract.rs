@@ -66,6 +66,12 @@ pub fn cursor_configmap_name(uid: &str) -> String {
 pub const CURSOR_KEY: &str = "cursor";
 /// Key of the account the cursor belongs to.
 pub const ACCOUNT_KEY: &str = "accountId";
+/// Key of the folder the cursor lists (`""`: the whole account).
+pub const PATH_KEY: &str = "path";
+/// Key set by the controller when it re-baselined the cursor (the folder
+/// changed): the ingress delivers one `UNKNOWN` event, then removes it with
+/// its next commit.
+pub const RESET_PENDING_KEY: &str = "resetPending";
 /// Key of the time the cursor was committed (RFC 3339): the eventDate of the
 /// folder and deletion events listed from it (docs/architecture.md, "Delivery").
 pub const COMMITTED_AT_KEY: &str = "committedAt";

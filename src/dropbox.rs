@@ -353,12 +353,16 @@ impl DropboxClient {
     }
 
     /// `POST /2/files/list_folder/get_latest_cursor` for the whole account.
-    pub async fn latest_cursor(&self, access_token: &str) -> Result<String, DropboxError> {
+    pub async fn latest_cursor(
+        &self,
+        access_token: &str,
+        path: &str,
+    ) -> Result<String, DropboxError> {
         #[derive(Deserialize)]
         struct Cursor {
             cursor: String,
         }
-        let args = serde_json::json!({"path": "", "recursive": true, "include_deleted": true});
+        let args = serde_json::json!({"path": path, "recursive": true, "include_deleted": true});
         let c: Cursor = self
             .rpc(
                 access_token,

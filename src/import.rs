@@ -615,6 +615,7 @@ pub fn convert(json: &str, options: &Options) -> Result<Imported, ImportError> {
             callback_url: events_callback,
             signature_key_secret_ref,
             format: options.events_format,
+            path: None,
         })
     } else {
         if signature_key.is_some() {

@@ -100,6 +100,19 @@ impl Fixture {
 
     /// An oauth2 instance of `account` with events to `callback`.
     async fn instance(&self, name: &str, account: &str, callback: &str, format: &str) {
+        self.instance_with(name, account, callback, format, json!({}))
+            .await;
+    }
+
+    /// [`Fixture::instance`] with more `spec.events` fields.
+    async fn instance_with(
+        &self,
+        name: &str,
+        account: &str,
+        callback: &str,
+        format: &str,
+        events: Value,
+    ) {
         let code = self.emu.issue_code(APP_KEY, account, Some(REDIRECT));
         self.put_secret(&format!("{name}-code"), &[("code", &code)])
             .await;
@@ -126,6 +139,12 @@ impl Fixture {
             }
         }))
         .expect("instance manifest");
+        let mut instance = serde_json::to_value(instance).expect("instance as JSON");
+        for (k, v) in events.as_object().into_iter().flatten() {
+            instance["spec"]["events"][k] = v.clone();
+        }
+        let instance: DropboxElementInstance =
+            serde_json::from_value(instance).expect("instance manifest");
         self.instances
             .create(&PostParams::default(), &instance)
             .await
@@ -1106,5 +1125,103 @@ async fn the_ingress_listens_on_ipv4_and_ipv6_with_metrics_on_their_own_port() -
             .await?;
         assert_eq!(hidden.status(), 404, "{host}: metrics on the webhook port");
     }
+    Ok(())
+}
+
+/// `spec.events.path` limits events to a folder and below; changing it
+/// re-baselines with exactly one UNKNOWN event, then reports the new folder.
+#[tokio::test]
+async fn events_can_be_limited_to_a_folder_and_a_new_folder_re_baselines() -> Result<()> {
+    let f = fixture("folder-scope").await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    let ingress = f.ingress().start().await;
+    f.emu.create_folder(ACCOUNT, "/Reports");
+    f.emu.create_folder(ACCOUNT, "/Other");
+    f.instance_with(
+        "scoped",
+        ACCOUNT,
+        &receiver.url,
+        "elements",
+        json!({"path": "/Reports"}),
+    )
+    .await;
+    f.wait_condition("scoped", "Ready", "True", None).await?;
+    let uid = f.uid("scoped").await;
+    let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
+    support::eventually(
+        "the cursor for /Reports",
+        Duration::from_secs(30),
+        || async {
+            Ok(configmaps
+                .get_opt(&contract::cursor_configmap_name(&uid))
+                .await?
+                .and_then(|cm| cm.data)
+                .and_then(|d| d.get(contract::PATH_KEY).cloned()))
+        },
+        |p: &Option<String>| p.as_deref() == Some("/Reports"),
+    )
+    .await?;
+
+    f.emu.upload(ACCOUNT, "/Other/not-this.txt", b"x");
+    f.emu.upload(ACCOUNT, "/Reports/q4.pdf", b"x");
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    wait_events(&receiver, 1, Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let paths = |events: Vec<Value>| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| {
+                e["data"]["path_display"]
+                    .as_str()
+                    .unwrap_or(e["eventType"].as_str().unwrap_or_default())
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(paths(receiver.accepted_events()), ["/Reports/q4.pdf"]);
+
+    // Another folder: one UNKNOWN event, then only what changes there.
+    f.instances
+        .patch(
+            "scoped",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"events": {"path": "/Other"}}})),
+        )
+        .await?;
+    support::eventually(
+        "the cursor for /Other",
+        Duration::from_secs(30),
+        || async {
+            Ok(configmaps
+                .get_opt(&contract::cursor_configmap_name(&uid))
+                .await?
+                .and_then(|cm| cm.data)
+                .and_then(|d| d.get(contract::PATH_KEY).cloned()))
+        },
+        |p: &Option<String>| p.as_deref() == Some("/Other"),
+    )
+    .await?;
+    f.emu.upload(ACCOUNT, "/Reports/ignored-now.pdf", b"x");
+    f.emu.upload(ACCOUNT, "/Other/wanted.txt", b"x");
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    wait_events(&receiver, 3, Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        paths(receiver.accepted_events()),
+        ["/Reports/q4.pdf", "UNKNOWN", "/Other/wanted.txt"]
+    );
+    // The folder is checked at admission: Dropbox paths start with a slash.
+    let refused = f
+        .instances
+        .patch(
+            "scoped",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"events": {"path": "Reports/"}}})),
+        )
+        .await;
+    assert!(
+        refused.is_err(),
+        "an invalid folder is refused at admission"
+    );
     Ok(())
 }

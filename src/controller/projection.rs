@@ -30,7 +30,8 @@ use crate::api::DropboxElementInstance;
 use crate::conditions::{Desired, EVENTS_READY, Reason};
 use crate::contract::{
     self, ACCESS_TOKEN_KEY, ACCOUNT_KEY, APP_SECRET_KEY, COMMITTED_AT_KEY,
-    CONTROLLER_FIELD_MANAGER, CURSOR_KEY, INGRESS_NAME, INSTANCE_UID_LABEL, SIGNATURE_KEY_KEY,
+    CONTROLLER_FIELD_MANAGER, CURSOR_KEY, INGRESS_NAME, INSTANCE_UID_LABEL, PATH_KEY,
+    RESET_PENDING_KEY, SIGNATURE_KEY_KEY,
 };
 use crate::dropbox::{DropboxClient, DropboxError};
 
@@ -74,8 +75,8 @@ pub struct Projections {
 struct Memo {
     /// Digest of the projected Secret's data.
     secret: Option<[u8; 32]>,
-    /// The account whose cursor is known to be committed.
-    cursor_account: Option<String>,
+    /// The (account, folder) whose cursor is known to be committed.
+    cursor_scope: Option<(String, String)>,
 }
 
 impl Projections {
@@ -218,15 +219,20 @@ impl Projector<'_> {
             self.memo.update(&uid, |m| m.secret = Some(digest));
         }
 
-        // 2. The cursor.
-        if self.memo.get(&uid).cursor_account.as_deref() != Some(account_id) {
+        // 2. The cursor, for this account and folder.
+        let folder = instance
+            .spec
+            .events
+            .as_ref()
+            .and_then(|e| e.path.clone())
+            .unwrap_or_default();
+        let scope = (account_id.to_owned(), folder);
+        if self.memo.get(&uid).cursor_scope.as_ref() != Some(&scope) {
             match self
-                .ensure_cursor(instance, &uid, account_id, access_token)
+                .ensure_cursor(instance, &uid, account_id, &scope.1, access_token)
                 .await?
             {
-                Ok(()) => self
-                    .memo
-                    .update(&uid, |m| m.cursor_account = Some(account_id.to_owned())),
+                Ok(()) => self.memo.update(&uid, |m| m.cursor_scope = Some(scope)),
                 Err(problem) => {
                     return Ok(EventsStep {
                         webhook_path: webhook,
@@ -269,13 +275,17 @@ impl Projector<'_> {
         }
     }
 
-    /// Makes sure the cursor ConfigMap holds a cursor for `account_id`; an Err is
-    /// the EventsReady verdict when it cannot.
+    /// Makes sure the cursor ConfigMap holds a cursor for `account_id` and
+    /// `folder` (`""`: the whole account); an Err is the EventsReady verdict
+    /// when it cannot. A new folder for the same account re-baselines: the
+    /// cursor starts at the folder's present and the ingress is told to send
+    /// one `UNKNOWN` event.
     async fn ensure_cursor(
         &self,
         instance: &DropboxElementInstance,
         uid: &str,
         account_id: &str,
+        folder: &str,
         access_token: &str,
     ) -> Result<Result<(), EventsStep>, kube::Error> {
         let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
@@ -290,14 +300,29 @@ impl Projector<'_> {
                 }));
             }
             let data = cm.data.as_ref();
+            let same_account =
+                data.and_then(|d| d.get(ACCOUNT_KEY)).map(String::as_str) == Some(account_id);
+            let same_folder = data
+                .and_then(|d| d.get(PATH_KEY))
+                .map(String::as_str)
+                .unwrap_or("")
+                == folder;
             let has_cursor = data
                 .and_then(|d| d.get(CURSOR_KEY))
-                .is_some_and(|c| !c.is_empty())
-                && data.and_then(|d| d.get(ACCOUNT_KEY)).map(String::as_str) == Some(account_id);
-            if has_cursor {
+                .is_some_and(|c| !c.is_empty());
+            if has_cursor && same_account && same_folder {
                 return Ok(Ok(()));
             }
         }
+        let refolder = existing.as_ref().is_some_and(|cm| {
+            let data = cm.data.as_ref();
+            data.and_then(|d| d.get(ACCOUNT_KEY)).map(String::as_str) == Some(account_id)
+                && data
+                    .and_then(|d| d.get(PATH_KEY))
+                    .map(String::as_str)
+                    .unwrap_or("")
+                    != folder
+        });
         let namespace = instance.namespace().unwrap_or_default();
         let name = instance.name_any();
         let legacy_api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &namespace);
@@ -306,6 +331,8 @@ impl Projector<'_> {
             .get_opt(&legacy_name)
             .await?
             .filter(|cm| contract::is_managed(cm.metadata.labels.as_ref()))
+            // Before 0.2 every cursor was for the whole account.
+            .filter(|_| folder.is_empty())
             .and_then(|cm| {
                 let data = cm.data?;
                 (data.get(ACCOUNT_KEY).map(String::as_str) == Some(account_id))
@@ -315,7 +342,7 @@ impl Projector<'_> {
             });
         let (cursor, migrated) = match legacy {
             Some(cursor) => (cursor, true),
-            None => match self.dropbox.latest_cursor(access_token).await {
+            None => match self.dropbox.latest_cursor(access_token, folder).await {
                 Ok(c) => (c, false),
                 Err(e) => {
                     let reason = match &e {
@@ -343,14 +370,18 @@ impl Projector<'_> {
                 labels: Some(contract::instance_labels(&namespace, &name, uid)),
                 ..Default::default()
             },
-            data: Some(BTreeMap::from([
-                (CURSOR_KEY.to_owned(), cursor),
-                (ACCOUNT_KEY.to_owned(), account_id.to_owned()),
-                (
-                    COMMITTED_AT_KEY.to_owned(),
-                    jiff::Timestamp::now().to_string(),
-                ),
-            ])),
+            data: Some(
+                [
+                    (CURSOR_KEY, cursor),
+                    (ACCOUNT_KEY, account_id.to_owned()),
+                    (PATH_KEY, folder.to_owned()),
+                    (COMMITTED_AT_KEY, jiff::Timestamp::now().to_string()),
+                ]
+                .into_iter()
+                .chain(refolder.then(|| (RESET_PENDING_KEY, "true".to_owned())))
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            ),
             ..Default::default()
         };
         match existing {

@@ -27,7 +27,7 @@ use super::secrets::InstanceSecrets;
 use super::ssrf::{self, AddressPolicy};
 use crate::api::{DropboxElementInstance, EventFormat};
 use crate::conditions::{self, Desired, EVENTS_DELIVERING, Reason};
-use crate::contract::{self, COMMITTED_AT_KEY, CURSOR_KEY};
+use crate::contract::{self, COMMITTED_AT_KEY, CURSOR_KEY, PATH_KEY, RESET_PENDING_KEY};
 use crate::dropbox::{DropboxClient, DropboxError};
 use crate::metrics::IngressMetrics;
 use crate::retry::{backoff_delay, error_chain};
@@ -339,20 +339,32 @@ impl Syncer {
                 .cloned()
                 .filter(|c| !c.is_empty())
                 .ok_or_else(not_set)?;
-            // One page of changes since the committed cursor.
-            let (entries, cursor, has_more, reset) = match self
-                .dropbox
-                .list_folder_continue(&token, &cursor_before)
-                .await
-            {
-                Ok(page) => (page.entries, page.cursor, page.has_more, false),
+            let data = cm.data.clone().unwrap_or_default();
+            let folder = data.get(PATH_KEY).cloned().unwrap_or_default();
+            let reset_pending = data.get(RESET_PENDING_KEY).is_some_and(|v| v == "true");
+            // One page of changes since the committed cursor (or, after the
+            // controller re-baselined the cursor for a new folder, the one
+            // UNKNOWN event that says so, then the changes).
+            let listed = if reset_pending {
+                Ok(crate::dropbox::ListFolderResult {
+                    entries: Vec::new(),
+                    cursor: cursor_before.clone(),
+                    has_more: true,
+                })
+            } else {
+                self.dropbox
+                    .list_folder_continue(&token, &cursor_before)
+                    .await
+            };
+            let (entries, cursor, has_more, reset) = match listed {
+                Ok(page) => (page.entries, page.cursor, page.has_more, reset_pending),
                 Err(e) if e.tag() == Some("reset") => {
                     // The cursor is no longer valid: start again from now and
                     // tell the receiver that it has to re-read what it tracks.
                     tracing::info!(instance = %format!("{ns}/{}", instance.name_any()), "cursor reset by Dropbox; re-baselining");
                     (
                         Vec::new(),
-                        self.dropbox.latest_cursor(&token).await?,
+                        self.dropbox.latest_cursor(&token, &folder).await?,
                         false,
                         true,
                     )
@@ -398,9 +410,10 @@ impl Syncer {
             }
 
             // Commit only after delivery, and only over the cursor this page started from.
-            if cursor != cursor_before {
+            if cursor != cursor_before || reset_pending {
                 let mut updated = cm.clone();
                 let data = updated.data.get_or_insert_with(Default::default);
+                data.remove(RESET_PENDING_KEY);
                 data.insert(CURSOR_KEY.to_owned(), cursor);
                 data.insert(
                     COMMITTED_AT_KEY.to_owned(),
