@@ -103,6 +103,9 @@ struct Shared {
     behaviour: Arc<Mutex<Behaviour>>,
     /// Requests being handled right now (e.g. held by a stall).
     in_flight: Arc<AtomicUsize>,
+    /// `Elements-Webhook-Id` of every request as it arrived, also of those
+    /// whose sender went away before the answer (e.g. a killed ingress).
+    arrivals: Arc<Mutex<Vec<String>>>,
     /// `Some(n)`: once `n` deliveries were accepted, hold every further request
     /// until this is set back to `None`.
     gate: Arc<tokio::sync::watch::Sender<Option<usize>>>,
@@ -178,6 +181,7 @@ impl Receiver {
             received: Arc::default(),
             behaviour: Arc::default(),
             in_flight: Arc::default(),
+            arrivals: Arc::default(),
             gate: Arc::new(tokio::sync::watch::Sender::new(None)),
         };
         let server = serve(listener, shared.clone());
@@ -298,6 +302,11 @@ impl Receiver {
     }
 
     /// Requests being handled right now (arrived, not yet answered).
+    /// The ids of every request as it arrived, answered or not.
+    pub fn arrived_ids(&self) -> Vec<String> {
+        self.shared.arrivals.lock().expect("arrivals lock").clone()
+    }
+
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::SeqCst)
     }
@@ -389,6 +398,13 @@ async fn receive(
             .map(str::to_owned)
     };
     let path = uri.path().to_owned();
+    if path == EVENTS_PATH {
+        shared
+            .arrivals
+            .lock()
+            .expect("arrivals lock")
+            .push(header("elements-webhook-id").unwrap_or_default());
+    }
     let mut gate = shared.gate.subscribe();
     loop {
         let hold = *gate.borrow_and_update();
