@@ -1166,19 +1166,22 @@ async fn events_can_be_limited_to_a_folder_and_a_new_folder_re_baselines() -> Re
     f.wait_condition("scoped", "Ready", "True", None).await?;
     let uid = f.uid("scoped").await;
     let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
-    support::eventually(
-        "the cursor for /Reports",
-        Duration::from_secs(30),
-        || async {
-            Ok(configmaps
-                .get_opt(&contract::cursor_configmap_name(&uid))
-                .await?
-                .and_then(|cm| cm.data)
-                .and_then(|d| d.get(contract::PATH_KEY).cloned()))
-        },
-        |p: &Option<String>| p.as_deref() == Some("/Reports"),
-    )
-    .await?;
+    // Waits until the controller's cursor lists `folder`.
+    let cursor_folder = |folder: &'static str| {
+        support::eventually(
+            folder,
+            Duration::from_secs(30),
+            || async {
+                Ok(configmaps
+                    .get_opt(&contract::cursor_configmap_name(&uid))
+                    .await?
+                    .and_then(|cm| cm.data)
+                    .and_then(|d| d.get(contract::PATH_KEY).cloned()))
+            },
+            move |p: &Option<String>| p.as_deref() == Some(folder),
+        )
+    };
+    cursor_folder("/Reports").await?;
 
     f.emu.upload(ACCOUNT, "/Other/not-this.txt", b"x");
     f.emu.upload(ACCOUNT, "/Reports/q4.pdf", b"x");
@@ -1206,19 +1209,7 @@ async fn events_can_be_limited_to_a_folder_and_a_new_folder_re_baselines() -> Re
             &Patch::Merge(json!({"spec": {"events": {"path": "/Other"}}})),
         )
         .await?;
-    support::eventually(
-        "the cursor for /Other",
-        Duration::from_secs(30),
-        || async {
-            Ok(configmaps
-                .get_opt(&contract::cursor_configmap_name(&uid))
-                .await?
-                .and_then(|cm| cm.data)
-                .and_then(|d| d.get(contract::PATH_KEY).cloned()))
-        },
-        |p: &Option<String>| p.as_deref() == Some("/Other"),
-    )
-    .await?;
+    cursor_folder("/Other").await?;
     f.emu.upload(ACCOUNT, "/Reports/ignored-now.pdf", b"x");
     f.emu.upload(ACCOUNT, "/Other/wanted.txt", b"x");
     f.webhook(&ingress, &[ACCOUNT]).await;
