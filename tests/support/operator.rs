@@ -93,8 +93,31 @@ impl OperatorProcess {
 
     /// Starts the process and waits until its metrics endpoint answers.
     pub async fn start(self) -> Process {
+        // Ports are picked free and released before the process binds them, so
+        // another process can take one in between: then pick again.
+        for attempt in 1..=3 {
+            let mut process = self.spawn();
+            if process.wait_healthy().await {
+                return process;
+            }
+            let raced = process.log_text().contains("Address already in use");
+            process.kill();
+            if !raced || attempt == 3 {
+                panic!(
+                    "{} did not become healthy; log:\n{}",
+                    process.name,
+                    process.log_text()
+                );
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
+    fn spawn(&self) -> Process {
         let port = free_port();
-        let listen_port = free_port();
+        let listen_port = std::iter::repeat_with(free_port)
+            .find(|p| *p != port)
+            .expect("a second free port");
         let cluster = super::cluster();
         let log = cluster
             .dir
@@ -119,37 +142,35 @@ impl OperatorProcess {
             cmd.env_remove(key);
         }
         let child = spawn_owned(cmd).expect("start dropbox-operator");
-        let process = Process {
+        Process {
             child: Some(child),
             log,
             metrics_port: port,
             listen_port,
-            name: self.name,
-        };
-        process.wait_healthy().await;
-        process
+            name: self.name.clone(),
+        }
     }
 }
 
 impl Process {
-    async fn wait_healthy(&self) {
+    /// Whether /healthz answers within 15 s (false also when the process died).
+    async fn wait_healthy(&mut self) -> bool {
         let client = super::dropbox::http_client();
         for _ in 0..150 {
+            if self.exited() {
+                return false;
+            }
             if let Ok(r) = client
                 .get(format!("http://127.0.0.1:{}/healthz", self.metrics_port))
                 .send()
                 .await
                 && r.status().is_success()
             {
-                return;
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!(
-            "{} did not become healthy; log:\n{}",
-            self.name,
-            self.log_text()
-        );
+        false
     }
 
     /// `http://127.0.0.1:<port>`: the ingress's public webhook address.
