@@ -26,3 +26,14 @@ where
         }
     }
 }
+
+/// Drops from a cached instance what neither the controller nor the ingress
+/// reads: field-management bookkeeping and kubectl's last-applied copy of the
+/// spec, together most of a small instance's size. Caches hold every instance
+/// for the process's lifetime (README, "Performance").
+pub fn slim_instance(instance: &mut crate::api::DropboxElementInstance) {
+    instance.metadata.managed_fields = None;
+    if let Some(annotations) = instance.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}

@@ -54,6 +54,7 @@ pub async fn record_code(
     ctx: &Context,
 ) -> Result<DropboxElementInstance, kube::Error> {
     let written = apply_metadata(api, instance, code).await?;
+    ctx.written.note_metadata_write(&written);
     ctx.code_markers
         .lock()
         .expect("markers lock")

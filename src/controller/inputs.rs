@@ -97,7 +97,16 @@ pub fn fingerprint(code: &str) -> String {
 /// instances refer to (and the token Secrets) are held.
 pub struct SecretCache {
     versions: Store<PartialObjectMeta<Secret>>,
-    contents: Mutex<HashMap<(String, String), Arc<Secret>>>,
+    contents: Mutex<HashMap<(String, String), Cached>>,
+}
+
+struct Cached {
+    secret: Arc<Secret>,
+    /// Written by this controller and not yet seen by the metadata watch: the
+    /// watch lags our own writes, so its silence about this Secret means "not
+    /// caught up", not "gone". (A Secret we wrote carries our finalizer, so it
+    /// cannot vanish without an update the watch shows first.)
+    own_unseen: bool,
 }
 
 impl SecretCache {
@@ -108,24 +117,34 @@ impl SecretCache {
         }
     }
 
-    /// The Secret, from memory when the watch says it is unchanged, else from the API.
+    /// The Secret, from memory when the watch says it is unchanged (or has not
+    /// caught up with our own write of it yet), else from the API.
     pub async fn get(
         &self,
         api: &Api<Secret>,
         namespace: &str,
         name: &str,
     ) -> Result<Option<Arc<Secret>>, kube::Error> {
+        // Until the metadata watch has listed every Secret its silence means
+        // nothing; the first reconciles after a start would each fetch the
+        // shared app Secret.
+        crate::store::wait_until_ready(&self.versions).await;
         let key = (namespace.to_owned(), name.to_owned());
         let current = self
             .versions
             .get(&ObjectRef::new(name).within(namespace))
             .and_then(|m| m.resource_version());
-        if let Some(rv) = current {
-            let contents = self.contents.lock().expect("secret cache lock");
-            if let Some(secret) = contents.get(&key)
-                && secret.resource_version().as_ref() == Some(&rv)
-            {
-                return Ok(Some(secret.clone()));
+        {
+            let mut contents = self.contents.lock().expect("secret cache lock");
+            if let Some(cached) = contents.get_mut(&key) {
+                match &current {
+                    Some(rv) if cached.secret.resource_version().as_ref() == Some(rv) => {
+                        cached.own_unseen = false;
+                        return Ok(Some(cached.secret.clone()));
+                    }
+                    None if cached.own_unseen => return Ok(Some(cached.secret.clone())),
+                    _ => {}
+                }
             }
         }
         let fetched = api.get_opt(name).await?.map(|mut s| {
@@ -136,7 +155,13 @@ impl SecretCache {
         let mut contents = self.contents.lock().expect("secret cache lock");
         match &fetched {
             Some(secret) => {
-                contents.insert(key, secret.clone());
+                contents.insert(
+                    key,
+                    Cached {
+                        secret: secret.clone(),
+                        own_unseen: false,
+                    },
+                );
             }
             None => {
                 contents.remove(&key);
@@ -166,10 +191,13 @@ impl SecretCache {
     pub fn put(&self, mut secret: Secret) {
         secret.metadata.managed_fields = None;
         let key = (secret.namespace().unwrap_or_default(), secret.name_any());
-        self.contents
-            .lock()
-            .expect("secret cache lock")
-            .insert(key, Arc::new(secret));
+        self.contents.lock().expect("secret cache lock").insert(
+            key,
+            Cached {
+                secret: Arc::new(secret),
+                own_unseen: true,
+            },
+        );
     }
 }
 

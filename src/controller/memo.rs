@@ -48,14 +48,18 @@ impl OwnSecretWrites {
     }
 }
 
-/// The resourceVersion each of our status writes was made over. Reconciles read
-/// instances from the watch cache, which can lag behind our own write (a Secret
-/// event may wake an instance before its status update arrives); reconciling that
-/// stale copy would compute from a status that no longer exists. Seeing the very
-/// version we already wrote over means "wait for the watch to catch up".
+/// The resourceVersions each of our status writes superseded. Reconciles read
+/// instances from the watch cache, which can lag behind our own writes (a Secret
+/// event may wake an instance before its status update arrives); reconciling such
+/// a stale copy would compute from a status that no longer exists and write it
+/// again. Superseded are the version the reconcile read and the versions our own
+/// metadata writes (finalizer, code marker) produced before the status write:
+/// seeing one of them means "wait for the watch to catch up".
 #[derive(Default)]
 pub struct WrittenStatus {
-    over: Mutex<HashMap<String, String>>,
+    over: Mutex<HashMap<String, Vec<String>>>,
+    /// Versions our metadata writes produced since the last status write.
+    pending: Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl WrittenStatus {
@@ -63,32 +67,62 @@ impl WrittenStatus {
         instance.uid().unwrap_or_default()
     }
 
-    /// Records a status write made over `read` that produced `written`.
-    pub fn record(&self, read: &DropboxElementInstance, written: &DropboxElementInstance) {
-        let mut over = self.over.lock().expect("written status lock");
-        match read.resource_version() {
-            // A write the server found to be a no-op leaves the version as it was.
-            Some(rv) if written.resource_version().as_ref() != Some(&rv) => {
-                over.insert(Self::key(read), rv);
-            }
-            _ => {
-                over.remove(&Self::key(read));
+    /// Notes a metadata write of ours that produced `written`: superseded too
+    /// once a status write follows.
+    pub fn note_metadata_write(&self, written: &DropboxElementInstance) {
+        if let Some(rv) = written.resource_version() {
+            let mut pending = self.pending.lock().expect("written status lock");
+            let versions = pending.entry(Self::key(written)).or_default();
+            versions.push(rv);
+            // Bounded: a reconcile makes at most a couple of these.
+            if versions.len() > 4 {
+                versions.remove(0);
             }
         }
     }
 
-    /// True when `instance` is the version our last status write replaced.
+    /// Records a status write made over `read` that produced `written`.
+    pub fn record(&self, read: &DropboxElementInstance, written: &DropboxElementInstance) {
+        let key = Self::key(read);
+        let own = self
+            .pending
+            .lock()
+            .expect("written status lock")
+            .remove(&key)
+            .unwrap_or_default();
+        let mut over = self.over.lock().expect("written status lock");
+        let latest = written.resource_version();
+        let superseded: Vec<String> = read
+            .resource_version()
+            .into_iter()
+            .chain(own)
+            // A write the server found to be a no-op leaves the version as it
+            // was: that version is current, not superseded.
+            .filter(|rv| Some(rv) != latest.as_ref())
+            .collect();
+        if superseded.is_empty() {
+            over.remove(&key);
+        } else {
+            over.insert(key, superseded);
+        }
+    }
+
+    /// True when `instance` is a version our last status write superseded.
     pub fn is_stale(&self, instance: &DropboxElementInstance) -> bool {
         let over = self.over.lock().expect("written status lock");
-        over.get(&Self::key(instance))
-            .is_some_and(|rv| Some(rv) == instance.resource_version().as_ref())
+        instance.resource_version().is_some_and(|rv| {
+            over.get(&Self::key(instance))
+                .is_some_and(|versions| versions.contains(&rv))
+        })
     }
 
     pub fn forget(&self, instance: &DropboxElementInstance) {
-        self.over
+        let key = Self::key(instance);
+        self.over.lock().expect("written status lock").remove(&key);
+        self.pending
             .lock()
             .expect("written status lock")
-            .remove(&Self::key(instance));
+            .remove(&key);
     }
 }
 
@@ -208,6 +242,46 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn version(rv: &str) -> DropboxElementInstance {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+            "kind": "DropboxElementInstance",
+            "metadata": {"name": "i", "namespace": "ns", "uid": "u-1", "resourceVersion": rv},
+            "spec": {"element": {"key": "dropbox"}, "authentication": {"type": "apiKey",
+                     "apiKeySecretRef": {"name": "k"}}}
+        }))
+        .expect("an instance")
+    }
+
+    #[test]
+    fn versions_before_our_status_write_are_stale_also_our_finalizer_write() {
+        let written = WrittenStatus::default();
+        // Read at 10, the finalizer write made 11, the status write made 12.
+        written.note_metadata_write(&version("11"));
+        written.record(&version("10"), &version("12"));
+        assert!(written.is_stale(&version("10")));
+        assert!(
+            written.is_stale(&version("11")),
+            "our finalizer write's echo"
+        );
+        assert!(!written.is_stale(&version("12")));
+        // A later metadata write without a status write after it is current.
+        written.note_metadata_write(&version("13"));
+        assert!(!written.is_stale(&version("13")));
+    }
+
+    #[test]
+    fn a_no_op_status_write_leaves_the_current_version_current() {
+        let written = WrittenStatus::default();
+        written.note_metadata_write(&version("11"));
+        // The server found the status unchanged on 11: 11 stays current.
+        written.record(&version("10"), &version("11"));
+        assert!(written.is_stale(&version("10")));
+        assert!(!written.is_stale(&version("11")));
+        written.forget(&version("11"));
+        assert!(!written.is_stale(&version("10")));
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_honours_retry_after() {

@@ -349,9 +349,17 @@ async fn run_controller(
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
-    let controller = Controller::new(instances, watcher::Config::default().any_semantic())
+    // The instance cache holds only what reconciles read (see `slim_instance`).
+    let (store, instance_writer) = kube::runtime::reflector::store();
+    let instance_events = kube::runtime::reflector(
+        instance_writer,
+        watcher(instances, watcher::Config::default().any_semantic())
+            .modify(crate::store::slim_instance),
+    )
+    .default_backoff()
+    .applied_objects();
+    let controller = Controller::for_stream(instance_events, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency));
-    let store = controller.store();
 
     // Secrets are watched as metadata only: the mapper needs names and owners, and
     // Secret contents (possibly large, e.g. Helm releases) never sit in memory.

@@ -104,7 +104,8 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let (store, writer) = reflector::store();
     let watch = reflector(
         writer,
-        watcher(instances, watcher::Config::default().any_semantic()),
+        watcher(instances, watcher::Config::default().any_semantic())
+            .modify(crate::store::slim_instance),
     )
     .default_backoff()
     .touched_objects()
