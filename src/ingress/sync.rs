@@ -32,6 +32,9 @@ use crate::dropbox::{DropboxClient, DropboxError};
 use crate::metrics::IngressMetrics;
 use crate::retry::{backoff_delay, error_chain};
 
+/// How stale `status.events.lastDeliveryTime` may get while deliveries flow.
+pub const LAST_DELIVERY_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Field manager of everything the ingress writes.
 pub const FIELD_MANAGER: &str = contract::INGRESS_FIELD_MANAGER;
 /// Pages one sync works through before it yields to other instances (the rest
@@ -625,6 +628,18 @@ impl Syncer {
             return;
         }
         let now = Time(jiff::Timestamp::now());
+        // lastDeliveryTime says deliveries are flowing; moving it on every
+        // delivery would cost an API write (and a watch event in every replica
+        // and the controller) per webhook. It moves when it is older than
+        // LAST_DELIVERY_RESOLUTION (README, "Resource reference").
+        let recent = status
+            .events
+            .as_ref()
+            .and_then(|e| e.last_delivery_time.as_ref())
+            .is_some_and(|t| now.0.duration_since(t.0).unsigned_abs() < LAST_DELIVERY_RESOLUTION);
+        if same && delivered && recent {
+            return;
+        }
         let condition: Condition =
             desired.to_condition(&status.conditions, instance.metadata.generation, &now);
         let last_delivery = if delivered {
