@@ -4,7 +4,7 @@ CONTROLPLANE_BIN ?= $(CURDIR)/target/controlplane/bin
 export CONTROLPLANE_BIN
 CARGO ?= cargo
 
-.PHONY: demo dev test lint bench controlplane crd build testdeps
+.PHONY: demo dev test lint bench bench-scale bench-readme controlplane crd build testdeps
 
 ## demo: the whole story offline: control plane, operator, ingress, Dropbox emulator, a signed event
 demo: controlplane
@@ -20,15 +20,26 @@ dev: controlplane
 test: controlplane testdeps
 	$(CARGO) test --all-targets --no-fail-fast
 
-## bench: the benchmarks (release build, real control plane); results in target/bench/
+## bench: the benchmarks (release build, real control plane); figures in target/bench/results.json
 bench: controlplane
 	$(CARGO) build --release --examples
 	$(CARGO) test --release --test bench -- --ignored --nocapture --test-threads=1
+	python3 hack/bench-results.py collect
+
+## bench-scale: the controller with 10,000 instances (one round; about 15 minutes)
+bench-scale: controlplane
+	BENCH_INSTANCES=10000 BENCH_ROUNDS=1 $(CARGO) test --release --test bench -- --ignored --nocapture bench_controller
+	python3 hack/bench-results.py collect
+
+## bench-readme: README's performance table from docs/benchmarks/results.json
+bench-readme:
+	python3 hack/bench-results.py readme
 
 ## lint: formatting and clippy, as CI checks them
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	python3 hack/bench-results.py check
 
 ## testdeps: the pinned Python and Node libraries tests/interop.rs checks deliveries with
 testdeps: target/interop/venv/.installed tests/interop/node_modules/.package-lock.json

@@ -39,6 +39,10 @@ pub struct OperatorProcess {
     pub name: String,
     /// Address the servers bind: `127.0.0.1`, or `[::]` (dual-stack).
     pub bind: &'static str,
+    /// A program the binary runs under (e.g. `valgrind --tool=callgrind`).
+    pub wrapper: Vec<String>,
+    /// How long the process may take to answer /healthz.
+    pub health_timeout: Duration,
 }
 
 impl OperatorProcess {
@@ -52,6 +56,8 @@ impl OperatorProcess {
             unset: Vec::new(),
             name: "controller".into(),
             bind: "127.0.0.1",
+            wrapper: Vec::new(),
+            health_timeout: Duration::from_secs(15),
         }
     }
 
@@ -86,6 +92,13 @@ impl OperatorProcess {
         self
     }
 
+    /// Runs the binary under `program args...` (a benchmark's instruction counter).
+    pub fn wrapped(mut self, wrapper: &[&str], health_timeout: Duration) -> Self {
+        self.wrapper = wrapper.iter().map(|s| (*s).to_owned()).collect();
+        self.health_timeout = health_timeout;
+        self
+    }
+
     pub fn name(mut self, name: &str) -> Self {
         self.name = name.to_owned();
         self
@@ -97,7 +110,7 @@ impl OperatorProcess {
         // another process can take one in between: then pick again.
         for attempt in 1..=3 {
             let mut process = self.spawn();
-            if process.wait_healthy().await {
+            if process.wait_healthy(self.health_timeout).await {
                 return process;
             }
             let raced = process.log_text().contains("Address already in use");
@@ -123,7 +136,14 @@ impl OperatorProcess {
             .dir
             .join(format!("{}-{}-{port}.log", self.namespace, self.name));
         let file = std::fs::File::create(&log).expect("create controller log");
-        let mut cmd = Command::new(binary());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary());
+                cmd
+            }
+            None => Command::new(binary()),
+        };
         cmd.arg(self.subcommand)
             .args(&self.args)
             .env("KUBECONFIG", &cluster.kubeconfig)
@@ -153,10 +173,10 @@ impl OperatorProcess {
 }
 
 impl Process {
-    /// Whether /healthz answers within 15 s (false also when the process died).
-    async fn wait_healthy(&mut self) -> bool {
+    /// Whether /healthz answers within `timeout` (false also when the process died).
+    async fn wait_healthy(&mut self, timeout: Duration) -> bool {
         let client = super::dropbox::http_client();
-        for _ in 0..150 {
+        for _ in 0..timeout.as_millis().div_ceil(100) {
             if self.exited() {
                 return false;
             }
