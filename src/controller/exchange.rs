@@ -150,7 +150,7 @@ pub(super) async fn exchange(
             &creds.app.client_id,
             &creds.app.client_secret,
             &code.0,
-            creds.redirect_uri,
+            creds.exchange_redirect_uri,
             creds.code_verifier,
         )
         .await;

@@ -67,7 +67,10 @@ pub struct OAuthCredentials<'a> {
     pub app: &'a AppCredentials,
     pub code: Option<(&'a SecretString, &'a str)>,
     pub code_verifier: Option<&'a str>,
+    /// `spec.authentication.callbackUrl`, for the authorize link in status.
     pub redirect_uri: Option<&'a str>,
+    /// The redirect URI sent with the code (see `inputs::Credentials`).
+    pub exchange_redirect_uri: Option<&'a str>,
 }
 
 pub(super) fn code_location(instance: &DropboxElementInstance) -> String {
