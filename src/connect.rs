@@ -381,6 +381,7 @@ async fn write_code_secret(
 struct Listener {
     outcome: mpsc::Receiver<Result<String, ConnectError>>,
     servers: Vec<tokio::task::JoinHandle<()>>,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for Listener {
@@ -410,6 +411,7 @@ impl Listener {
         };
         let mut servers = Vec::new();
         let mut first_error = None;
+        let shutdown = tokio_util::sync::CancellationToken::new();
         for ip in addrs {
             match tokio::net::TcpListener::bind(SocketAddr::new(ip, port)).await {
                 Ok(listener) => {
@@ -418,8 +420,11 @@ impl Listener {
                         let expected = expected.clone();
                         move |uri: axum::http::Uri| redirect_page(uri, expected.clone(), tx.clone())
                     });
+                    let stop = shutdown.clone().cancelled_owned();
                     servers.push(tokio::spawn(async move {
-                        let _ = axum::serve(listener, app).await;
+                        let _ = axum::serve(listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await;
                     }));
                 }
                 Err(e) => {
@@ -434,12 +439,26 @@ impl Listener {
                 first_error.unwrap_or_default()
             )));
         }
-        Ok(Listener { outcome, servers })
+        Ok(Listener {
+            outcome,
+            servers,
+            shutdown,
+        })
     }
 
     async fn wait(mut self, timeout: Duration) -> Result<String, ConnectError> {
         match tokio::time::timeout(timeout, self.outcome.recv()).await {
-            Ok(Some(outcome)) => outcome,
+            Ok(Some(outcome)) => {
+                // The browser gets its page before the command goes on (or exits).
+                self.shutdown.cancel();
+                let servers = std::mem::take(&mut self.servers);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    futures::future::join_all(servers),
+                )
+                .await;
+                outcome
+            }
             Ok(None) => Err(err("the redirect listener stopped")),
             Err(_) => Err(err(format!(
                 "no approval within {} (--timeout); nothing was written. Run connect again to get a new link",
