@@ -261,6 +261,7 @@ async fn connect_with_a_loopback_redirect_reaches_ready() -> Result<()> {
 
     let (ok, stdout, stderr) = connect.finish(Duration::from_secs(120)).await?;
     assert!(ok, "connect failed; stdout:\n{stdout}\nstderr:\n{stderr}");
+    println!("connect printed:\n{stdout}");
     assert!(stdout.contains("Connected: marketing is Ready"), "{stdout}");
     assert!(stdout.contains("phase"), "progress is shown: {stdout}");
 
