@@ -107,9 +107,14 @@ impl Fixture {
         cmd.args(["connect", name, "-n", &self.ns, "--no-browser"])
             .args(["--dropbox-www-url", &self.emu.url])
             .args(extra)
-            .env("KUBECONFIG", support::kubeconfig())
-            .env_remove("CONNECT_NAMESPACE")
-            .stdin(Stdio::piped())
+            .env_remove("CONNECT_NAMESPACE");
+        // The user's kubeconfig: $KUBECONFIG, or the flag when the test gives it.
+        if extra.contains(&"--kubeconfig") {
+            cmd.env_remove("KUBECONFIG");
+        } else {
+            cmd.env("KUBECONFIG", support::kubeconfig());
+        }
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -348,7 +353,16 @@ async fn a_denied_approval_writes_nothing() -> Result<()> {
     f.create_instance("legal").await;
     f.emu.script_approval(APP_KEY, Approval::Deny);
     let port = f.loopback_port();
-    let mut connect = f.connect("legal", &["--port", &port.to_string()]);
+    let kubeconfig = support::kubeconfig();
+    let mut connect = f.connect(
+        "legal",
+        &[
+            "--port",
+            &port.to_string(),
+            "--kubeconfig",
+            kubeconfig.to_str().context("kubeconfig path")?,
+        ],
+    );
     let location = approve(&connect.link().await?).await?;
     assert_eq!(query(&location)["error"], "access_denied");
     let (status, page) = follow(&location).await?;
