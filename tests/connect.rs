@@ -523,3 +523,52 @@ fn the_binary_is_a_kubectl_plugin() {
     );
     assert!(help.contains("Usage: kubectl dropbox connect"), "{help}");
 }
+
+#[tokio::test]
+async fn instances_connect_cannot_authorize_are_clear_errors() -> Result<()> {
+    let f = fixture("connect-refusals").await;
+    let mut missing = f.connect("nope", &[]);
+    let (ok, _, stderr) = missing.finish(Duration::from_secs(30)).await?;
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("DropboxElementInstance {}/nope not found", f.ns)),
+        "{stderr}"
+    );
+
+    let api_key: DropboxElementInstance = serde_json::from_value(json!({
+        "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+        "kind": "DropboxElementInstance",
+        "metadata": {"name": "longlived"},
+        "spec": {
+            "element": {"key": "dropbox"},
+            "authentication": {"type": "apiKey", "apiKeySecretRef": {"name": "token"}}
+        }
+    }))?;
+    f.instances.create(&PostParams::default(), &api_key).await?;
+    let mut wrong_type = f.connect("longlived", &[]);
+    let (ok, _, stderr) = wrong_type.finish(Duration::from_secs(30)).await?;
+    assert!(!ok);
+    assert!(stderr.contains("authorizes oauth2 instances"), "{stderr}");
+
+    // The app Secret without the app key: said before any link is printed.
+    f.create_instance("nokey").await;
+    support::put_secret(
+        &f.secrets,
+        "dropbox-app",
+        &[("oauth.api.secret", APP_SECRET)],
+    )
+    .await?;
+    f.secrets
+        .patch(
+            "dropbox-app",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"data": {"oauth.api.key": null}})),
+        )
+        .await?;
+    let mut no_key = f.connect("nokey", &[]);
+    let (ok, stdout, stderr) = no_key.finish(Duration::from_secs(30)).await?;
+    assert!(!ok);
+    assert!(!stdout.contains("/oauth2/authorize"), "{stdout}");
+    assert!(stderr.contains("\"oauth.api.key\""), "{stderr}");
+    Ok(())
+}
