@@ -124,13 +124,16 @@ pub struct AuthenticationSpec {
 
     /// oauth2: the Secret holding the authorization code the user granted
     /// (Cloud Elements: providerData.code). Putting a new code in the Secret
-    /// re-authorizes the instance.
+    /// re-authorizes the instance. `dropbox-operator connect` writes it, with the
+    /// PKCE verifier (key `code_verifier`) and the redirect URI it used (key
+    /// `redirect_uri`, sent instead of callbackUrl; empty: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code_secret_ref: Option<CodeSecretRef>,
 
     /// oauth2: the redirect URI registered with the Dropbox app and used when the
-    /// code was obtained (Cloud Elements: oauth.callback.url). Must be an absolute
-    /// http(s) URL.
+    /// code was obtained (Cloud Elements: oauth.callback.url), unless the code
+    /// Secret names another (`redirect_uri`, written by `connect`). Must be an
+    /// absolute http(s) URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
     #[x_kube(validation = url_rule())]
@@ -295,8 +298,10 @@ pub struct DropboxElementInstanceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code_fingerprint: Option<String>,
 
-    /// Set when a person has to (re-)approve the app: open this Dropbox URL, then put
-    /// the new code in the code Secret.
+    /// Set when a person has to (re-)approve the app. Simplest: run
+    /// `kubectl dropbox connect <name>` (README, "Connect an account in one
+    /// command"). Or open this Dropbox URL (its redirect URI is callbackUrl),
+    /// then put the new code in the code Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorize_url: Option<String>,
 

@@ -76,6 +76,81 @@ pub enum Command {
     /// control. Example:
     /// `dropbox-operator import instance.json | kubectl apply -f -`
     Import(ImportArgs),
+
+    /// Connect a Dropbox account to an oauth2 instance in one command: open the
+    /// approval page, catch Dropbox's redirect, store the code, wait for Ready.
+    ///
+    /// Uses your kubeconfig (needs get/list/watch on the instance, get on its app
+    /// Secret, create/patch on its code Secret). It builds the authorize link with PKCE
+    /// (S256) and a random state, listens on a loopback redirect URI for
+    /// Dropbox's answer, writes the code, its PKCE verifier and the redirect URI
+    /// into the instance's code Secret (codeSecretRef), and follows the instance
+    /// until it is Ready. Refused approvals, a wrong state and timeouts write
+    /// nothing. Also a kubectl plugin: copy or symlink the binary as
+    /// `kubectl-dropbox` on your PATH, then `kubectl dropbox connect NAME -n NS`.
+    ///
+    /// The redirect URI must be registered exactly in the Dropbox App Console:
+    /// by default `http://127.0.0.1:53682/`; the instance's callbackUrl when it is
+    /// a loopback URL; or --redirect-uri. Apps without one: --no-redirect.
+    Connect(Box<ConnectArgs>),
+}
+
+/// Default port of the loopback redirect URI of `connect`.
+pub const CONNECT_DEFAULT_PORT: u16 = 53682;
+
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// Name of the DropboxElementInstance (type oauth2).
+    #[arg(value_name = "INSTANCE")]
+    pub instance: String,
+
+    /// Namespace of the instance (default: the kubeconfig context's namespace).
+    #[arg(short = 'n', long, env = "CONNECT_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Path of the kubeconfig file (default: $KUBECONFIG, else ~/.kube/config,
+    /// else the in-cluster service account).
+    #[arg(long, env = "CONNECT_KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+
+    /// kubeconfig context to use (default: the current context).
+    #[arg(long, env = "CONNECT_CONTEXT")]
+    pub context: Option<String>,
+
+    /// Loopback redirect URI to listen on, e.g. `http://127.0.0.1:8910/dropbox`
+    /// (http, host 127.0.0.1, [::1] or localhost). Default: the instance's
+    /// callbackUrl when it is such a URL, else http://127.0.0.1:<--port>/.
+    #[arg(long, env = "CONNECT_REDIRECT_URI", conflicts_with = "no_redirect")]
+    pub redirect_uri: Option<Url>,
+
+    /// Port of the default redirect URI http://127.0.0.1:<port>/.
+    #[arg(long, env = "CONNECT_PORT", default_value_t = CONNECT_DEFAULT_PORT)]
+    pub port: u16,
+
+    /// For apps without a redirect URI: the link carries none, Dropbox shows the
+    /// code after the approval, and you paste it here (read from standard input).
+    #[arg(long, env = "CONNECT_NO_REDIRECT")]
+    pub no_redirect: bool,
+
+    /// Only print the link; do not try to open a browser.
+    #[arg(long, env = "CONNECT_NO_BROWSER")]
+    pub no_browser: bool,
+
+    /// How long to wait for the approval (the redirect, or the pasted code).
+    #[arg(long, env = "CONNECT_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// How long to wait, once the code is stored, for the instance to be Ready.
+    #[arg(long, env = "CONNECT_WAIT_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+
+    /// Base URL of the Dropbox website, used to build the `/oauth2/authorize` link.
+    #[arg(
+        long,
+        env = "DROPBOX_WWW_URL",
+        default_value = "https://www.dropbox.com"
+    )]
+    pub dropbox_www_url: Url,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -327,6 +402,38 @@ fn parse_resources(s: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequir
     serde_json::from_str(s).map_err(|e| format!("invalid resources JSON: {e}"))
 }
 
+/// Whether the program was started as the kubectl plugin: its file name (argv[0]) is
+/// `kubectl-dropbox` (kubectl runs `kubectl-dropbox` from PATH for `kubectl dropbox ...`).
+pub fn invoked_as_kubectl_plugin(argv0: Option<&std::ffi::OsStr>) -> bool {
+    argv0
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| {
+            let n = n.to_string_lossy();
+            n == "kubectl-dropbox" || n == "kubectl-dropbox.exe"
+        })
+}
+
+/// The command line as the kubectl plugin shows it (`Usage: kubectl dropbox connect ...`).
+pub fn plugin_command() -> clap::Command {
+    use clap::CommandFactory;
+    Cli::command()
+        .name("kubectl-dropbox")
+        .bin_name("kubectl dropbox")
+}
+
+/// Parses the process's arguments, under the plugin's name when started as
+/// `kubectl-dropbox` (the arguments are the same either way).
+pub fn parse_args() -> Cli {
+    use clap::FromArgMatches;
+    let argv0 = std::env::args_os().next();
+    if invoked_as_kubectl_plugin(argv0.as_deref()) {
+        let matches = plugin_command().get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    } else {
+        Cli::parse()
+    }
+}
+
 /// Parses `10s`, `5m`, `1h30m`, `250ms` (and ISO 8601 `PT10S`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d: jiff::SignedDuration = s
@@ -343,6 +450,32 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_kubectl_plugin_parses_like_the_binary() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).expect("parses").command {
+            Command::Connect(c) => (c.instance, c.namespace),
+            other => panic!("not connect: {other:?}"),
+        };
+        let direct = parse(&["dropbox-operator", "connect", "foo", "-n", "bar"]);
+        let plugin = parse(&["kubectl-dropbox", "connect", "foo", "-n", "bar"]);
+        assert_eq!(direct, plugin);
+        assert_eq!(plugin, ("foo".into(), Some("bar".into())));
+        let help = plugin_command().render_long_help().to_string();
+        assert!(help.contains("Usage: kubectl dropbox"), "{help}");
+        assert!(
+            Cli::try_parse_from([
+                "kubectl-dropbox",
+                "connect",
+                "x",
+                "--no-redirect",
+                "--redirect-uri",
+                "http://127.0.0.1:1/"
+            ])
+            .is_err(),
+            "--no-redirect and --redirect-uri exclude each other"
+        );
     }
 
     #[test]

@@ -76,6 +76,17 @@ pub const RESET_PENDING_KEY: &str = "resetPending";
 /// folder and deletion events listed from it (docs/architecture.md, "Delivery").
 pub const COMMITTED_AT_KEY: &str = "committedAt";
 
+/// Key of the PKCE code verifier in an instance's code Secret, next to the
+/// code: written by `dropbox-operator connect`, sent by the controller with the
+/// code (README, "Connect an account in one command").
+pub const CODE_VERIFIER_KEY: &str = "code_verifier";
+/// Key of the redirect URI a code was obtained with, in the code Secret (written
+/// by `connect`). When present, the controller sends exactly it when it
+/// exchanges the code, instead of `spec.authentication.callbackUrl`; an empty
+/// value means the code was obtained without one (`connect --no-redirect`), so
+/// none is sent.
+pub const CODE_REDIRECT_URI_KEY: &str = "redirect_uri";
+
 /// Webhook path of an app: Dropbox is configured to call
 /// `https://<ingress address>/webhooks/dropbox/<appKey>`.
 pub fn webhook_path(app_key: &str) -> String {

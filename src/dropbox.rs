@@ -192,6 +192,37 @@ struct ApiErrorBody {
     error: Option<Value>,
 }
 
+/// The `/oauth2/authorize` link under the Dropbox website `www`: the code flow
+/// with `token_access_type=offline` (a refresh token), the redirect URI when
+/// there is one (without, Dropbox shows the code to copy), `state`, and with
+/// `code_challenge` the PKCE parameters (`code_challenge_method=S256`).
+pub fn authorize_url(
+    www: &Url,
+    client_id: &str,
+    redirect_uri: Option<&str>,
+    state: &str,
+    code_challenge: Option<&str>,
+) -> String {
+    let mut url = www.clone();
+    let base = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&format!("{base}/oauth2/authorize"));
+    {
+        let mut q = url.query_pairs_mut();
+        q.append_pair("client_id", client_id)
+            .append_pair("response_type", "code")
+            .append_pair("token_access_type", "offline");
+        if let Some(uri) = redirect_uri {
+            q.append_pair("redirect_uri", uri);
+        }
+        q.append_pair("state", state);
+        if let Some(challenge) = code_challenge {
+            q.append_pair("code_challenge", challenge)
+                .append_pair("code_challenge_method", "S256");
+        }
+    }
+    url.to_string()
+}
+
 /// Client for one Dropbox deployment (API and www base URLs are configurable so
 /// tests, proxies and regional endpoints work).
 #[derive(Clone, Debug)]
@@ -231,20 +262,7 @@ impl DropboxClient {
         redirect_uri: Option<&str>,
         state: &str,
     ) -> String {
-        let mut url = self.www.clone();
-        let base = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{base}/oauth2/authorize"));
-        {
-            let mut q = url.query_pairs_mut();
-            q.append_pair("client_id", client_id)
-                .append_pair("response_type", "code")
-                .append_pair("token_access_type", "offline");
-            if let Some(uri) = redirect_uri {
-                q.append_pair("redirect_uri", uri);
-            }
-            q.append_pair("state", state);
-        }
-        url.to_string()
+        authorize_url(&self.www, client_id, redirect_uri, state, None)
     }
 
     /// `grant_type=authorization_code`.

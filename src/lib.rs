@@ -2,6 +2,7 @@
 //!
 //! - [`api`]: the `DropboxElementInstance` custom resource.
 //! - [`cli`]: the command line of the `dropbox-operator` binary.
+//! - [`connect`]: the `connect` subcommand (and `kubectl dropbox connect`).
 //! - [`conditions`]: condition types, reasons and status helpers.
 //! - [`contract`]: names, labels and keys shared by the controller and the ingress.
 //! - [`controller`]: the reconciler (OAuth lifecycle, status, finalizer).
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod cli;
 pub mod conditions;
+pub mod connect;
 pub mod contract;
 pub mod controller;
 pub mod dropbox;

@@ -1,7 +1,6 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use dropbox_operator::cli::{Cli, Command, ControllerArgs, DropboxArgs, IngressArgs, LogFormat};
 use dropbox_operator::dropbox::DropboxClient;
 use dropbox_operator::{api, controller, ingress};
@@ -119,7 +118,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Also started as `kubectl-dropbox` (the kubectl plugin): same arguments.
+    let cli = dropbox_operator::cli::parse_args();
     init_logging(&cli);
     dropbox_operator::tls::install_crypto_provider();
     let result: Result<(), BoxError> = match &cli.command {
@@ -141,6 +141,7 @@ fn main() -> ExitCode {
         }),
         // Prints its own errors: a CLI user wants `error: <field> ...`, not a log line.
         Command::Import(args) => return dropbox_operator::import::run(args),
+        Command::Connect(args) => return dropbox_operator::connect::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

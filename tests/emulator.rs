@@ -1032,3 +1032,175 @@ async fn cursors_encode_their_position_and_cannot_be_forged() {
         emu.cursor_position(&head)
     );
 }
+
+/// GET `/oauth2/authorize` with `query`, not following the redirect.
+async fn authorize(emu: &Emulator, query: &[(&str, &str)]) -> reqwest::Response {
+    let url = reqwest::Url::parse_with_params(&format!("{}/oauth2/authorize", emu.url), query)
+        .expect("authorize url");
+    http_client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .get(url)
+        .send()
+        .await
+        .expect("authorize request")
+}
+
+fn location_query(r: &reqwest::Response) -> (String, std::collections::HashMap<String, String>) {
+    let location = r
+        .headers()
+        .get("location")
+        .expect("a redirect")
+        .to_str()
+        .unwrap();
+    let url = reqwest::Url::parse(location).expect("location is a URL");
+    let base = format!("{}://{}{}", url.scheme(), url.authority(), url.path());
+    (base, url.query_pairs().into_owned().collect())
+}
+
+const LOOPBACK: &str = "http://127.0.0.1:53682/";
+/// RFC 7636 Appendix B.
+const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+
+#[tokio::test]
+async fn authorize_redirects_with_a_pkce_bound_code() {
+    let emu = emulator().await;
+    emu.add_redirect_uri(KEY, LOOPBACK);
+    emu.script_approval(
+        KEY,
+        support::dropbox::Approval::Approve {
+            account_id: ALICE.into(),
+        },
+    );
+    let query = [
+        ("client_id", KEY),
+        ("response_type", "code"),
+        ("token_access_type", "offline"),
+        ("redirect_uri", LOOPBACK),
+        ("state", "s t&ate"),
+        ("code_challenge", CHALLENGE),
+        ("code_challenge_method", "S256"),
+    ];
+    let r = authorize(&emu, &query).await;
+    assert_eq!(r.status(), 302);
+    let (base, params) = location_query(&r);
+    assert_eq!(base, LOOPBACK);
+    assert_eq!(params["state"], "s t&ate");
+    let code = params["code"].clone();
+
+    // Without the verifier, with a wrong one, or without the redirect URI: refused.
+    let base_form = [
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("client_id", KEY),
+        ("client_secret", SECRET),
+        ("redirect_uri", LOOPBACK),
+    ];
+    let (status, body) = token(&emu, &base_form).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{body}"
+    );
+    let mut wrong = base_form.to_vec();
+    wrong.push(("code_verifier", "x".repeat(43).leak()));
+    let (status, body) = token(&emu, &wrong).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{body}"
+    );
+    assert_eq!(body["error_description"], "invalid code verifier");
+    let (status, body) = token(
+        &emu,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("client_id", KEY),
+            ("client_secret", SECRET),
+            ("code_verifier", VERIFIER),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (status, body["error_description"].as_str()),
+        (400, Some("redirect_uri mismatch"))
+    );
+    // The right verifier and redirect URI: tokens for the approving account.
+    let mut right = base_form.to_vec();
+    right.push(("code_verifier", VERIFIER));
+    let (status, body) = token(&emu, &right).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["account_id"], ALICE);
+}
+
+#[tokio::test]
+async fn authorize_refuses_unregistered_redirects_and_reports_denials() {
+    let emu = emulator().await;
+    emu.add_redirect_uri(KEY, LOOPBACK);
+    let q = |redirect: &'static str| {
+        vec![
+            ("client_id", KEY),
+            ("response_type", "code"),
+            ("redirect_uri", redirect),
+            ("state", "st"),
+        ]
+    };
+    // Nobody scripted: nothing happens.
+    assert_eq!(authorize(&emu, &q(LOOPBACK)).await.status(), 400);
+    emu.script_approval(KEY, support::dropbox::Approval::Deny);
+    // An unregistered redirect URI is an error page, never a redirect.
+    let r = authorize(&emu, &q("http://127.0.0.1:1/")).await;
+    assert_eq!(r.status(), 400);
+    assert!(r.headers().get("location").is_none());
+    let r = authorize(&emu, &q(LOOPBACK)).await;
+    assert_eq!(r.status(), 302);
+    let (_, params) = location_query(&r);
+    assert_eq!(params["error"], "access_denied");
+    assert_eq!(params["state"], "st");
+    assert!(!params.contains_key("code"));
+    // A bad challenge is refused on the page.
+    emu.script_approval(
+        KEY,
+        support::dropbox::Approval::Approve {
+            account_id: ALICE.into(),
+        },
+    );
+    let mut bad = q(LOOPBACK);
+    bad.push(("code_challenge", "short"));
+    bad.push(("code_challenge_method", "S256"));
+    assert_eq!(authorize(&emu, &bad).await.status(), 400);
+    // Without a redirect URI the page shows the code; the exchange sends none.
+    let r = authorize(
+        &emu,
+        &[
+            ("client_id", KEY),
+            ("response_type", "code"),
+            ("code_challenge", CHALLENGE),
+            ("code_challenge_method", "S256"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.unwrap();
+    let code = page
+        .split("value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page shows the code")
+        .to_owned();
+    let (status, body) = token(
+        &emu,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code.as_str()),
+            ("client_id", KEY),
+            ("client_secret", SECRET),
+            ("code_verifier", VERIFIER),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -12,7 +12,7 @@ use super::finalizer;
 use super::inputs::SecretString;
 use super::oauth::{
     AuthStep, OAuthCredentials, apply_token_secret, code_location, dropbox_condition,
-    ensure_account, invalid_client, kept_in_memory, store_tokens, token_valid,
+    ensure_account, invalid_client, kept_in_memory, reapprove_hint, store_tokens, token_valid,
 };
 use super::reconcile::{Error, Next, now, object_key};
 use super::token::{self, StoredToken};
@@ -150,7 +150,7 @@ pub(super) async fn exchange(
             &creds.app.client_id,
             &creds.app.client_secret,
             &code.0,
-            creds.redirect_uri,
+            creds.exchange_redirect_uri,
             creds.code_verifier,
         )
         .await;
@@ -240,9 +240,9 @@ async fn exchange_failed(
                 Some(false),
                 Reason::CodeExchangeFailed,
                 format!(
-                    "Dropbox refused the authorization code in {}: {description}. Approve the app again \
-                     at status.authorizeUrl and put the new code in the Secret.",
-                    code_location(instance)
+                    "Dropbox refused the authorization code in {}: {description}. {}",
+                    code_location(instance),
+                    reapprove_hint(instance)
                 ),
             )
         }

@@ -53,7 +53,13 @@ pub enum Credentials {
         code: Option<(SecretString, String)>,
         /// The PKCE verifier stored next to the code (`code_verifier`), if any.
         code_verifier: Option<SecretString>,
+        /// `spec.authentication.callbackUrl`: the redirect URI of the authorize
+        /// link in status.
         redirect_uri: Option<String>,
+        /// The redirect URI the code exchange sends: the code Secret's
+        /// `redirect_uri` when it has one (`Some(None)`: it is empty, the code
+        /// was obtained without one), else `redirect_uri`.
+        exchange_redirect_uri: Option<String>,
     },
     ApiKey {
         token: SecretString,
@@ -76,8 +82,7 @@ pub struct Inputs {
     pub token_secret_deleting: Option<Arc<Secret>>,
 }
 
-/// Key of the PKCE code verifier in the code Secret (written by `connect`).
-pub const CODE_VERIFIER_KEY: &str = "code_verifier";
+use crate::contract::{CODE_REDIRECT_URI_KEY, CODE_VERIFIER_KEY};
 
 /// A referenced Secret or key that is not there: the user has to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +223,17 @@ impl SecretReader<'_> {
         Ok(self.cache.get(name).cloned().flatten())
     }
 
+    /// The trimmed value of `key`, also when it is empty; None when the
+    /// Secret or the key is not there.
+    async fn raw_value(&mut self, name: &str, key: &str) -> Result<Option<String>, kube::Error> {
+        let secret = self.secret(name).await?;
+        Ok(secret
+            .as_ref()
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(key))
+            .map(|ByteString(bytes)| String::from_utf8_lossy(bytes).trim().to_owned()))
+    }
+
     async fn value(
         &mut self,
         name: &str,
@@ -295,18 +311,30 @@ pub async fn read(
                 .await?
                 .ok()
                 .map(|code| (fingerprint(&code), SecretString(code)));
-            let code_verifier = match code {
-                Some(_) => secrets
-                    .value(&code_ref.name, CODE_VERIFIER_KEY)
-                    .await?
-                    .ok()
-                    .map(SecretString),
-                None => None,
+            let (code_verifier, code_redirect_uri) = match code {
+                Some(_) => (
+                    secrets
+                        .value(&code_ref.name, CODE_VERIFIER_KEY)
+                        .await?
+                        .ok()
+                        .map(SecretString),
+                    secrets
+                        .raw_value(&code_ref.name, CODE_REDIRECT_URI_KEY)
+                        .await?,
+                ),
+                None => (None, None),
+            };
+            // The code Secret says which redirect URI the code was obtained with
+            // (`connect` writes it; empty: none); else the spec's callbackUrl.
+            let exchange_redirect_uri = match code_redirect_uri {
+                Some(uri) => Some(uri).filter(|u| !u.is_empty()),
+                None => auth.callback_url.clone(),
             };
             Credentials::OAuth2 {
                 code: code.map(|(fp, code)| (code, fp)),
                 code_verifier,
                 redirect_uri: auth.callback_url.clone(),
+                exchange_redirect_uri,
             }
         }
         AuthenticationType::ApiKey => {
@@ -389,6 +417,7 @@ mod tests {
             code: Some((SecretString("CODESECRET".into()), fingerprint("CODESECRET"))),
             code_verifier: Some(SecretString("VERIFIERSECRET".into())),
             redirect_uri: None,
+            exchange_redirect_uri: None,
         };
         let shown = format!("{c:?} {app:?}");
         assert!(

@@ -67,7 +67,10 @@ pub struct OAuthCredentials<'a> {
     pub app: &'a AppCredentials,
     pub code: Option<(&'a SecretString, &'a str)>,
     pub code_verifier: Option<&'a str>,
+    /// `spec.authentication.callbackUrl`, for the authorize link in status.
     pub redirect_uri: Option<&'a str>,
+    /// The redirect URI sent with the code (see `inputs::Credentials`).
+    pub exchange_redirect_uri: Option<&'a str>,
 }
 
 pub(super) fn code_location(instance: &DropboxElementInstance) -> String {
@@ -78,6 +81,18 @@ pub(super) fn code_location(instance: &DropboxElementInstance) -> String {
         .as_ref()
         .map(|r| format!("Secret {:?} key {:?}", r.name, r.key))
         .unwrap_or_else(|| "the code Secret".into())
+}
+
+/// How a person approves the app again: `connect` first, the raw way second
+/// (README, "Connect an account in one command").
+pub(super) fn reapprove_hint(instance: &DropboxElementInstance) -> String {
+    format!(
+        "Run `kubectl dropbox connect {} -n {}`, or approve the app again at status.authorizeUrl \
+         and put the new code in {}.",
+        instance.name_any(),
+        instance.namespace().unwrap_or_default(),
+        code_location(instance)
+    )
 }
 
 pub(super) fn app_location(instance: &DropboxElementInstance) -> String {
@@ -404,9 +419,8 @@ async fn refresh_or_keep(
                             Reason::ReauthorizationRequired,
                             format!(
                                 "Dropbox no longer accepts the refresh token ({description}): the user revoked \
-                                 access or the app was disconnected. Approve the app again at \
-                                 status.authorizeUrl and put the new code in {}.",
-                                code_location(instance)
+                                 access or the app was disconnected. {}",
+                                reapprove_hint(instance)
                             ),
                         ),
                         Next::WaitForChange,

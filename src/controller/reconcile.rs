@@ -221,6 +221,7 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
                         code,
                         code_verifier,
                         redirect_uri,
+                        exchange_redirect_uri,
                     },
                     Some(app),
                 ) => {
@@ -229,6 +230,7 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
                         code: code.as_ref().map(|(c, fp)| (c, fp.as_str())),
                         code_verifier: code_verifier.as_ref().map(|v| v.0.as_str()),
                         redirect_uri: redirect_uri.as_deref(),
+                        exchange_redirect_uri: exchange_redirect_uri.as_deref(),
                     };
                     oauth::oauth2(instance, &prev, creds, token, ctx).await?
                 }
@@ -335,7 +337,16 @@ fn inputs_fingerprint(instance: &DropboxElementInstance, inputs: &Result<Inputs,
             key.hash(&mut h);
         }
         match &inputs.credentials {
-            Credentials::OAuth2 { code, .. } => code.as_ref().map(|(_, fp)| fp).hash(&mut h),
+            Credentials::OAuth2 {
+                code,
+                code_verifier,
+                exchange_redirect_uri,
+                ..
+            } => {
+                code.as_ref().map(|(_, fp)| fp).hash(&mut h);
+                code_verifier.as_ref().map(|v| &v.0).hash(&mut h);
+                exchange_redirect_uri.hash(&mut h);
+            }
             Credentials::ApiKey { token } => token.0.hash(&mut h),
         }
     }

@@ -35,6 +35,15 @@ async fn main() -> Result<()> {
         Some("https://www.mycoolapp.com/auth"),
         "<AUTHORIZATION_GRANT_CODE>",
     );
+    // `dropbox-operator connect` works here too: the emulator's approval page
+    // approves at once, as the dev account, and redirects to connect's default URI.
+    emu.add_redirect_uri("<CLIENT_ID>", "http://127.0.0.1:53682/");
+    emu.script_approval(
+        "<CLIENT_ID>",
+        support::dropbox::Approval::Approve {
+            account_id: "dbid:AADevAccount-0001".into(),
+        },
+    );
 
     // The operator watches every namespace here, as a cluster-wide install would.
     let controller = OperatorProcess::new("default", &emu.url)
@@ -56,6 +65,10 @@ async fn main() -> Result<()> {
     println!("  export KUBECONFIG={}", stable.display());
     println!("  kubectl apply -f examples/");
     println!("  kubectl get dbxi -w");
+    println!(
+        "  target/debug/dropbox-operator connect marketing --dropbox-www-url {}   # approve again, with PKCE",
+        emu.url
+    );
     println!(
         "Dropbox emulator (accepts examples/secrets.yaml's placeholders): {}",
         emu.url

@@ -1,5 +1,6 @@
 //! An in-memory emulator of the parts of the Dropbox API the operator talks to:
-//! `POST /oauth2/token`, `/2/users/get_current_account`, `/2/auth/token/revoke`,
+//! `GET /oauth2/authorize` (a scripted person approves or denies),
+//! `POST /oauth2/token` (with PKCE), `/2/users/get_current_account`, `/2/auth/token/revoke`,
 //! `/2/files/list_folder`, `/2/files/list_folder/continue`,
 //! `/2/files/list_folder/get_latest_cursor`, plus Dropbox-style webhook
 //! notifications, fault injection and a record of every call.
@@ -21,7 +22,11 @@
 //! - OAuth: the OAuth guide / "Using OAuth 2.0 with offline access" (token
 //!   response fields, `expires_in` 14400, refresh answers without a new refresh
 //!   token) and answers of the real service quoted in public bug reports (cited at
-//!   each error below).
+//!   each error below). `/oauth2/authorize`: the HTTP docs' parameters
+//!   (`client_id`, `response_type`, `redirect_uri` registered exactly in the App
+//!   Console and optional for the code flow, `state` echoed back,
+//!   `code_challenge` + `code_challenge_method` `S256`/`plain` for PKCE,
+//!   `token_access_type`); PKCE verification follows RFC 7636 §4.6.
 //! - Content hash: the documented Dropbox content-hash algorithm (SHA-256 over the
 //!   concatenated SHA-256 digests of 4 MiB blocks).
 //! - Webhooks: the webhooks reference (POST, JSON body with `list_folder.accounts`
@@ -137,8 +142,38 @@ impl Emulator {
             App {
                 secret: app_secret.to_owned(),
                 scope: DEFAULT_SCOPE.to_owned(),
+                redirect_uris: Vec::new(),
+                approval: None,
             },
         );
+    }
+
+    /// Adds a redirect URI to the app's list in the App Console:
+    /// `/oauth2/authorize` refuses any other (exact match).
+    pub fn add_redirect_uri(&self, app_key: &str, uri: &str) {
+        let mut st = self.st();
+        let app = st
+            .apps
+            .get_mut(app_key)
+            .expect("add_redirect_uri: unknown app");
+        app.redirect_uris.push(uri.to_owned());
+    }
+
+    /// What the person who opens the app's `/oauth2/authorize` link does from
+    /// now on: approve as `account_id`, or deny. Unscripted, the page answers
+    /// 400 (nobody is there to click).
+    pub fn script_approval(&self, app_key: &str, approval: Approval) {
+        let mut st = self.st();
+        if let Approval::Approve { account_id } = &approval {
+            assert!(
+                st.accounts.contains_key(account_id),
+                "script_approval: unknown account {account_id}"
+            );
+        }
+        st.apps
+            .get_mut(app_key)
+            .expect("script_approval: unknown app")
+            .approval = Some(approval);
     }
 
     /// The app's permissions (space-separated scopes): what the token endpoint
@@ -225,6 +260,7 @@ impl Emulator {
                 app_key: app_key.to_owned(),
                 account_id: account_id.to_owned(),
                 redirect_uri: redirect_uri.map(str::to_owned),
+                challenge: None,
                 expires_at,
             },
         );
@@ -518,6 +554,27 @@ pub fn content_hash(contents: &[u8]) -> String {
 struct App {
     secret: String,
     scope: String,
+    /// Redirect URIs registered in the App Console.
+    redirect_uris: Vec<String>,
+    /// What the person at `/oauth2/authorize` does.
+    approval: Option<Approval>,
+}
+
+/// A scripted answer of the person who opens an authorize link.
+#[derive(Clone, Debug)]
+pub enum Approval {
+    /// Signs in as this account and clicks "Allow".
+    Approve { account_id: String },
+    /// Clicks "Cancel": Dropbox redirects with `error=access_denied`.
+    Deny,
+}
+
+/// A PKCE challenge a code was issued for (RFC 7636).
+#[derive(Clone)]
+struct Challenge {
+    challenge: String,
+    /// `S256` or `plain`.
+    method: String,
 }
 
 struct Account {
@@ -535,6 +592,8 @@ struct Code {
     app_key: String,
     account_id: String,
     redirect_uri: Option<String>,
+    /// The PKCE challenge of the authorize request, if it had one.
+    challenge: Option<Challenge>,
     expires_at: Instant,
 }
 
@@ -988,6 +1047,15 @@ impl Reply {
         }
     }
 
+    /// A page of the website (`/oauth2/authorize`).
+    fn html(status: u16, body: &str) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type", "text/html; charset=utf-8".into())],
+            body: format!("<!DOCTYPE html>\n<html><body><p>{body}</p></body></html>\n"),
+        }
+    }
+
     /// Dropbox's plain-text errors (400 bad input) come as a downloadable "error".
     fn text(status: u16, text: impl Into<String>) -> Reply {
         Reply {
@@ -1159,8 +1227,9 @@ async fn process(
         tokio::time::sleep(latency).await;
     }
     let mut form = parse_form(&headers, &body);
-    if route == "/oauth2/token" {
-        // The token endpoint also takes its parameters in the query string.
+    if route == "/oauth2/token" || route == "/oauth2/authorize" {
+        // The token endpoint also takes its parameters in the query string
+        // (and the authorize page only there).
         for (k, v) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
             form.entry(k.into_owned()).or_insert_with(|| v.into_owned());
         }
@@ -1245,6 +1314,14 @@ fn dispatch(
     form: &BTreeMap<String, String>,
     body: &[u8],
 ) -> Reply {
+    if route == "/oauth2/authorize" {
+        if method != Method::GET {
+            let mut reply = Reply::text(405, "Method Not Allowed");
+            reply.headers.push(("allow", "GET".into()));
+            return reply;
+        }
+        return authorize(st, form);
+    }
     let known = matches!(
         route,
         "/oauth2/token"
@@ -1411,6 +1488,23 @@ fn exchange_code(st: &mut State, client_id: &str, form: &BTreeMap<String, String
         // A failed exchange does not use the code up.
         return Reply::oauth_error("invalid_grant", "redirect_uri mismatch");
     }
+    // PKCE (RFC 7636 §4.6): a code issued for a challenge needs the verifier
+    // whose transform is that challenge. The error text is not verified against
+    // the real service (the error code is RFC 7636's); like a redirect_uri
+    // mismatch, it does not use the code up here.
+    let challenge = st.codes.get(code).and_then(|c| c.challenge.clone());
+    if let Some(challenge) = challenge {
+        let Some(verifier) = form.get("code_verifier") else {
+            return Reply::oauth_error("invalid_grant", "missing code verifier");
+        };
+        let transformed = match challenge.method.as_str() {
+            "S256" => URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes())),
+            _ => verifier.clone(),
+        };
+        if transformed != challenge.challenge {
+            return Reply::oauth_error("invalid_grant", "invalid code verifier");
+        }
+    }
     let Some(c) = st.codes.remove(code) else {
         return Reply::oauth_error("invalid_grant", "code doesn't exist or has expired");
     };
@@ -1440,6 +1534,123 @@ fn exchange_code(st: &mut State, client_id: &str, form: &BTreeMap<String, String
             "account_id": account.account_id,
         }),
     )
+}
+
+// ---- /oauth2/authorize ---------------------------------------------------------
+
+/// The authorize page, with the person's click scripted: a code bound to the
+/// app, account, redirect URI and PKCE challenge, delivered by a 302 to the
+/// redirect URI (with `state`), or shown on the page when there is none.
+fn authorize(st: &mut State, query: &BTreeMap<String, String>) -> Reply {
+    // Errors before the redirect URI is trusted are shown on Dropbox's page (no
+    // redirect): that much is the OAuth 2 rule (RFC 6749 §4.1.2.1); the wording
+    // is the emulator's.
+    let Some(app_key) = query.get("client_id") else {
+        return Reply::html(400, "Error (400): missing client_id");
+    };
+    let Some(app) = st.apps.get(app_key) else {
+        return Reply::html(400, "Error (400): Invalid client_id");
+    };
+    let redirect_uri = query.get("redirect_uri");
+    if let Some(uri) = redirect_uri
+        && !app.redirect_uris.contains(uri)
+    {
+        return Reply::html(
+            400,
+            "Error (400): Invalid redirect_uri. It must exactly match one of the redirect URIs you've pre-configured for your app (including the path).",
+        );
+    }
+    if query.get("response_type").map(String::as_str) != Some("code") {
+        return Reply::html(400, "Error (400): response_type must be \"code\" here");
+    }
+    let challenge = match (
+        query.get("code_challenge"),
+        query.get("code_challenge_method"),
+    ) {
+        (None, None) => None,
+        (Some(challenge), method) => {
+            let method = method.map(String::as_str).unwrap_or("plain");
+            // RFC 7636 §4.2: 43 to 128 characters of [A-Za-z0-9-._~].
+            let well_formed = (43..=128).contains(&challenge.len())
+                && challenge
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+            if !well_formed || !matches!(method, "S256" | "plain") {
+                return Reply::html(
+                    400,
+                    "Error (400): invalid code_challenge or code_challenge_method",
+                );
+            }
+            Some(Challenge {
+                challenge: challenge.clone(),
+                method: method.to_owned(),
+            })
+        }
+        (None, Some(_)) => {
+            return Reply::html(
+                400,
+                "Error (400): code_challenge_method without code_challenge",
+            );
+        }
+    };
+    let approval = app.approval.clone();
+    let redirect = |params: &[(&str, &str)]| -> Reply {
+        let mut url = url::Url::parse(redirect_uri.expect("checked by the caller"))
+            .expect("registered redirect URIs are URLs");
+        {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in params {
+                q.append_pair(k, v);
+            }
+            if let Some(state) = query.get("state") {
+                q.append_pair("state", state);
+            }
+        }
+        let mut reply = Reply::html(302, "Redirecting");
+        reply.headers.push(("location", url.to_string()));
+        reply
+    };
+    match approval {
+        None => Reply::html(
+            400,
+            "emulator: nobody is scripted to approve or deny this app",
+        ),
+        Some(Approval::Deny) => match redirect_uri {
+            // The description Dropbox sends with a denial.
+            Some(_) => redirect(&[
+                ("error", "access_denied"),
+                (
+                    "error_description",
+                    "The user chose not to give your app access to their Dropbox account.",
+                ),
+            ]),
+            None => Reply::html(200, "You chose not to give the app access."),
+        },
+        Some(Approval::Approve { account_id }) => {
+            let code = random_string(32);
+            let expires_at = Instant::now() + st.code_ttl;
+            st.codes.insert(
+                code.clone(),
+                Code {
+                    app_key: app_key.clone(),
+                    account_id,
+                    redirect_uri: redirect_uri.cloned(),
+                    challenge,
+                    expires_at,
+                },
+            );
+            match redirect_uri {
+                Some(_) => redirect(&[("code", &code)]),
+                // Without a redirect URI the page shows the code to copy.
+                None => Reply::html(
+                    200,
+                    &format!(
+                        "Enter this code into the app to finish: <input id=\"auth-code\" readonly value=\"{code}\">"
+                    ),
+                ),
+            }
+        }
+    }
 }
 
 fn refresh(st: &mut State, client_id: &str, form: &BTreeMap<String, String>) -> Reply {
