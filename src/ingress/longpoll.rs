@@ -198,9 +198,14 @@ async fn poll(
         // While a sync of the instance is queued or running, its cursor is about
         // to move: poll from where it ends.
         if !*idle.borrow_and_update() {
-            tokio::select! {
-                _ = idle.wait_for(|idle| *idle) => {}
+            let settled = tokio::select! {
+                settled = idle.wait_for(|idle| *idle) => settled.is_ok(),
                 _ = stop.cancelled() => return,
+            };
+            if !settled {
+                // That worker is gone (its instance left the cache for a
+                // moment): watch the one that replaces it.
+                idle = syncer.watch_idle(&uid);
             }
             cursor = None;
         }
@@ -245,14 +250,24 @@ async fn poll(
             },
         };
         let answer = tokio::select! {
-            answer = syncer.dropbox.list_folder_longpoll(&current, config.timeout) => Some(answer),
+            answer = syncer.dropbox.list_folder_longpoll(&current, config.timeout) => Ok(answer),
             // Someone else started a sync: poll again from the cursor it commits.
-            _ = idle.wait_for(|idle| !*idle) => None,
+            busy = idle.wait_for(|idle| !*idle) => Err(busy.is_ok()),
             _ = stop.cancelled() => return,
         };
-        let Some(answer) = answer else {
-            cursor = None;
-            continue;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(watching) => {
+                if !watching {
+                    idle = syncer.watch_idle(&uid);
+                    // Not a busy loop should it keep failing.
+                    if !pause(config.base_backoff, &stop).await {
+                        return;
+                    }
+                }
+                cursor = None;
+                continue;
+            }
         };
         match answer {
             Ok(result) => {
