@@ -111,7 +111,10 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let instances_changed = Arc::new(tokio::sync::Notify::new());
     let watch = reflector(
         writer,
-        watcher(instances, watcher::Config::default().any_semantic()),
+        // Field-management bookkeeping is a good part of a small object and
+        // the ingress never reads it: not kept for each cached instance.
+        watcher(instances, watcher::Config::default().any_semantic())
+            .modify(|i| i.managed_fields_mut().clear()),
     )
     .default_backoff()
     .touched_objects()
