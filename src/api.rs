@@ -247,6 +247,35 @@ pub struct EventsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(/[^/]+)+$"), length(max = 1024))]
     pub path: Option<String>,
+
+    /// How the operator learns of changes: `webhook` (default: Dropbox calls the
+    /// webhook ingress, whose URL is registered in the App Console) or
+    /// `longpoll` (an ingress replica holds `files/list_folder/longpoll` open
+    /// against Dropbox: no public endpoint, no webhook registration and no app
+    /// secret needed, e.g. behind a firewall). Delivery and its guarantees are
+    /// the same.
+    #[serde(default, skip_serializing_if = "EventSource::is_webhook")]
+    pub source: EventSource,
+}
+
+/// How the operator learns of an instance's changes.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EventSource {
+    /// Dropbox calls the webhook ingress (register its URL in the App Console).
+    #[default]
+    #[serde(rename = "webhook")]
+    Webhook,
+    /// An ingress replica long-polls Dropbox (`files/list_folder/longpoll`); no
+    /// inbound connection is needed.
+    #[serde(rename = "longpoll")]
+    LongPoll,
+}
+
+impl EventSource {
+    /// Whether this is the default, webhooks.
+    pub fn is_webhook(&self) -> bool {
+        *self == EventSource::Webhook
+    }
 }
 
 /// Payload format of delivered events.

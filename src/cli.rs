@@ -256,6 +256,33 @@ pub struct IngressArgs {
     /// How often the ingress renews its heartbeat (the controller's EventsReady).
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+
+    /// How long one `list_folder/longpoll` waits for changes (instances with
+    /// `events.source: longpoll`), 30s to 8m (Dropbox's range; it adds up to 90 s
+    /// of jitter). 2m: a quarter of the requests of Dropbox's default 30s, and
+    /// with the jitter still below common idle-connection limits of NAT
+    /// gateways and proxies (e.g. 350 s).
+    #[arg(long, env = "LONGPOLL_TIMEOUT", default_value = "2m", value_parser = parse_longpoll_timeout)]
+    pub longpoll_timeout: Duration,
+
+    /// Upper bound of the delay between long-polls that fail (doubles from 1s,
+    /// with jitter; a Retry-After or Dropbox's `backoff` is honoured).
+    #[arg(long, env = "LONGPOLL_MAX_BACKOFF", default_value = "1m", value_parser = parse_duration)]
+    pub longpoll_max_backoff: Duration,
+}
+
+/// A long-poll timeout: a duration within Dropbox's 30–480 s.
+fn parse_longpoll_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    let range = crate::dropbox::LONGPOLL_TIMEOUT_RANGE;
+    if d.subsec_nanos() != 0 || !range.contains(&d.as_secs()) {
+        return Err(format!(
+            "{s:?}: Dropbox accepts whole seconds from {}s to {}s",
+            range.start(),
+            range.end()
+        ));
+    }
+    Ok(d)
 }
 
 /// Where Dropbox is: base URLs, so tests, proxies and regional endpoints work.
@@ -268,6 +295,15 @@ pub struct DropboxArgs {
         default_value = "https://api.dropboxapi.com"
     )]
     pub dropbox_api_url: Url,
+
+    /// Base URL of Dropbox's notify host, which serves
+    /// `/2/files/list_folder/longpoll` (instances with `events.source: longpoll`).
+    #[arg(
+        long,
+        env = "DROPBOX_NOTIFY_URL",
+        default_value = "https://notify.dropboxapi.com"
+    )]
+    pub dropbox_notify_url: Url,
 
     /// Base URL of the Dropbox website, used to build `/oauth2/authorize` links.
     #[arg(
@@ -396,6 +432,10 @@ pub struct IngressDeploymentArgs {
     /// CIDRs the ingress never delivers events to although they are public.
     #[arg(long, env = "DENIED_CALLBACK_CIDRS", default_value = "")]
     pub denied_callback_cidrs: String,
+
+    /// The ingress's long-poll timeout (`--longpoll-timeout` of `ingress`).
+    #[arg(long, env = "INGRESS_LONGPOLL_TIMEOUT", default_value = "2m", value_parser = parse_longpoll_timeout)]
+    pub ingress_longpoll_timeout: Duration,
 }
 
 fn parse_resources(s: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {
@@ -486,6 +526,11 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("-5s").is_err());
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_longpoll_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_longpoll_timeout("8m"), Ok(Duration::from_secs(480)));
+        assert!(parse_longpoll_timeout("29s").is_err());
+        assert!(parse_longpoll_timeout("481s").is_err());
+        assert!(parse_longpoll_timeout("30500ms").is_err());
     }
 
     #[test]

@@ -223,13 +223,31 @@ pub fn authorize_url(
     url.to_string()
 }
 
-/// Client for one Dropbox deployment (API and www base URLs are configurable so
-/// tests, proxies and regional endpoints work).
+/// Answer of `files/list_folder/longpoll` (`ListFolderLongpollResult`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct LongpollResult {
+    /// New changes are available: call `list_folder/continue`.
+    pub changes: bool,
+    /// Wait at least this many seconds before the next long-poll.
+    #[serde(default)]
+    pub backoff: Option<u64>,
+}
+
+/// Dropbox's long-poll timeout range (`ListFolderLongpollArg.timeout`, seconds).
+pub const LONGPOLL_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 30..=480;
+/// Dropbox adds up to this much random jitter to a long-poll's timeout.
+pub const LONGPOLL_JITTER: Duration = Duration::from_secs(90);
+
+/// Client for one Dropbox deployment (API, notify and www base URLs are
+/// configurable so tests, proxies and regional endpoints work). Clones share
+/// one connection pool.
 #[derive(Clone, Debug)]
 pub struct DropboxClient {
     http: reqwest::Client,
     api: Url,
     www: Url,
+    notify: Url,
+    timeout: Duration,
 }
 
 impl DropboxClient {
@@ -243,14 +261,23 @@ impl DropboxClient {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| DropboxError::Transport(e.to_string()))?;
-        Ok(DropboxClient { http, api, www })
+        Ok(DropboxClient {
+            http,
+            api,
+            www,
+            notify: Url::parse(DEFAULT_NOTIFY_URL).expect("the default notify URL parses"),
+            timeout,
+        })
+    }
+
+    /// The same client with another notify host (`files/list_folder/longpoll`).
+    pub fn with_notify(mut self, notify: Url) -> Self {
+        self.notify = notify;
+        self
     }
 
     fn api_url(&self, path: &str) -> Url {
-        let mut url = self.api.clone();
-        let base = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{base}{path}"));
-        url
+        join(&self.api, path)
     }
 
     /// The link a person opens to (re-)approve the app; Dropbox then redirects to
@@ -402,6 +429,29 @@ impl DropboxClient {
             .await
     }
 
+    /// `POST {notify}/2/files/list_folder/longpoll`: waits until the cursor's
+    /// folder has changes or `timeout` (30–480 s; Dropbox adds up to 90 s of
+    /// jitter) passed. The route takes no authentication (`auth = "noauth"` in
+    /// Dropbox's route spec): the cursor is all it needs, and no token is sent.
+    pub async fn list_folder_longpoll(
+        &self,
+        cursor: &str,
+        timeout: Duration,
+    ) -> Result<LongpollResult, DropboxError> {
+        let secs = timeout.as_secs().clamp(
+            *LONGPOLL_TIMEOUT_RANGE.start(),
+            *LONGPOLL_TIMEOUT_RANGE.end(),
+        );
+        let path = "/2/files/list_folder/longpoll";
+        let request = self
+            .http
+            .post(join(&self.notify, path))
+            .json(&serde_json::json!({"cursor": cursor, "timeout": secs}))
+            // The answer may take the timeout plus the jitter; then the usual bound.
+            .timeout(Duration::from_secs(secs) + LONGPOLL_JITTER + self.timeout);
+        self.send(request, path).await
+    }
+
     /// An RPC-style endpoint: JSON arguments in the body (or none), JSON result.
     async fn rpc<A: Serialize, T: DeserializeOwned>(
         &self,
@@ -417,6 +467,15 @@ impl DropboxClient {
                 .header(header::CONTENT_TYPE, "application/json")
                 .body("null"),
         };
+        self.send(request, path).await
+    }
+
+    /// Sends an RPC request and classifies the answer.
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        path: &str,
+    ) -> Result<T, DropboxError> {
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
         let retry_after = retry_after(&response);
@@ -467,6 +526,17 @@ impl DropboxClient {
             tag,
         })
     }
+}
+
+/// Dropbox's notify host, where `files/list_folder/longpoll` is served.
+pub const DEFAULT_NOTIFY_URL: &str = "https://notify.dropboxapi.com";
+
+/// `base` with `path` appended to its path.
+fn join(base: &Url, path: &str) -> Url {
+    let mut url = base.clone();
+    let prefix = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&format!("{prefix}{path}"));
+    url
 }
 
 /// 429 and 5xx mean the same on every route.

@@ -616,6 +616,7 @@ pub fn convert(json: &str, options: &Options) -> Result<Imported, ImportError> {
             signature_key_secret_ref,
             format: options.events_format,
             path: None,
+            source: Default::default(),
         })
     } else {
         if signature_key.is_some() {

@@ -25,7 +25,8 @@ fn dropbox_client(args: &DropboxArgs) -> Result<DropboxClient, BoxError> {
         args.dropbox_api_url.clone(),
         args.dropbox_www_url.clone(),
         args.dropbox_timeout,
-    )?)
+    )?
+    .with_notify(args.dropbox_notify_url.clone()))
 }
 
 fn identity(explicit: Option<&str>) -> String {
@@ -62,6 +63,8 @@ fn controller_options(
             allowed_callback_cidrs: args.ingress.allowed_callback_cidrs.clone(),
             denied_callback_cidrs: args.ingress.denied_callback_cidrs.clone(),
             dropbox_api_url: args.dropbox.dropbox_api_url.to_string(),
+            dropbox_notify_url: args.dropbox.dropbox_notify_url.to_string(),
+            longpoll_timeout: args.ingress.ingress_longpoll_timeout,
             watch_namespace: args.namespace.clone(),
             log_format: log_format.into(),
         },
@@ -101,6 +104,13 @@ fn ingress_options(args: &IngressArgs) -> Result<ingress::RunOptions, BoxError> 
             max_backoff: args.delivery_max_backoff,
         },
         heartbeat_interval: args.heartbeat_interval,
+        longpoll: ingress::longpoll::LongPollConfig {
+            timeout: args.longpoll_timeout,
+            base_backoff: std::time::Duration::from_secs(1),
+            max_backoff: args
+                .longpoll_max_backoff
+                .max(std::time::Duration::from_secs(1)),
+        },
     })
 }
 

@@ -187,6 +187,8 @@ pub struct IngressMetrics {
     pub cursor_conflicts: Counter,
     pub queue_depth: Gauge,
     pub secret_reads: Counter,
+    pub longpolls: Gauge,
+    pub longpoll_results: Family<ResultLabels, Counter>,
 }
 
 impl IngressMetrics {
@@ -202,6 +204,8 @@ impl IngressMetrics {
             cursor_conflicts: Counter::default(),
             queue_depth: Gauge::default(),
             secret_reads: Counter::default(),
+            longpolls: Gauge::default(),
+            longpoll_results: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("dropbox_ingress");
         r.register(
@@ -253,6 +257,16 @@ impl IngressMetrics {
             "secret_reads",
             "Reads of projected Secrets from the API server (cache misses and forced re-reads)",
             m.secret_reads.clone(),
+        );
+        r.register(
+            "longpolls",
+            "Instances (events.source: longpoll) this replica long-polls Dropbox for",
+            m.longpolls.clone(),
+        );
+        r.register(
+            "longpoll_results",
+            "Answers to list_folder/longpoll by result (changes, timeout, reset, error)",
+            m.longpoll_results.clone(),
         );
         m
     }

@@ -304,6 +304,14 @@ fn is_ready(instance: &DropboxElementInstance) -> bool {
     })
 }
 
+/// Whether all `n` instances of `api` are Ready (a list: for set-up waits
+/// outside any measured time).
+async fn all_ready(api: &Api<DropboxElementInstance>, n: usize) -> bool {
+    api.list(&kube::api::ListParams::default())
+        .await
+        .is_ok_and(|l| l.items.len() == n && l.items.iter().all(is_ready))
+}
+
 /// Completion, detected the same way for every side: a watch that notes the
 /// moment the n-th instance is Ready.
 struct ReadyWatch {
@@ -1335,5 +1343,162 @@ async fn bench_ingress() -> Result<()> {
         )),
     ];
     record("ingress", &out, &figures);
+    Ok(())
+}
+
+/// 1,000 instances with `events.source: longpoll`, each on its own account, on
+/// one ingress replica: the ingress's RSS while it holds all their long-polls,
+/// and change-to-delivery latency (a file written in the emulated Dropbox to the
+/// receiver's arrival of its event, one change at a time, no webhook).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: make bench"]
+async fn bench_longpoll_1000_instances() -> Result<()> {
+    let n: usize = std::env::var("BENCH_LONGPOLLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let client = support::client().await;
+    support::install_crd(&client).await?;
+    let ns = support::namespace(&client, "bench-longpoll").await;
+    let emu = Emulator::start().await;
+    emu.add_app(APP_KEY, APP_SECRET);
+    let receiver = Receiver::start(Some(b"bench-key")).await;
+    secret(
+        &client,
+        &ns,
+        "key",
+        json!({"event.notification.signature.key": "bench-key"}),
+    )
+    .await;
+    let log_level = std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into());
+    let _controller = OperatorProcess::new(&ns, &emu.url)
+        .env("LOG_LEVEL", "warn")
+        .env("CONCURRENCY", &CONCURRENCY.to_string())
+        .start()
+        .await;
+    let account = |i: usize| format!("dbid:AAB-bench-longpoll-{i:05}");
+    let setup = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(CONCURRENCY, |i| {
+            let (client, ns, emu, receiver_url) = (&client, &ns, &emu, receiver.url.clone());
+            async move {
+                emu.add_account(&account(i), &format!("lp{i}@example.com"), "Long Poll");
+                let token = emu.issue_long_lived_token(APP_KEY, &account(i));
+                secret(client, ns, &format!("token-{i}"), json!({"apiKey": token})).await;
+                let instance: DropboxElementInstance = serde_json::from_value(json!({
+                    "apiVersion": "elements.dropbox-operator.dev/v1alpha1", "kind": "DropboxElementInstance",
+                    "metadata": {"name": format!("lp-{i}")},
+                    "spec": {"element": {"key": "dropbox"},
+                             "authentication": {"type": "apiKey", "apiKeySecretRef": {"name": format!("token-{i}")}},
+                             "events": {"enabled": true, "source": "longpoll", "callbackUrl": receiver_url,
+                                        "signatureKeySecretRef": {"name": "key"}}}
+                }))
+                .expect("instance");
+                Api::<DropboxElementInstance>::namespaced(client.clone(), ns)
+                    .create(&PostParams::default(), &instance)
+                    .await
+                    .expect("create instance");
+            }
+        })
+        .await;
+    let ingress = OperatorProcess::ingress(&ns, &emu.url)
+        .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8")
+        .env("LOG_LEVEL", &log_level)
+        .env("HEARTBEAT_INTERVAL", "1s")
+        .start()
+        .await;
+    let api: Api<DropboxElementInstance> = Api::namespaced(client.clone(), &ns);
+    while !all_ready(&api, n).await || emu.longpolls_waiting() < n {
+        anyhow::ensure!(
+            setup.elapsed() < Duration::from_secs(900),
+            "not all Ready and long-polled after 15 min ({} long-polls held)",
+            emu.longpolls_waiting()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let settled = setup.elapsed();
+    // Let start-up work (the first resync of every instance) end.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pid = ingress.pid().context("ingress pid")?;
+    let (rss, peak) = rss_kib(pid);
+    let held = emu.longpolls_waiting();
+    let metric = ingress.metric_sum("dropbox_ingress_longpolls", "").await;
+
+    // Change-to-delivery, one change at a time on a different account each.
+    let samples = env_usize("BENCH_LONGPOLL_SAMPLES", 1000);
+    let mut latencies = Vec::with_capacity(samples);
+    for k in 0..samples {
+        let i = (k * 7919) % n;
+        let before = receiver.accepted().len();
+        let t = Instant::now();
+        emu.upload(&account(i), &format!("/latency-{k}.txt"), b"x");
+        loop {
+            let accepted = receiver.accepted();
+            if let Some(d) = accepted.get(before) {
+                latencies.push(d.arrived.saturating_duration_since(t));
+                break;
+            }
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "delivery timed out");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Until its long-poll is back, so the next sample starts from rest.
+        while emu.longpolls_waiting() < n {
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "long-poll not back");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    latencies.sort();
+    let (rss_after, peak_after) = rss_kib(pid);
+
+    let mut out = String::new();
+    let _ = writeln!(out, "## long-polls");
+    let _ = writeln!(
+        out,
+        "{n} longpoll instances (one account each) on one ingress replica: {held} long-polls held at the emulator, ingress reports {metric}; Ready and all held {:.1}s after the first instance was created",
+        settled.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "ingress RSS holding them: {:.1} MiB (peak {:.1} MiB; after the latency run {:.1} MiB, peak {:.1} MiB) (target <= 80 MiB)",
+        rss as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        peak_after as f64 / 1024.0
+    );
+    let _ = writeln!(
+        out,
+        "change-to-delivery latency (long-poll, no webhook): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples) (target p50 <= 1 s)",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        latencies.len()
+    );
+    let figures = vec![
+        Figure::new(
+            "longpoll_rss",
+            format!("ingress RSS holding {n} long-polls (one replica, one account each)"),
+            rss as f64 / 1024.0,
+            "MiB",
+        )
+        .at_most(80.0)
+        .detail(format!(
+            "{held} held at the emulator; after the latency run {:.1} MiB",
+            rss_after as f64 / 1024.0
+        )),
+        Figure::new(
+            "longpoll_change_to_delivery_p50",
+            "change-to-delivery p50 with long-polls (no webhook)",
+            ms(percentile(&latencies, 0.5)),
+            "ms",
+        )
+        .at_most(1000.0)
+        .detail(format!(
+            "p99 {:.1} ms, {} samples over different instances",
+            ms(percentile(&latencies, 0.99)),
+            latencies.len()
+        )),
+    ];
+    record("longpoll", &out, &figures);
+    anyhow::ensure!(held >= n, "only {held} of {n} long-polls held");
     Ok(())
 }

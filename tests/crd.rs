@@ -119,6 +119,7 @@ async fn defaults_are_applied_by_the_api_server() -> Result<()> {
     );
     let events = stored.spec.events.expect("events");
     assert_eq!(events.format, dropbox_operator::api::EventFormat::Elements);
+    assert_eq!(events.source, dropbox_operator::api::EventSource::Webhook);
     assert_eq!(
         events
             .signature_key_secret_ref
@@ -226,6 +227,9 @@ async fn invalid_manifests_are_refused_at_admission_naming_the_field() -> Result
     assert_refused(&ns, "unknown-format", "spec.events.format", |m| {
         set(m, "/spec/events/format", json!("xml"))
     });
+    assert_refused(&ns, "unknown-source", "spec.events.source", |m| {
+        m["spec"]["events"]["source"] = json!("push")
+    });
     assert_refused(
         &ns,
         "secret-ref-without-name",
@@ -266,6 +270,9 @@ async fn kubectl_explain_teaches_the_resource() -> Result<()> {
         "signatureKeySecretRef",
         "format",
         "cloudevents",
+        "source",
+        "longpoll",
+        "no webhook registration",
     ] {
         assert!(
             out.contains(expected),

@@ -1204,3 +1204,99 @@ async fn authorize_refuses_unregistered_redirects_and_reports_denials() {
     .await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// POST /2/files/list_folder/longpoll without a token; returns (status, body).
+async fn longpoll(emu: &Emulator, args: Value) -> (u16, Value) {
+    let r = http()
+        .post(format!("{}/2/files/list_folder/longpoll", emu.url))
+        .json(&args)
+        .send()
+        .await
+        .expect("longpoll request");
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn longpoll_is_noauth_blocks_until_a_change_in_scope_and_knows_reset() {
+    let emu = emulator().await;
+    let access = emu.issue_long_lived_token(KEY, ALICE);
+    let cursor = latest_cursor(&emu, &access, json!({"path": "", "recursive": true})).await;
+    emu.create_folder(ALICE, "/Other");
+    let scoped = latest_cursor(&emu, &access, json!({"path": "/Other", "recursive": true})).await;
+
+    // A token is refused on this route (it is `noauth`).
+    let r = http()
+        .post(format!("{}/2/files/list_folder/longpoll", emu.url))
+        .bearer_auth(&access)
+        .json(&json!({"cursor": cursor}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("Authorization header"));
+    // Arguments as files.stone has them.
+    let (status, _) = longpoll(&emu, json!({"cursor": cursor, "timeout": 29})).await;
+    assert_eq!(status, 400);
+    let (status, _) = longpoll(&emu, json!({"cursor": cursor, "timeout": 481})).await;
+    assert_eq!(status, 400);
+    let (status, _) = longpoll(&emu, json!({"cursor": cursor, "extra": 1})).await;
+    assert_eq!(status, 400);
+    let (status, _) = longpoll(&emu, json!({"cursor": "garbage"})).await;
+    assert_eq!(status, 400);
+
+    // Blocks until a change in the cursor's scope; another account's or
+    // another folder's changes do not wake it.
+    emu.set_longpoll_max_wait(Some(Duration::from_millis(1500)));
+    let waiting = tokio::spawn({
+        let (url, scoped) = (emu.url.clone(), scoped.clone());
+        async move {
+            let t = std::time::Instant::now();
+            let r = http()
+                .post(format!("{url}/2/files/list_folder/longpoll"))
+                .json(&json!({"cursor": scoped, "timeout": 30}))
+                .send()
+                .await
+                .unwrap();
+            (t.elapsed(), r.json::<Value>().await.unwrap())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(emu.longpolls_waiting(), 1);
+    emu.upload(BOB, "/Other/bob.txt", b"b");
+    emu.upload(ALICE, "/elsewhere.txt", b"a");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(emu.longpolls_waiting(), 1, "woken by a change out of scope");
+    emu.upload(ALICE, "/Other/in.txt", b"x");
+    let (took, body) = waiting.await.unwrap();
+    assert_eq!(body, json!({"changes": true}));
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+
+    // Nothing new: the (shortened) timeout answers `changes: false`, with a
+    // backoff when asked for.
+    let fresh = latest_cursor(&emu, &access, json!({"path": "", "recursive": true})).await;
+    emu.set_longpoll_backoff(Some(7));
+    let (status, body) = longpoll(&emu, json!({"cursor": fresh})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"changes": false, "backoff": 7}));
+    emu.set_longpoll_backoff(None);
+    // Changes already there answer at once.
+    let (_, body) = longpoll(&emu, json!({"cursor": cursor})).await;
+    assert_eq!(body, json!({"changes": true}));
+
+    // A reset cursor: the route error `reset` (409, as on continue).
+    emu.reset_cursors(ALICE);
+    let (status, body) = longpoll(&emu, json!({"cursor": fresh})).await;
+    assert_eq!(status, 409);
+    assert_eq!(body["error"], json!({".tag": "reset"}));
+    assert_summary(&body, "reset/");
+    assert!(
+        emu.calls_to("/2/files/list_folder/longpoll")
+            .iter()
+            .all(|c| c.header("authorization").is_none() || c.status == 400)
+    );
+}

@@ -146,6 +146,12 @@ impl World {
     /// A fresh oauth2 instance of a fresh account, delivering to a fresh
     /// receiver; waits until it is Ready (an ingress must be running).
     async fn case(&self, no: usize) -> Result<Case<'_>> {
+        self.case_source(no, false).await
+    }
+
+    /// [`World::case`], with `spec.events.source: longpoll` when `longpoll`:
+    /// then no webhook is ever sent; the ingress long-polls the emulator.
+    async fn case_source(&self, no: usize, longpoll: bool) -> Result<Case<'_>> {
         let name = format!("row{no:02}");
         let account = format!("dbid:AAF-faults-row-{no:02}-{:08x}", rand::random::<u32>());
         self.emu
@@ -169,7 +175,8 @@ impl World {
                 "events": {
                     "enabled": true,
                     "callbackUrl": rx.url,
-                    "signatureKeySecretRef": {"name": "events-key"}
+                    "signatureKeySecretRef": {"name": "events-key"},
+                    "source": if longpoll { "longpoll" } else { "webhook" }
                 }
             }
         }))?;
@@ -204,6 +211,7 @@ impl World {
             watch: Some(watch),
             rx,
             made: Vec::new(),
+            longpoll,
         })
     }
 }
@@ -219,6 +227,8 @@ struct Case<'w> {
     watch: Option<CursorWatch>,
     /// `path_display` of every change made, in order.
     made: Vec<String>,
+    /// Long-polled (`events.source: longpoll`): webhooks are never sent.
+    longpoll: bool,
 }
 
 /// Samples an instance's committed cursor every 100 ms and records every
@@ -308,8 +318,12 @@ impl Case<'_> {
         }
     }
 
-    /// Dropbox tells `ingress` that the account changed.
+    /// Dropbox tells `ingress` that the account changed (a long-polled
+    /// instance's long-poll has told it already: nothing is sent).
     async fn webhook(&self, ingress: &Process) -> Result<()> {
+        if self.longpoll {
+            return Ok(());
+        }
         let url = format!("{}/webhooks/dropbox/{APP_KEY}", ingress.url());
         let response = self
             .w
@@ -879,7 +893,13 @@ async fn reset_row(w: &World, no: usize, label: &str) -> Result<Row> {
 /// 10 and 11: the ingress dies (SIGKILL) or is stopped (SIGTERM) mid-delivery;
 /// more changes happen while none runs (their webhooks go nowhere); a new
 /// ingress starts and must resume by itself, without a webhook.
-async fn restart_row(w: &World, no: usize, label: &str, graceful: bool) -> Result<Row> {
+async fn restart_row(
+    w: &World,
+    no: usize,
+    label: &str,
+    graceful: bool,
+    longpoll: bool,
+) -> Result<Row> {
     // A crashed container restarts in the same pod (same name); a stopped pod is
     // replaced by one with a new name.
     let pod_a = format!("faults-ingress-{no:02}a");
@@ -893,7 +913,7 @@ async fn restart_row(w: &World, no: usize, label: &str, graceful: bool) -> Resul
         .env("POD_NAME", &pod_a)
         .start()
         .await;
-    let mut case = w.case(no).await?;
+    let mut case = w.case_source(no, longpoll).await?;
     case.rx.stall(Some(Duration::from_secs(1)));
     // Mid-delivery: the second notification is in flight (held, then slow).
     case.first_wave_held(&ingress).await?;
@@ -1314,6 +1334,17 @@ async fn run() -> Result<()> {
                 secs(DRAIN_TIMEOUT)
             ),
         ),
+        (
+            19,
+            "longpoll source: ingress SIGKILL mid-delivery, restarted, no webhook at all".into(),
+        ),
+        (
+            20,
+            format!(
+                "longpoll source: ingress SIGTERM mid-delivery (DRAIN_TIMEOUT {}s), new ingress, no webhook at all",
+                secs(DRAIN_TIMEOUT)
+            ),
+        ),
         (12, "3 ingress replicas, webhooks round-robin, 20 rounds".into()),
         (13, "kube-apiserver restarted mid-delivery".into()),
         (14, "etcd restarted mid-delivery".into()),
@@ -1333,6 +1364,8 @@ async fn run() -> Result<()> {
         let id = match no {
             17 => "10b".to_owned(),
             18 => "8b".to_owned(),
+            19 => "10L".to_owned(),
+            20 => "11L".to_owned(),
             _ => no.to_string(),
         };
         if only.as_ref().is_some_and(|o| !o.contains(&id)) {
@@ -1361,8 +1394,10 @@ async fn run() -> Result<()> {
                 7 => common_row(&w, no, &label, Fault::Dropbox429(3)).await,
                 8 => common_row(&w, no, &label, Fault::Dropbox5xx(3)).await,
                 9 => reset_row(&w, no, &label).await,
-                10 => restart_row(&w, no, &label, false).await,
-                11 => restart_row(&w, no, &label, true).await,
+                10 => restart_row(&w, no, &label, false, false).await,
+                11 => restart_row(&w, no, &label, true, false).await,
+                19 => restart_row(&w, no, &label, false, true).await,
+                20 => restart_row(&w, no, &label, true, true).await,
                 12 => replicas_row(&w, no, &label).await,
                 17 => handover_row(&w, no, &label).await,
                 18 => common_row(&w, no, &label, Fault::DropboxSlow(Duration::from_secs(6))).await,

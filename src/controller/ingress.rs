@@ -47,6 +47,10 @@ pub struct IngressSettings {
     pub denied_callback_cidrs: String,
     /// Passed through so the ingress talks to the same Dropbox.
     pub dropbox_api_url: String,
+    /// Dropbox's notify host (long-polls), passed through like the API URL.
+    pub dropbox_notify_url: String,
+    /// How long one long-poll of the ingress waits for changes.
+    pub longpoll_timeout: Duration,
     /// Instances' namespace, when the operator watches only one.
     pub watch_namespace: Option<String>,
     pub log_format: String,
@@ -78,6 +82,8 @@ pub fn ingress_deployment(s: &IngressSettings) -> Deployment {
         json!({"name": "LISTEN_ADDR", "value": format!("[::]:{INGRESS_PORT}")}),
         json!({"name": "METRICS_ADDR", "value": format!("[::]:{INGRESS_METRICS_PORT}")}),
         json!({"name": "DROPBOX_API_URL", "value": s.dropbox_api_url}),
+        json!({"name": "DROPBOX_NOTIFY_URL", "value": s.dropbox_notify_url}),
+        json!({"name": "LONGPOLL_TIMEOUT", "value": format!("{}s", s.longpoll_timeout.as_secs())}),
         json!({"name": "ALLOWED_CALLBACK_CIDRS", "value": s.allowed_callback_cidrs}),
         json!({"name": "DENIED_CALLBACK_CIDRS", "value": s.denied_callback_cidrs}),
         json!({"name": "LOG_FORMAT", "value": s.log_format}),
@@ -396,6 +402,8 @@ mod tests {
             allowed_callback_cidrs: "".into(),
             denied_callback_cidrs: "".into(),
             dropbox_api_url: "https://api.dropboxapi.com".into(),
+            dropbox_notify_url: "https://notify.dropboxapi.com".into(),
+            longpoll_timeout: Duration::from_secs(120),
             watch_namespace: None,
             log_format: "json".into(),
         }

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use super::ingress::delete_ignoring_missing;
 use super::inputs::Problem;
-use crate::api::DropboxElementInstance;
+use crate::api::{DropboxElementInstance, EventSource};
 use crate::conditions::{Desired, EVENTS_READY, Reason};
 use crate::contract::{
     self, ACCESS_TOKEN_KEY, ACCOUNT_KEY, APP_SECRET_KEY, COMMITTED_AT_KEY,
@@ -141,19 +141,34 @@ impl Projector<'_> {
         instance: &DropboxElementInstance,
         input: EventsInputs<'_>,
     ) -> Result<EventsStep, kube::Error> {
-        let webhook = input.app_key.map(contract::webhook_path);
+        // Long-polled instances take no webhook: no webhook path to register, and
+        // no app secret to verify one with (README, "Behind a firewall").
+        let longpoll = instance
+            .spec
+            .events
+            .as_ref()
+            .is_some_and(|e| e.source == EventSource::LongPoll);
+        let webhook = input
+            .app_key
+            .filter(|_| !longpoll)
+            .map(contract::webhook_path);
         let step = |status: bool, reason: Reason, message: String| EventsStep {
             ready: Desired::new(EVENTS_READY, Some(status), reason, message),
             webhook_path: webhook.clone(),
             retry: None,
         };
-        let (Some(_), Some(app_secret)) = (input.app_key, input.app_secret) else {
-            return Ok(step(
-                false,
-                Reason::SecretNotFound,
-                "Events need spec.authentication.appSecretRef: the app secret verifies Dropbox's webhook signatures"
-                    .into(),
-            ));
+        let app_secret = match (input.app_key, input.app_secret) {
+            _ if longpoll => None,
+            (Some(_), Some(app_secret)) => Some(app_secret),
+            _ => {
+                return Ok(step(
+                    false,
+                    Reason::SecretNotFound,
+                    "Events need spec.authentication.appSecretRef: the app secret verifies Dropbox's webhook signatures \
+                     (or use spec.events.source: longpoll, which takes no webhook)"
+                        .into(),
+                ));
+            }
         };
         let signature_key = match input.signature_key {
             Some(Err(Problem { reason, message })) => {
@@ -174,10 +189,10 @@ impl Projector<'_> {
         let name = instance.name_any();
 
         // 1. The projected Secret.
-        let mut data = BTreeMap::from([
-            (APP_SECRET_KEY.to_owned(), app_secret.to_owned()),
-            (ACCESS_TOKEN_KEY.to_owned(), access_token.to_owned()),
-        ]);
+        let mut data = BTreeMap::from([(ACCESS_TOKEN_KEY.to_owned(), access_token.to_owned())]);
+        if let Some(app_secret) = app_secret {
+            data.insert(APP_SECRET_KEY.to_owned(), app_secret.to_owned());
+        }
         if let Some(key) = signature_key {
             data.insert(SIGNATURE_KEY_KEY.to_owned(), key);
         }
@@ -244,7 +259,15 @@ impl Projector<'_> {
 
         // 3. Liveness. Unknown (a controller that just started) keeps what the
         // status says, so a restart or failover flips nothing.
+        // For a long-polled instance, a live replica means a long-poll is held:
+        // the replica responsible for the instance (rendezvous hashing over the
+        // live replicas) holds one whenever it is running.
         match input.ingress_alive {
+            Some(true) if longpoll => Ok(step(
+                true,
+                Reason::IngressReady,
+                "The webhook ingress is running, long-polls Dropbox for the instance's changes, and the instance's cursor is set".into(),
+            )),
             Some(true) => Ok(step(
                 true,
                 Reason::IngressReady,

@@ -2,6 +2,8 @@
 //!
 //! - [`webhook`]: the HTTP endpoints Dropbox calls.
 //! - [`sync`]: per-instance syncs, delivery with retries, cursor commits.
+//! - [`longpoll`]: long-polls for instances with `events.source: longpoll`,
+//!   which get no webhook.
 //! - [`payload`]: standardized events, batches and signatures.
 //! - [`ssrf`]: the callback address policy and the HTTP client that enforces it.
 //! - [`secrets`]: get-only, read-through access to the instances' projected Secrets.
@@ -12,6 +14,7 @@
 //! milliseconds and does the work in the background. Webhooks are served on the
 //! public port; metrics and probes on a separate one.
 
+pub mod longpoll;
 pub mod payload;
 pub mod secrets;
 pub mod ssrf;
@@ -56,6 +59,8 @@ pub struct RunOptions {
     pub resync_interval: Duration,
     /// Bound on finishing in-flight deliveries after SIGTERM.
     pub drain_timeout: Duration,
+    /// Long-polls of instances with `events.source: longpoll`.
+    pub longpoll: longpoll::LongPollConfig,
 }
 
 /// Bounds on what hostile or heavy traffic can make one replica do.
@@ -102,6 +107,8 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         None => Api::all(client.clone()),
     };
     let (store, writer) = reflector::store();
+    // Wakes the long-poll manager when an instance comes, goes or changes.
+    let instances_changed = Arc::new(tokio::sync::Notify::new());
     let watch = reflector(
         writer,
         watcher(instances, watcher::Config::default().any_semantic())
@@ -109,7 +116,13 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     )
     .default_backoff()
     .touched_objects()
-    .for_each(|_| async {});
+    .for_each({
+        let instances_changed = instances_changed.clone();
+        move |_| {
+            instances_changed.notify_one();
+            async {}
+        }
+    });
     let watch_stop = stop.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -148,6 +161,14 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
             resync(&store, &syncer, &membership, interval, &draining).await;
         }
     });
+    tokio::spawn(longpoll::run(
+        syncer.clone(),
+        store.clone(),
+        membership.clone(),
+        instances_changed,
+        options.longpoll.clone(),
+        draining.clone(),
+    ));
     let heartbeat = tokio::spawn(heartbeat(
         client.clone(),
         options.operator_namespace.clone(),
@@ -205,6 +226,8 @@ pub struct Membership {
     /// Woken when the live set changes (and once it is first known): a replica
     /// that took over instances syncs them at once, not at the next interval.
     changed: tokio::sync::Notify,
+    /// Counts changes of the live set (0: not known yet), for the long-polls.
+    version: tokio::sync::watch::Sender<u64>,
 }
 
 impl Membership {
@@ -214,7 +237,13 @@ impl Membership {
             live: std::sync::Mutex::new(Vec::new()),
             me,
             changed: tokio::sync::Notify::new(),
+            version: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Sees the live set change (the value counts the changes; 0: not known yet).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     /// Replaces the live set (this replica always counts as live).
@@ -227,6 +256,7 @@ impl Membership {
         if *live != replicas {
             *live = replicas;
             self.changed.notify_one();
+            self.version.send_modify(|v| *v += 1);
         }
     }
 

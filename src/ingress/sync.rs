@@ -74,11 +74,36 @@ pub struct Syncer {
 }
 
 /// The pending work of one instance.
-#[derive(Default)]
 struct Worker {
     wake: Notify,
     /// When the oldest trigger not yet synced arrived.
     pending: Mutex<Option<Instant>>,
+    /// True while no sync is queued or running (changed under `pending`'s lock):
+    /// what a long-poll waits for before it polls from the committed cursor.
+    idle: tokio::sync::watch::Sender<bool>,
+    /// Whether its task runs (a worker may exist before its first trigger).
+    started: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Worker {
+    fn default() -> Self {
+        Worker {
+            wake: Notify::new(),
+            pending: Mutex::new(None),
+            idle: tokio::sync::watch::Sender::new(true),
+            started: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl Worker {
+    /// Marks the worker idle unless a trigger is pending.
+    fn settle(&self) {
+        let pending = self.pending.lock().expect("pending lock");
+        if pending.is_none() {
+            self.idle.send_replace(true);
+        }
+    }
 }
 
 /// Why a sync stopped early; it is retried when the next trigger arrives or,
@@ -141,31 +166,58 @@ impl Syncer {
 
     /// Queues a sync of the instance with `uid` (never runs it inline).
     pub fn trigger(self: &Arc<Self>, uid: &str) {
-        if self.draining.is_cancelled() {
+        self.trigger_worker(uid);
+    }
+
+    /// Queues a sync of `uid` and waits until it (and any sync queued after it)
+    /// has succeeded, so the instance's cursor is committed past every change
+    /// known when it was called. A failing sync is retried by its worker with
+    /// backoff; this keeps waiting meanwhile (callers select on cancellation).
+    pub async fn sync_now(self: &Arc<Self>, uid: &str) {
+        let Some(worker) = self.trigger_worker(uid) else {
             return;
-        }
-        let (worker, new) = {
-            let mut workers = self.workers.lock().expect("workers lock");
-            match workers.get(uid) {
-                Some(w) => (w.clone(), false),
-                None => {
-                    let w = Arc::new(Worker::default());
-                    workers.insert(uid.to_owned(), w.clone());
-                    (w, true)
-                }
-            }
         };
-        worker
-            .pending
+        let mut idle = worker.idle.subscribe();
+        let _ = idle.wait_for(|idle| *idle).await;
+    }
+
+    /// A receiver that sees `false` whenever a sync of `uid` is queued or
+    /// running, whoever asked for it (a webhook, a resync, a long-poll).
+    pub fn watch_idle(&self, uid: &str) -> tokio::sync::watch::Receiver<bool> {
+        let mut workers = self.workers.lock().expect("workers lock");
+        workers
+            .entry(uid.to_owned())
+            .or_insert_with(|| Arc::new(Worker::default()))
+            .idle
+            .subscribe()
+    }
+
+    fn trigger_worker(self: &Arc<Self>, uid: &str) -> Option<Arc<Worker>> {
+        if self.draining.is_cancelled() {
+            return None;
+        }
+        let worker = self
+            .workers
             .lock()
-            .expect("pending lock")
-            .get_or_insert_with(Instant::now);
+            .expect("workers lock")
+            .entry(uid.to_owned())
+            .or_insert_with(|| Arc::new(Worker::default()))
+            .clone();
+        let new = !worker
+            .started
+            .swap(true, std::sync::atomic::Ordering::AcqRel);
+        {
+            let mut pending = worker.pending.lock().expect("pending lock");
+            pending.get_or_insert_with(Instant::now);
+            worker.idle.send_replace(false);
+        }
         worker.wake.notify_one();
         if new {
             self.tasks
-                .spawn(self.clone().run_worker(uid.to_owned(), worker));
+                .spawn(self.clone().run_worker(uid.to_owned(), worker.clone()));
         }
         self.update_queue_depth();
+        Some(worker)
     }
 
     /// Waits until every worker has finished (after `draining` was cancelled).
@@ -198,6 +250,8 @@ impl Syncer {
                 self.workers.lock().expect("workers lock").remove(&uid);
                 self.secrets.forget(&uid);
                 self.update_queue_depth();
+                *worker.pending.lock().expect("pending lock") = None;
+                worker.settle();
                 return;
             }
             let permit = tokio::select! {
@@ -221,6 +275,8 @@ impl Syncer {
                         .inc();
                     if more {
                         self.requeue(&worker, since);
+                    } else {
+                        worker.settle();
                     }
                 }
                 Err(SyncError::Stopped) => return,
@@ -265,6 +321,26 @@ impl Syncer {
             .state()
             .into_iter()
             .find(|i| i.uid().as_deref() == Some(uid))
+    }
+
+    /// The committed cursor of instance `uid` and whether the controller asked
+    /// for a re-baseline (`resetPending`); None while the controller has not set
+    /// the first cursor (or the ConfigMap is not the operator's).
+    pub async fn committed_cursor(&self, uid: &str) -> Result<Option<(String, bool)>, kube::Error> {
+        let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let Some(cm) = configmaps
+            .get_opt(&contract::cursor_configmap_name(uid))
+            .await?
+            .filter(|cm| contract::is_managed(cm.metadata.labels.as_ref()))
+        else {
+            return Ok(None);
+        };
+        let data = cm.data.unwrap_or_default();
+        let reset_pending = data.get(RESET_PENDING_KEY).is_some_and(|v| v == "true");
+        Ok(data
+            .get(CURSOR_KEY)
+            .filter(|c| !c.is_empty())
+            .map(|c| (c.clone(), reset_pending)))
     }
 
     /// The access token of an instance, from its projected Secret (`force`

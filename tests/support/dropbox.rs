@@ -2,8 +2,9 @@
 //! `GET /oauth2/authorize` (a scripted person approves or denies),
 //! `POST /oauth2/token` (with PKCE), `/2/users/get_current_account`, `/2/auth/token/revoke`,
 //! `/2/files/list_folder`, `/2/files/list_folder/continue`,
-//! `/2/files/list_folder/get_latest_cursor`, plus Dropbox-style webhook
-//! notifications, fault injection and a record of every call.
+//! `/2/files/list_folder/get_latest_cursor`, `/2/files/list_folder/longpoll`
+//! (the notify host's route, served on the same listener), plus Dropbox-style
+//! webhook notifications, fault injection and a record of every call.
 //!
 //! Sources followed (and where a detail could not be confirmed, the comment at that
 //! spot says so):
@@ -13,7 +14,9 @@
 //!   `common.stone` for `FullAccount`, `Name`, `RootInfo`; `files.stone` for
 //!   `ListFolderArg`, `ListFolderResult`, `ListFolderContinueError`, `LookupError`,
 //!   `FileMetadata`/`FolderMetadata`/`DeletedMetadata` and the `WriteMode` rule that
-//!   writing identical contents writes nothing).
+//!   writing identical contents writes nothing; `ListFolderLongpollArg`,
+//!   `ListFolderLongpollResult`, `ListFolderLongpollError` and the route's
+//!   `auth = "noauth"`, `host = "notify"`).
 //! - How errors travel (status codes, JSON vs plain text): the Dropbox HTTP docs'
 //!   error section and Error Handling Guide, and how the official Python SDK
 //!   decodes answers (`dropbox_client.py`: 400 = plain-text bad input, 401 = JSON
@@ -34,7 +37,7 @@
 //!   with the app secret).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -94,9 +97,11 @@ impl Call {
 
 /// The Dropbox API emulator. Dropping it stops the server.
 pub struct Emulator {
-    /// Base URL, `http://127.0.0.1:PORT`; serves both the API and `/oauth2/token`.
+    /// Base URL, `http://127.0.0.1:PORT`; serves the API, `/oauth2/token` and
+    /// the notify host's `/2/files/list_folder/longpoll`.
     pub url: String,
     state: Shared,
+    longpolls: Arc<AtomicUsize>,
     server: tokio::task::AbortHandle,
     http: reqwest::Client,
 }
@@ -113,17 +118,21 @@ impl Emulator {
     /// Binds 127.0.0.1:0 and serves in a background task of the current tokio runtime.
     pub async fn start() -> Emulator {
         let state: Shared = Arc::new(Mutex::new(State::new()));
+        let longpolls = Arc::new(AtomicUsize::new(0));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the Dropbox emulator on 127.0.0.1");
         let addr = listener.local_addr().expect("emulator local address");
-        let app = Router::new().fallback(handle).with_state(state.clone());
+        let app = Router::new()
+            .fallback(handle)
+            .with_state((state.clone(), longpolls.clone()));
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         Emulator {
             url: format!("http://{addr}"),
             state,
+            longpolls,
             server: server.abort_handle(),
             http: http_client(),
         }
@@ -387,6 +396,24 @@ impl Emulator {
         }
     }
 
+    /// From now on every `list_folder/longpoll` answer carries `backoff: secs`
+    /// (`ListFolderLongpollResult.backoff`); None removes it.
+    pub fn set_longpoll_backoff(&self, secs: Option<u64>) {
+        self.st().longpoll_backoff = secs;
+    }
+
+    /// Long-polls wait at most `wait` (instead of their `timeout`) before they
+    /// answer `changes: false`; None restores the requested timeout. Lets tests
+    /// see timeouts without waiting 30 s.
+    pub fn set_longpoll_max_wait(&self, wait: Option<Duration>) {
+        self.st().longpoll_max_wait = wait;
+    }
+
+    /// Long-polls waiting for changes right now.
+    pub fn longpolls_waiting(&self) -> usize {
+        self.longpolls.load(Ordering::SeqCst)
+    }
+
     // ---- call records ------------------------------------------------------
 
     /// Every request so far, in arrival order of completion.
@@ -411,23 +438,28 @@ impl Emulator {
     pub fn upload(&self, account_id: &str, path: &str, contents: &[u8]) {
         let mut st = self.st();
         st.account_mut(account_id).files.upload(path, contents);
+        st.changed.send_modify(|n| *n += 1);
     }
 
     /// Creates a folder (and missing parents); an existing folder is left alone.
     pub fn create_folder(&self, account_id: &str, path: &str) {
         let mut st = self.st();
         st.account_mut(account_id).files.create_folder(path);
+        st.changed.send_modify(|n| *n += 1);
     }
 
     /// Deletes a file or a folder with everything in it.
     pub fn delete(&self, account_id: &str, path: &str) {
         let mut st = self.st();
         st.account_mut(account_id).files.delete(path);
+        st.changed.send_modify(|n| *n += 1);
     }
 
     /// Every cursor issued so far for the account answers `reset`.
     pub fn reset_cursors(&self, account_id: &str) {
-        self.st().account_mut(account_id).epoch += 1;
+        let mut st = self.st();
+        st.account_mut(account_id).epoch += 1;
+        st.changed.send_modify(|n| *n += 1);
     }
 
     /// The journal position a cursor issued here stands at (changes of the
@@ -676,6 +708,12 @@ struct State {
     cursors: HashMap<String, Cursor>,
     /// Keys the cursor strings; never leaves the emulator.
     cursor_key: [u8; 32],
+    /// Bumped by every change of any account (and every reset): wakes long-polls.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// See [`Emulator::set_longpoll_backoff`].
+    longpoll_backoff: Option<u64>,
+    /// See [`Emulator::set_longpoll_max_wait`].
+    longpoll_max_wait: Option<Duration>,
 }
 
 /// Why an access token is refused; maps to the `AuthError` tag.
@@ -701,6 +739,9 @@ impl State {
             calls: Vec::new(),
             cursors: HashMap::new(),
             cursor_key: rand::random(),
+            changed: tokio::sync::watch::Sender::new(0),
+            longpoll_backoff: None,
+            longpoll_max_wait: None,
         }
     }
 
@@ -1193,10 +1234,20 @@ fn summary(tags: &[&str]) -> String {
     )
 }
 
-async fn handle(AxState(state): AxState<Shared>, request: Request) -> Response {
+async fn handle(
+    AxState((state, longpolls)): AxState<(Shared, Arc<AtomicUsize>)>,
+    request: Request,
+) -> Response {
     let at = Instant::now();
     let (parts, body) = request.into_parts();
     let body = to_bytes(body, 64 << 20).await.unwrap_or_default();
+    if parts.uri.path() == LONGPOLL_ROUTE {
+        // Not in a task of its own: a long-poll whose client went away stops
+        // waiting (and is recorded when it would have answered, not at all).
+        return process_longpoll(state, longpolls, parts.method, parts.headers, body, at)
+            .await
+            .into_response();
+    }
     // Handled in its own task so the work completes (and is recorded) even when
     // the client disconnects, e.g. after a timeout during injected latency.
     let work = tokio::spawn(process(
@@ -1273,6 +1324,225 @@ async fn process(
         tokio::time::sleep(hang).await;
     }
     reply
+}
+
+/// The notify host's route.
+const LONGPOLL_ROUTE: &str = "/2/files/list_folder/longpoll";
+
+fn record(
+    st: &mut State,
+    method: &Method,
+    route: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    status: u16,
+    at: Instant,
+) {
+    st.calls.push(Call {
+        method: method.to_string(),
+        route: route.to_owned(),
+        status,
+        headers: headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        form: BTreeMap::new(),
+        body: String::from_utf8_lossy(body).into_owned(),
+        at,
+    });
+}
+
+/// `files/list_folder/longpoll` (files.stone: `auth = "noauth"`, `host =
+/// "notify"`): `ListFolderLongpollArg {cursor, timeout: UInt64(30..=480) = 30}`
+/// blocks until the cursor's folder has changes (`{"changes": true}`) or the
+/// timeout passed (`{"changes": false}`; Dropbox adds up to 90 s of jitter, not
+/// emulated), with `backoff` when a test asks for it. A reset cursor answers the
+/// route error `reset` (409, like `list_folder/continue`'s).
+async fn process_longpoll(
+    state: Shared,
+    longpolls: Arc<AtomicUsize>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+    at: Instant,
+) -> Reply {
+    let route = LONGPOLL_ROUTE;
+    let name = &route["/2/".len()..];
+    let latency = lock(&state).latency_for(route);
+    if let Some(latency) = latency {
+        tokio::time::sleep(latency).await;
+    }
+    let prepared = {
+        let mut st = lock(&state);
+        let checked = match st.take_fault(route) {
+            Some(FaultKind::RateLimit(secs)) => Err(Reply::rate_limited(secs)),
+            Some(FaultKind::Status(status)) => Err(injected(route, status)),
+            None => longpoll_args(&st, &method, name, &headers, &body),
+        };
+        match checked {
+            Err(reply) => {
+                record(&mut st, &method, route, &headers, &body, reply.status, at);
+                return reply;
+            }
+            Ok((cursor, timeout)) => {
+                let wait = st.longpoll_max_wait.map_or(timeout, |w| w.min(timeout));
+                (cursor, wait, st.changed.subscribe())
+            }
+        }
+    };
+    let (cursor, wait, mut changed) = prepared;
+    let deadline = tokio::time::Instant::now() + wait;
+    longpolls.fetch_add(1, Ordering::SeqCst);
+    let _waiting = Waiting(longpolls.clone());
+    loop {
+        // Subscribed before looking, so no change slips in between.
+        changed.borrow_and_update();
+        let verdict = {
+            let st = lock(&state);
+            match longpoll_verdict(&st, &cursor) {
+                Some(v) => Some(v),
+                None if tokio::time::Instant::now() >= deadline => Some(Ok(false)),
+                None => None,
+            }
+        };
+        if let Some(verdict) = verdict {
+            let mut st = lock(&state);
+            let reply = match verdict {
+                Ok(changes) => {
+                    let mut result = json!({"changes": changes});
+                    if let Some(secs) = st.longpoll_backoff {
+                        result["backoff"] = json!(secs);
+                    }
+                    Reply::json(200, &result)
+                }
+                Err(reply) => reply,
+            };
+            record(&mut st, &method, route, &headers, &body, reply.status, at);
+            return reply;
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// Decrements the count of waiting long-polls when dropped.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Checks a long-poll request: POST, no `Authorization` header (Dropbox refuses
+/// one on this route: "Your request includes an Authorization header, but this
+/// function does not use it.", dropbox/dropbox-sdk-rust#15), JSON arguments.
+fn longpoll_args(
+    st: &State,
+    method: &Method,
+    name: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(String, Duration), Reply> {
+    if method != Method::POST {
+        let mut reply = Reply::text(405, "Method Not Allowed");
+        reply.headers.push(("allow", "POST".into()));
+        return Err(reply);
+    }
+    if headers.contains_key(header::AUTHORIZATION) {
+        return Err(Reply::bad_input(
+            name,
+            "Your request includes an Authorization header, but this function does not use it.",
+        ));
+    }
+    let args = rpc_args(name, headers, body)?;
+    let Value::Object(map) = &args else {
+        return Err(Reply::bad_input(
+            name,
+            &format!("request body: expected dict, got {}", type_name(&args)),
+        ));
+    };
+    if let Some(k) = map
+        .keys()
+        .find(|k| !["cursor", "timeout"].contains(&k.as_str()))
+    {
+        return Err(Reply::bad_input(
+            name,
+            &format!("request body: unknown field '{k}'"),
+        ));
+    }
+    let cursor = match map.get("cursor") {
+        Some(Value::String(c)) => c.clone(),
+        Some(other) => {
+            return Err(Reply::bad_input(
+                name,
+                &format!(
+                    "request body: cursor: expected string, got {}",
+                    type_name(other)
+                ),
+            ));
+        }
+        None => {
+            return Err(Reply::bad_input(
+                name,
+                "request body: missing required field 'cursor'",
+            ));
+        }
+    };
+    let timeout = match map.get("timeout") {
+        None | Some(Value::Null) => 30,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(t @ 30..=480) => t,
+            _ => {
+                return Err(Reply::bad_input(
+                    name,
+                    &format!("request body: timeout: {n} is not within range [30, 480]"),
+                ));
+            }
+        },
+        Some(other) => {
+            return Err(Reply::bad_input(
+                name,
+                &format!(
+                    "request body: timeout: expected integer, got {}",
+                    type_name(other)
+                ),
+            ));
+        }
+    };
+    if !st.cursors.contains_key(&cursor) {
+        return Err(Reply::bad_input(
+            name,
+            &format!("Invalid \"cursor\" parameter: '{cursor}'"),
+        ));
+    }
+    Ok((cursor, Duration::from_secs(timeout)))
+}
+
+/// Whether the cursor has changes now (Some(Ok(true))), is reset (Some(Err)),
+/// or has nothing yet (None).
+fn longpoll_verdict(st: &State, cursor: &str) -> Option<Result<bool, Reply>> {
+    let c = st.cursors.get(cursor)?;
+    let account = st.accounts.get(&c.account_id)?;
+    if c.epoch != account.epoch {
+        return Some(Err(Reply::route_error(
+            &["reset"],
+            json!({".tag": "reset"}),
+        )));
+    }
+    let changes = !c.pending.is_empty()
+        || !account
+            .files
+            .changes_since(c.pos, &c.root, c.recursive)
+            .is_empty();
+    changes.then_some(Ok(true))
 }
 
 fn lock(state: &Shared) -> MutexGuard<'_, State> {

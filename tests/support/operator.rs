@@ -148,6 +148,8 @@ impl OperatorProcess {
             .args(&self.args)
             .env("KUBECONFIG", &cluster.kubeconfig)
             .env("DROPBOX_API_URL", &self.dropbox_api_url)
+            // The emulator serves the notify host's long-poll route too.
+            .env("DROPBOX_NOTIFY_URL", &self.dropbox_api_url)
             .env("DROPBOX_WWW_URL", "https://www.dropbox.com")
             .env("WATCH_NAMESPACE", &self.namespace)
             .env("POD_NAMESPACE", &self.namespace)
