@@ -119,7 +119,8 @@ pub struct IngressArgs {
     #[arg(long, env = "METRICS_ADDR", default_value = "[::]:8081")]
     pub metrics_addr: SocketAddr,
 
-    /// Watch only instances in this namespace (default: all namespaces).
+    /// Watch only instances in these namespaces, comma-separated (default: all
+    /// namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
     pub namespace: Option<String>,
 
@@ -212,7 +213,9 @@ pub struct ControllerArgs {
     #[command(flatten)]
     pub dropbox: DropboxArgs,
 
-    /// Watch only this namespace (default: all namespaces).
+    /// Watch only these namespaces, comma-separated (default: all namespaces).
+    /// Several namespaces are watched one by one, so the controller needs rights
+    /// in those namespaces only.
     #[arg(long, env = "WATCH_NAMESPACE")]
     pub namespace: Option<String>,
 
@@ -321,6 +324,33 @@ pub struct IngressDeploymentArgs {
     /// CIDRs the ingress never delivers events to although they are public.
     #[arg(long, env = "DENIED_CALLBACK_CIDRS", default_value = "")]
     pub denied_callback_cidrs: String,
+
+    /// A pod template (a PodTemplateSpec, as JSON) merged into the ingress pods:
+    /// scheduling, labels, annotations, extra env and volumes, security context,
+    /// the ingress's own settings as env (docs/architecture.md, "The ingress pod
+    /// template"). The controller's essentials win.
+    #[arg(long, env = "INGRESS_POD_TEMPLATE", value_parser = parse_pod_template)]
+    pub ingress_pod_template: Option<serde_json::Value>,
+
+    /// The ingress replicas are managed elsewhere (an HorizontalPodAutoscaler,
+    /// `kubectl scale`): leave `spec.replicas` alone instead of applying
+    /// --ingress-replicas.
+    #[arg(long, env = "INGRESS_AUTOSCALING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ingress_autoscaling: bool,
+
+    /// A Deployment in the operator namespace (the Helm chart passes the
+    /// controller's own) that owns the ingress Deployment, Service and
+    /// heartbeats ConfigMap, so the garbage collector removes them with it.
+    #[arg(long, env = "INGRESS_OWNER_DEPLOYMENT")]
+    pub ingress_owner_deployment: Option<String>,
+}
+
+fn parse_pod_template(s: &str) -> Result<serde_json::Value, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(s).map_err(|e| format!("invalid pod template JSON: {e}"))?;
+    serde_json::from_value::<k8s_openapi::api::core::v1::PodTemplateSpec>(value.clone())
+        .map_err(|e| format!("not a PodTemplateSpec: {e}"))?;
+    Ok(value)
 }
 
 fn parse_resources(s: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {

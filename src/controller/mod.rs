@@ -341,24 +341,26 @@ async fn run_controller(
     metrics: ControllerMetrics,
     stop: CancellationToken,
 ) {
-    let (instances, secrets): (Api<DropboxElementInstance>, Api<PartialObjectMeta<Secret>>) =
-        match &options.namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
-    let controller = Controller::new(instances, watcher::Config::default().any_semantic())
+    // One watch per namespace when several are given (Roles there, no
+    // cluster-wide grant), one for all namespaces otherwise.
+    let namespaces = crate::store::split_namespaces(options.namespace.as_deref());
+    let instances: Vec<Api<DropboxElementInstance>> = crate::store::apis(&client, &namespaces);
+    let secrets: Vec<Api<PartialObjectMeta<Secret>>> = crate::store::apis(&client, &namespaces);
+    let (store, instance_writer) = kube::runtime::reflector::store();
+    let instance_events = kube::runtime::reflector(
+        instance_writer,
+        crate::store::namespaces_watcher(instances, watcher::Config::default().any_semantic()),
+    )
+    .applied_objects();
+    let controller = Controller::for_stream(instance_events, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency));
-    let store = controller.store();
 
     // Secrets are watched as metadata only: the mapper needs names and owners, and
     // Secret contents (possibly large, e.g. Helm releases) never sit in memory.
     let (secret_versions, secret_writer) = kube::runtime::reflector::store();
     let secret_events = kube::runtime::reflector(
         secret_writer,
-        watcher(secrets, watcher::Config::default().any_semantic())
+        crate::store::namespaces_watcher(secrets, watcher::Config::default().any_semantic())
             // Names and versions are all the cache needs: drop the rest early.
             .modify(|s| {
                 s.metadata.managed_fields = None;

@@ -97,14 +97,12 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         }
     });
 
-    let instances: Api<DropboxElementInstance> = match &options.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let namespaces = crate::store::split_namespaces(options.namespace.as_deref());
+    let instances: Vec<Api<DropboxElementInstance>> = crate::store::apis(&client, &namespaces);
     let (store, writer) = reflector::store();
     let watch = reflector(
         writer,
-        watcher(instances, watcher::Config::default().any_semantic()),
+        crate::store::namespaces_watcher(instances, watcher::Config::default().any_semantic()),
     )
     .default_backoff()
     .touched_objects()
