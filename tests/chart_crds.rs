@@ -39,7 +39,14 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 fn crd_json() -> Result<serde_json::Value> {
-    let (ok, out, err) = support::kubectl(&["get", "crd", CRD_NAME, "-o", "json"]);
+    let (ok, out, err) = support::kubectl(&[
+        "get",
+        "crd",
+        CRD_NAME,
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ]);
     ensure!(ok, "{err}");
     Ok(serde_json::from_str(&out)?)
 }
