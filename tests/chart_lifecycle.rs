@@ -502,6 +502,14 @@ fn helm_lint_strict_is_clean_with_the_new_values() {
         ingress_values(&["apps", "billing"]),
         json!({"webhookIngress": {"autoscaling": {"enabled": true, "targetMemoryUtilizationPercentage": 80}}}),
         json!({"openshift": true}),
+        json!({
+            "webhookIngress": {"expose": {
+                "ingress": {"enabled": true, "hosts": ["hooks.example.com"]},
+                "httpRoute": {"enabled": true, "parentRefs": [{"name": "public"}]}
+            }},
+            "networkPolicy": {"enabled": true, "egress": {"enabled": true, "dropboxCIDRs": ["162.125.0.0/16"]}},
+            "admissionPolicy": {"enabled": true}
+        }),
     ] {
         let file = values_file("lint", &values).expect("values file");
         let mut cmd = helm_offline();
