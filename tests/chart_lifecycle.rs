@@ -860,6 +860,7 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
 /// With autoscaling, the controller applies no replicas: a `kubectl scale` (as
 /// the HPA does through the scale subresource) survives the controller's next
 /// apply, and the controller's field manager does not own `spec.replicas`.
+/// (Also: a heartbeats ConfigMap from an earlier version gets its owner.)
 #[tokio::test]
 async fn with_autoscaling_the_controller_leaves_the_replicas_alone() -> Result<()> {
     let admin = support::client().await;
@@ -883,11 +884,57 @@ async fn with_autoscaling_the_controller_leaves_the_replicas_alone() -> Result<(
         "jsonpath={.items[0].spec.scaleTargetRef.name}",
     ]);
     ensure!(ok && out == INGRESS_NAME, "HPA: {out} {err}");
+    // A heartbeats ConfigMap left by an earlier version (no owner): the
+    // controller adds the owner and keeps the replicas' data.
+    let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), &ops);
+    configmaps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": dropbox_operator::contract::HEARTBEATS_CONFIGMAP,
+                             "labels": {"app.kubernetes.io/managed-by": "dropbox-operator"}},
+                "data": {"old-replica": "2000-01-01T00:00:00Z"}
+            }))?,
+        )
+        .await?;
     let emu = Emulator::start().await;
     emulator_account(&emu);
     let mut controller = start_controller(&ops, &admin, &emu, "lc-hpa").await?;
     create_instance(&admin, &apps, "eventful", true, &emu).await?;
     let deployment = ingress_deployment(&admin, &ops, &controller).await?;
+    let owner_uid = Api::<Deployment>::namespaced(admin.clone(), &ops)
+        .get(&format!("{ops}-dropbox-operator"))
+        .await?
+        .metadata
+        .uid;
+    let heartbeats = support::eventually(
+        "the old heartbeats ConfigMap to get its owner",
+        Duration::from_secs(30),
+        || {
+            support::get_opt(
+                &configmaps,
+                dropbox_operator::contract::HEARTBEATS_CONFIGMAP,
+            )
+        },
+        |c: &Option<ConfigMap>| {
+            c.as_ref().is_some_and(|c| {
+                c.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| Some(&o.uid) == owner_uid.as_ref())
+            })
+        },
+    )
+    .await?
+    .context("heartbeats")?;
+    ensure!(
+        heartbeats
+            .data
+            .unwrap_or_default()
+            .contains_key("old-replica"),
+        "the data stays"
+    );
     let owns_replicas = |d: &Deployment| {
         d.metadata.managed_fields.iter().flatten().any(|m| {
             m.manager.as_deref() == Some(dropbox_operator::contract::CONTROLLER_FIELD_MANAGER)
