@@ -10,9 +10,15 @@
 #   4. runs `--help`, `--version`, `crd` and `import` in it with chroot as uid/gid
 #      65532 (the image's USER), and prints the size.
 #
+# With BUILD_CONTEXT=DIR (a build context as Docker would send it, made by
+# hack/docker-context.sh; .ci/run does this), every file the Dockerfile COPYs
+# must be in it and step 1 builds from it, so a Dockerfile or .dockerignore that
+# leaves out what the build needs fails here, not at `docker build`.
+#
 # Needs root (chroot), cargo, ldd, objdump. Usage: hack/verify-runtime-image.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+REPO=$PWD
 
 # The Dockerfile's build command, character for character; keep them identical
 # (checked below: the dependency layer and the final build both use it).
@@ -35,8 +41,23 @@ fail() {
 uses=$(grep -cF -- "$BUILD_COMMAND" Dockerfile || true)
 [[ $uses -eq 2 ]] || fail "the Dockerfile must use '$BUILD_COMMAND' twice (dependency layer, final build); found $uses"
 
-step "build: $BUILD_COMMAND"
-$BUILD_COMMAND
+if [[ -n ${BUILD_CONTEXT:-} ]]; then
+    step "build context: $BUILD_CONTEXT"
+    # The sources of every COPY without --from (the build stage's COPY of the context).
+    mapfile -t sources < <(awk 'toupper($1) == "COPY" && $2 !~ /^--from/ {for (i = 2; i < NF; i++) if ($i !~ /^--/) print $i}' Dockerfile)
+    for source in "${sources[@]}"; do
+        [[ -e $BUILD_CONTEXT/$source ]] || fail "the Dockerfile copies $source, which is not in the build context (.dockerignore?)"
+        echo "COPY $source: present"
+    done
+fi
+
+step "build: $BUILD_COMMAND${BUILD_CONTEXT:+ (in $BUILD_CONTEXT)}"
+if [[ -n ${BUILD_CONTEXT:-} ]]; then
+    # Offline, with this checkout's target directory as the cache.
+    (cd "$BUILD_CONTEXT" && CARGO_NET_OFFLINE=true CARGO_TARGET_DIR="$REPO/target" $BUILD_COMMAND)
+else
+    $BUILD_COMMAND
+fi
 echo "binary: $BINARY ($(stat -c %s "$BINARY") bytes)"
 
 step "shared libraries (ldd)"

@@ -194,7 +194,8 @@ pub struct IngressArgs {
     #[arg(long, env = "METRICS_ADDR", default_value = "[::]:8081")]
     pub metrics_addr: SocketAddr,
 
-    /// Watch only instances in this namespace (default: all namespaces).
+    /// Watch only instances in these namespaces, comma-separated (default: all
+    /// namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
     pub namespace: Option<String>,
 
@@ -323,7 +324,9 @@ pub struct ControllerArgs {
     #[command(flatten)]
     pub dropbox: DropboxArgs,
 
-    /// Watch only this namespace (default: all namespaces).
+    /// Watch only these namespaces, comma-separated (default: all namespaces).
+    /// Several namespaces are watched one by one, so the controller needs rights
+    /// in those namespaces only.
     #[arg(long, env = "WATCH_NAMESPACE")]
     pub namespace: Option<String>,
 
@@ -436,6 +439,33 @@ pub struct IngressDeploymentArgs {
     /// The ingress's long-poll timeout (`--longpoll-timeout` of `ingress`).
     #[arg(long, env = "INGRESS_LONGPOLL_TIMEOUT", default_value = "2m", value_parser = parse_longpoll_timeout)]
     pub ingress_longpoll_timeout: Duration,
+
+    /// A pod template (a PodTemplateSpec, as JSON) merged into the ingress pods:
+    /// scheduling, labels, annotations, extra env and volumes, security context,
+    /// the ingress's own settings as env (docs/architecture.md, "The ingress pod
+    /// template"). The controller's essentials win.
+    #[arg(long, env = "INGRESS_POD_TEMPLATE", value_parser = parse_pod_template)]
+    pub ingress_pod_template: Option<serde_json::Value>,
+
+    /// The ingress replicas are managed elsewhere (an HorizontalPodAutoscaler,
+    /// `kubectl scale`): leave `spec.replicas` alone instead of applying
+    /// --ingress-replicas.
+    #[arg(long, env = "INGRESS_AUTOSCALING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ingress_autoscaling: bool,
+
+    /// A Deployment in the operator namespace (the Helm chart passes the
+    /// controller's own) that owns the ingress Deployment, Service and
+    /// heartbeats ConfigMap, so the garbage collector removes them with it.
+    #[arg(long, env = "INGRESS_OWNER_DEPLOYMENT")]
+    pub ingress_owner_deployment: Option<String>,
+}
+
+fn parse_pod_template(s: &str) -> Result<serde_json::Value, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(s).map_err(|e| format!("invalid pod template JSON: {e}"))?;
+    serde_json::from_value::<k8s_openapi::api::core::v1::PodTemplateSpec>(value.clone())
+        .map_err(|e| format!("not a PodTemplateSpec: {e}"))?;
+    Ok(value)
 }
 
 fn parse_resources(s: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {

@@ -42,7 +42,7 @@ fn controller_options(
     args: &ControllerArgs,
     log_format: &str,
 ) -> Result<controller::RunOptions, BoxError> {
-    Ok(controller::RunOptions {
+    let options = controller::RunOptions {
         config: controller::Config {
             refresh_margin: args.token_refresh_margin,
             revoke_timeout: args.revoke_timeout,
@@ -67,6 +67,13 @@ fn controller_options(
             longpoll_timeout: args.ingress.ingress_longpoll_timeout,
             watch_namespace: args.namespace.clone(),
             log_format: log_format.into(),
+            pod_template: args.ingress.ingress_pod_template.clone(),
+            autoscaling: args.ingress.ingress_autoscaling,
+            owner_deployment: args
+                .ingress
+                .ingress_owner_deployment
+                .clone()
+                .filter(|n| !n.is_empty()),
         },
         leader_election: args.leader_elect.then(|| controller::LeaderElection {
             namespace: args.operator_namespace.clone(),
@@ -76,7 +83,9 @@ fn controller_options(
             renew_grace: args.lease_renew_grace,
             renew_deadline: args.lease_renew_deadline,
         }),
-    })
+    };
+    options.ingress.validate()?;
+    Ok(options)
 }
 
 fn ingress_options(args: &IngressArgs) -> Result<ingress::RunOptions, BoxError> {

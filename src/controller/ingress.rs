@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ResourceRequirements, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -51,9 +52,154 @@ pub struct IngressSettings {
     pub dropbox_notify_url: String,
     /// How long one long-poll of the ingress waits for changes.
     pub longpoll_timeout: Duration,
-    /// Instances' namespace, when the operator watches only one.
+    /// Instances' namespaces (comma-separated), when the operator does not
+    /// watch all namespaces.
     pub watch_namespace: Option<String>,
     pub log_format: String,
+    /// A pod template (`PodTemplateSpec` as JSON) merged into the one the
+    /// controller builds; see [`merge_pod_template`].
+    pub pod_template: Option<Value>,
+    /// The replicas are someone else's (an HorizontalPodAutoscaler, `kubectl
+    /// scale`): `spec.replicas` is left out of what the controller applies.
+    pub autoscaling: bool,
+    /// A Deployment in the operator namespace (the controller's own, made by
+    /// the Helm chart) that owns the ingress objects, so that the garbage
+    /// collector removes them with it (`helm uninstall`).
+    pub owner_deployment: Option<String>,
+}
+
+impl IngressSettings {
+    /// Checks that the pod template merges into a valid Deployment.
+    pub fn validate(&self) -> Result<(), String> {
+        serde_json::from_value::<Deployment>(deployment_value(self))
+            .map(|_| ())
+            .map_err(|e| format!("the ingress pod template does not make a valid Deployment: {e}"))
+    }
+}
+
+/// Environment variables of the ingress container that the controller sets and
+/// a pod template cannot change: addresses, scope, where Dropbox is, the
+/// callback address policy.
+pub const ESSENTIAL_ENV: [&str; 8] = [
+    "LISTEN_ADDR",
+    "METRICS_ADDR",
+    "DROPBOX_API_URL",
+    "ALLOWED_CALLBACK_CIDRS",
+    "DENIED_CALLBACK_CIDRS",
+    "POD_NAMESPACE",
+    "POD_NAME",
+    "WATCH_NAMESPACE",
+];
+
+/// Fields of the ingress container the controller owns: the pod template's
+/// values for them are ignored.
+const ESSENTIAL_CONTAINER_FIELDS: [&str; 8] = [
+    "name",
+    "image",
+    "imagePullPolicy",
+    "command",
+    "args",
+    "ports",
+    "readinessProbe",
+    "livenessProbe",
+];
+
+/// Name of the ingress container.
+pub const INGRESS_CONTAINER: &str = "ingress";
+
+/// Merges `overlay` (a `PodTemplateSpec`) into the pod template the controller
+/// built (docs/architecture.md, "The ingress pod template"):
+///
+/// - everything but the containers is a JSON merge patch (RFC 7386): objects
+///   (labels, annotations, nodeSelector, securityContext, ...) are merged key by
+///   key, lists (tolerations, volumes, topologySpreadConstraints, ...) replace
+///   the controller's, and `null` removes a key (e.g. `securityContext.runAsUser`);
+/// - the container named `ingress` is merged into the controller's the same way,
+///   except that `env` is merged by variable name (the template's win, except
+///   for [`ESSENTIAL_ENV`]) and `volumeMounts`/`envFrom` are appended; other
+///   containers are added after it;
+/// - then the controller's essentials are set again: its labels (the
+///   Deployment's selector), the ServiceAccount and its token, and the ingress
+///   container's name, image, pull policy, args, ports and probes.
+pub fn merge_pod_template(base: &mut Value, overlay: &Value) {
+    let essentials = base.clone();
+    let mut overlay = overlay.clone();
+    let overlay_containers = overlay
+        .get_mut("spec")
+        .and_then(Value::as_object_mut)
+        .and_then(|spec| spec.remove("containers"))
+        .and_then(|c| match c {
+            Value::Array(items) => Some(items),
+            _ => None,
+        })
+        .unwrap_or_default();
+    json_patch::merge(base, &overlay);
+
+    let mut extra = Vec::new();
+    let containers = base["spec"]["containers"]
+        .as_array_mut()
+        .expect("the base template has containers");
+    for container in overlay_containers {
+        if container["name"] != INGRESS_CONTAINER {
+            extra.push(container);
+            continue;
+        }
+        let ours = &mut containers[0];
+        let mut patch = container.clone();
+        let object = patch.as_object_mut().expect("a container is an object");
+        let env = object.remove("env");
+        let mounts = object.remove("volumeMounts");
+        let env_from = object.remove("envFrom");
+        json_patch::merge(ours, &patch);
+        for item in env.as_ref().and_then(Value::as_array).into_iter().flatten() {
+            let name = item["name"].as_str().unwrap_or_default();
+            if ESSENTIAL_ENV.contains(&name) {
+                continue;
+            }
+            let list = ours["env"].as_array_mut().expect("env");
+            match list.iter_mut().find(|e| e["name"] == name) {
+                Some(existing) => *existing = item.clone(),
+                None => list.push(item.clone()),
+            }
+        }
+        for (key, items) in [("volumeMounts", mounts), ("envFrom", env_from)] {
+            if let Some(Value::Array(items)) = items {
+                match ours.get_mut(key).and_then(Value::as_array_mut) {
+                    Some(list) => list.extend(items),
+                    None => ours[key] = Value::Array(items),
+                }
+            }
+        }
+    }
+    containers.extend(extra);
+
+    // The controller's essentials win.
+    if !base["metadata"]["labels"].is_object() {
+        base["metadata"]["labels"] = json!({});
+    }
+    let labels = base["metadata"]["labels"]
+        .as_object_mut()
+        .expect("labels are an object");
+    for (k, v) in essentials["metadata"]["labels"]
+        .as_object()
+        .expect("base labels")
+    {
+        labels.insert(k.clone(), v.clone());
+    }
+    for key in ["serviceAccountName", "automountServiceAccountToken"] {
+        base["spec"][key] = essentials["spec"][key].clone();
+    }
+    let ours = &mut base["spec"]["containers"][0];
+    for key in ESSENTIAL_CONTAINER_FIELDS {
+        match essentials["spec"]["containers"][0].get(key) {
+            Some(v) => ours[key] = v.clone(),
+            None => {
+                if let Some(o) = ours.as_object_mut() {
+                    o.remove(key);
+                }
+            }
+        }
+    }
 }
 
 fn labels() -> BTreeMap<String, String> {
@@ -77,6 +223,11 @@ fn selector() -> BTreeMap<String, String> {
 
 /// The desired ingress Deployment (pure).
 pub fn ingress_deployment(s: &IngressSettings) -> Deployment {
+    // Checked at start-up (`IngressSettings::validate`); a mismatch is a bug here.
+    serde_json::from_value(deployment_value(s)).expect("ingress Deployment manifest is valid")
+}
+
+fn deployment_value(s: &IngressSettings) -> Value {
     let mut env = vec![
         // Dual-stack: `[::]` also accepts IPv4 (IPV6_V6ONLY is off on Linux).
         json!({"name": "LISTEN_ADDR", "value": format!("[::]:{INGRESS_PORT}")}),
@@ -94,12 +245,11 @@ pub fn ingress_deployment(s: &IngressSettings) -> Deployment {
         env.push(json!({"name": "WATCH_NAMESPACE", "value": ns}));
     }
     let probe = |path: &str| json!({"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3});
-    let value = json!({
+    let mut value = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": INGRESS_NAME, "namespace": s.namespace, "labels": labels()},
         "spec": {
-            "replicas": s.replicas,
             "selector": {"matchLabels": selector()},
             "template": {
                 "metadata": {"labels": labels()},
@@ -109,7 +259,7 @@ pub fn ingress_deployment(s: &IngressSettings) -> Deployment {
                     "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
                     "terminationGracePeriodSeconds": 30,
                     "containers": [{
-                        "name": "ingress",
+                        "name": INGRESS_CONTAINER,
                         "image": s.image,
                         "imagePullPolicy": s.image_pull_policy,
                         "args": ["ingress"],
@@ -132,8 +282,15 @@ pub fn ingress_deployment(s: &IngressSettings) -> Deployment {
             }
         }
     });
-    // The literal above matches the Deployment schema; a mismatch is a bug here.
-    serde_json::from_value(value).expect("ingress Deployment manifest is valid")
+    // Left out when autoscaled: an apply without the field leaves the value to
+    // whoever sets it (HorizontalPodAutoscaler, `kubectl scale`).
+    if !s.autoscaling {
+        value["spec"]["replicas"] = json!(s.replicas);
+    }
+    if let Some(overlay) = &s.pod_template {
+        merge_pod_template(&mut value["spec"]["template"], overlay);
+    }
+    value
 }
 
 /// The desired ingress Service (pure): the webhook port only. Metrics and probes
@@ -246,33 +403,46 @@ impl IngressManager {
         let services: Api<Service> = Api::namespaced(client.clone(), ns);
         let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
         if needed {
+            let owners = self.owner(&deployments).await?;
             let pp = PatchParams::apply(CONTROLLER_FIELD_MANAGER).force();
+            let mut deployment = ingress_deployment(&self.settings);
+            deployment.metadata.owner_references = owners.clone();
             deployments
-                .patch(
-                    INGRESS_NAME,
-                    &pp,
-                    &Patch::Apply(&ingress_deployment(&self.settings)),
-                )
+                .patch(INGRESS_NAME, &pp, &Patch::Apply(&deployment))
                 .await?;
+            let mut service = ingress_service(&self.settings);
+            service.metadata.owner_references = owners.clone();
             services
-                .patch(
-                    INGRESS_NAME,
-                    &pp,
-                    &Patch::Apply(&ingress_service(&self.settings)),
-                )
+                .patch(INGRESS_NAME, &pp, &Patch::Apply(&service))
                 .await?;
             // Created, never applied: the data belongs to the replicas.
             let heartbeats = ConfigMap {
                 metadata: kube::api::ObjectMeta {
                     name: Some(HEARTBEATS_CONFIGMAP.to_owned()),
                     labels: Some(labels()),
+                    owner_references: owners.clone(),
                     ..Default::default()
                 },
                 ..Default::default()
             };
             match configmaps.create(&PostParams::default(), &heartbeats).await {
                 Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    // Made by an earlier version without the owner: add it
+                    // (update with the read resourceVersion; the data stays).
+                    if let Some(owners) = &owners
+                        && let Some(mut existing) = configmaps.get_opt(HEARTBEATS_CONFIGMAP).await?
+                        && contract::is_managed(existing.metadata.labels.as_ref())
+                    {
+                        let refs = existing.metadata.owner_references.get_or_insert_default();
+                        if !refs.iter().any(|r| r.uid == owners[0].uid) {
+                            refs.extend(owners.iter().cloned());
+                            configmaps
+                                .replace(HEARTBEATS_CONFIGMAP, &PostParams::default(), &existing)
+                                .await?;
+                        }
+                    }
+                }
                 Err(e) => return Err(e),
             }
             tracing::info!(namespace = %ns, "webhook ingress Deployment and Service applied");
@@ -303,6 +473,26 @@ impl IngressManager {
             }
         }
         Ok(())
+    }
+
+    /// The ownerReferences of the ingress objects: the owner Deployment, when
+    /// one is configured. A missing owner is an error (the release is being
+    /// removed; nothing is created that nobody would remove).
+    async fn owner(
+        &self,
+        deployments: &Api<Deployment>,
+    ) -> Result<Option<Vec<OwnerReference>>, kube::Error> {
+        let Some(name) = &self.settings.owner_deployment else {
+            return Ok(None);
+        };
+        let owner = deployments.get(name).await?;
+        Ok(Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: name.clone(),
+            uid: owner.metadata.uid.unwrap_or_default(),
+            ..Default::default()
+        }]))
     }
 
     /// Reads the heartbeats ConfigMap; a replica is alive while its expiry is in
@@ -344,7 +534,9 @@ impl IngressManager {
             let uid = labels.and_then(|l| l.get(INSTANCE_UID_LABEL));
             let instance_ns = labels.and_then(|l| l.get(INSTANCE_NAMESPACE_LABEL));
             let watched = match &self.settings.watch_namespace {
-                Some(w) => instance_ns == Some(w),
+                Some(w) => w
+                    .split(',')
+                    .any(|n| instance_ns.map(String::as_str) == Some(n.trim())),
                 None => true,
             };
             watched && uid.is_some_and(|u| !live.contains(u))
@@ -406,7 +598,91 @@ mod tests {
             longpoll_timeout: Duration::from_secs(120),
             watch_namespace: None,
             log_format: "json".into(),
+            pod_template: None,
+            autoscaling: false,
+            owner_deployment: None,
         }
+    }
+
+    #[test]
+    fn pod_template_merges_and_the_essentials_win() {
+        let mut s = settings();
+        s.autoscaling = true;
+        s.pod_template = Some(json!({
+            "metadata": {
+                "labels": {"team": "a", "app.kubernetes.io/component": "mine"},
+                "annotations": {"sidecar.istio.io/inject": "false"}
+            },
+            "spec": {
+                "nodeSelector": {"pool": "edge"},
+                "tolerations": [{"key": "edge", "operator": "Exists"}],
+                "priorityClassName": "high",
+                "serviceAccountName": "someone-else",
+                "securityContext": {"runAsUser": 1000, "runAsNonRoot": null},
+                "volumes": [{"name": "ca", "configMap": {"name": "ca"}}],
+                "containers": [
+                    {
+                        "name": "ingress",
+                        "image": "evil:1",
+                        "args": ["sh"],
+                        "env": [
+                            {"name": "HTTPS_PROXY", "value": "http://proxy:3128"},
+                            {"name": "LOG_FORMAT", "value": "text"},
+                            {"name": "LISTEN_ADDR", "value": "0.0.0.0:1"}
+                        ],
+                        "volumeMounts": [{"name": "ca", "mountPath": "/etc/ca"}],
+                        "securityContext": {"readOnlyRootFilesystem": false}
+                    },
+                    {"name": "sidecar", "image": "sidecar:1"}
+                ]
+            }
+        }));
+        s.validate().expect("valid");
+        let d = ingress_deployment(&s);
+        assert_eq!(d.spec.replicas, None, "autoscaled");
+        let t = d.spec.template;
+        let labels = t.metadata.as_ref().unwrap().labels.clone().unwrap();
+        assert_eq!(labels["team"], "a");
+        assert_eq!(labels["app.kubernetes.io/component"], INGRESS_COMPONENT);
+        let pod = t.spec.unwrap();
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some("dropbox-webhook-ingress")
+        );
+        assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(pod.tolerations.unwrap().len(), 1);
+        let sc = pod.security_context.unwrap();
+        assert_eq!(sc.run_as_user, Some(1000));
+        assert_eq!(sc.run_as_non_root, None, "null removes");
+        assert!(
+            sc.seccomp_profile.is_some(),
+            "the rest of the default stays"
+        );
+        assert_eq!(pod.containers.len(), 2);
+        let c = &pod.containers[0];
+        assert_eq!(c.name, "ingress");
+        assert_eq!(
+            c.image.as_deref(),
+            Some("ghcr.io/example/dropbox-operator:1.0")
+        );
+        assert_eq!(c.args.as_deref(), Some(&["ingress".to_owned()][..]));
+        let env = |name: &str| {
+            c.env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .filter(|e| e.name == name)
+                .map(|e| e.value.clone().unwrap_or_default())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(env("HTTPS_PROXY"), ["http://proxy:3128"]);
+        assert_eq!(env("LOG_FORMAT"), ["text"]);
+        assert_eq!(env("LISTEN_ADDR"), [format!("[::]:{INGRESS_PORT}")]);
+        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/etc/ca");
+        let csc = c.security_context.as_ref().unwrap();
+        assert_eq!(csc.read_only_root_filesystem, Some(false));
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(pod.containers[1].name, "sidecar");
     }
 
     #[test]

@@ -341,19 +341,15 @@ async fn run_controller(
     metrics: ControllerMetrics,
     stop: CancellationToken,
 ) {
-    let (instances, secrets): (Api<DropboxElementInstance>, Api<PartialObjectMeta<Secret>>) =
-        match &options.namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
-    // The instance cache holds only what reconciles read (see `slim_instance`).
+    // One watch per namespace when several are given (Roles there, no
+    // cluster-wide grant), one for all namespaces otherwise.
+    let namespaces = crate::store::split_namespaces(options.namespace.as_deref());
+    let instances: Vec<Api<DropboxElementInstance>> = crate::store::apis(&client, &namespaces);
+    let secrets: Vec<Api<PartialObjectMeta<Secret>>> = crate::store::apis(&client, &namespaces);
     let (store, instance_writer) = kube::runtime::reflector::store();
     let instance_events = kube::runtime::reflector(
         instance_writer,
-        watcher(instances, watcher::Config::default().any_semantic())
+        crate::store::namespaces_watcher(instances, watcher::Config::default().any_semantic())
             .modify(crate::store::slim_instance),
     )
     .default_backoff()
@@ -366,7 +362,7 @@ async fn run_controller(
     let (secret_versions, secret_writer) = kube::runtime::reflector::store();
     let secret_events = kube::runtime::reflector(
         secret_writer,
-        watcher(secrets, watcher::Config::default().any_semantic())
+        crate::store::namespaces_watcher(secrets, watcher::Config::default().any_semantic())
             // Names and versions are all the cache needs: drop the rest early.
             .modify(|s| {
                 s.metadata.managed_fields = None;

@@ -102,16 +102,14 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         }
     });
 
-    let instances: Api<DropboxElementInstance> = match &options.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let namespaces = crate::store::split_namespaces(options.namespace.as_deref());
+    let instances: Vec<Api<DropboxElementInstance>> = crate::store::apis(&client, &namespaces);
     let (store, writer) = reflector::store();
     // Wakes the long-poll manager when an instance comes, goes or changes.
     let instances_changed = Arc::new(tokio::sync::Notify::new());
     let watch = reflector(
         writer,
-        watcher(instances, watcher::Config::default().any_semantic())
+        crate::store::namespaces_watcher(instances, watcher::Config::default().any_semantic())
             .modify(crate::store::slim_instance),
     )
     .default_backoff()
