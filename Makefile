@@ -4,7 +4,7 @@ CONTROLPLANE_BIN ?= $(CURDIR)/target/controlplane/bin
 export CONTROLPLANE_BIN
 CARGO ?= cargo
 
-.PHONY: demo dev test lint bench controlplane crd build testdeps
+.PHONY: demo dev test lint bench bench-peer controlplane crd build testdeps
 
 ## demo: the whole story offline: control plane, operator, ingress, Dropbox emulator, a signed event
 demo: controlplane
@@ -24,6 +24,11 @@ test: controlplane testdeps
 bench: controlplane
 	$(CARGO) build --release --examples
 	$(CARGO) test --release --test bench -- --ignored --nocapture --test-threads=1
+
+## bench-peer: the ingress beside Knative's GitHubSource receive adapter, which you
+## bring (README.md, "Side by side with Knative's GitHubSource adapter"); not in CI
+bench-peer: controlplane
+	hack/bench-peer.sh
 
 ## lint: formatting and clippy, as CI checks them
 lint:
