@@ -30,6 +30,7 @@ ROOT=$PWD
 
 PEER_DIR=$ROOT/target/peer
 PEER_BIN=${PEER_BIN:-$PEER_DIR/bin/receive_adapter}
+[[ $PEER_BIN == /* ]] || PEER_BIN=$ROOT/$PEER_BIN
 mkdir -p "$PEER_DIR"
 
 if [[ ! -x $PEER_BIN ]]; then
@@ -43,9 +44,12 @@ if [[ ! -x $PEER_BIN ]]; then
         git --git-dir="$src" archive HEAD | tar -x -C "$PEER_DIR/src"
         src=$PEER_DIR/src
     elif [[ -f $src/go.mod ]]; then
-        if git -C "$src" rev-parse HEAD > "$PEER_DIR/VERSION" 2>/dev/null; then
-            :
-        elif [[ $src != "$PEER_DIR/src" || ! -s $PEER_DIR/VERSION ]]; then
+        # Its commit, when it is a git checkout of its own (target/peer/src is
+        # inside this repository's work tree: its HEAD is not the adapter's).
+        top=$(git -C "$src" rev-parse --show-toplevel 2>/dev/null || true)
+        if [[ -n $top && $top -ef $src ]]; then
+            git -C "$src" rev-parse HEAD > "$PEER_DIR/VERSION"
+        elif ! [[ $src -ef $PEER_DIR/src && -s $PEER_DIR/VERSION ]]; then
             echo "unknown (not a git checkout: $src)" > "$PEER_DIR/VERSION"
         fi
     else
