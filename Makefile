@@ -4,7 +4,7 @@ CONTROLPLANE_BIN ?= $(CURDIR)/target/controlplane/bin
 export CONTROLPLANE_BIN
 CARGO ?= cargo
 
-.PHONY: demo dev test lint bench bench-scale bench-readme controlplane crd build testdeps
+.PHONY: demo dev test lint bench bench-scale bench-readme bench-peer controlplane crd build testdeps
 
 ## demo: the whole story offline: control plane, operator, ingress, Dropbox emulator, a signed event
 demo: controlplane
@@ -34,6 +34,11 @@ bench-scale: controlplane
 ## bench-readme: README's performance table from docs/benchmarks/results.json
 bench-readme:
 	python3 hack/bench-results.py readme
+
+## bench-peer: the ingress beside Knative's GitHubSource receive adapter, which you
+## bring (README.md, "Side by side with Knative's GitHubSource adapter"); not in CI
+bench-peer: controlplane
+	hack/bench-peer.sh
 
 ## lint: formatting and clippy, as CI checks them
 lint:
