@@ -754,6 +754,8 @@ async fn bench_beside_knative_github_source() -> Result<()> {
         "in flight", "side", "CPU/webhook", "webhooks/s", "p50", "p99", "samples"
     );
     let mut json_rows = Vec::new();
+    // README's table (hack/bench-results.py): one figure per row.
+    let mut figures = Vec::new();
     for (in_flight, o, p) in &rows {
         for (side, f) in [
             ("ours (fetch+deliver+commit)", o),
@@ -791,6 +793,16 @@ async fn bench_beside_knative_github_source() -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        figures.push(json!({
+            "id": format!("peer_cpu_ratio_{in_flight}"),
+            "what": format!("CPU per delivered notification at {in_flight} in flight: ingress (fetch + deliver + commit) / Knative GitHubSource receive adapter"),
+            "value": ratio, "unit": "x", "target": format!("<= {TARGET_CPU_RATIO}"),
+            "met": ratio <= TARGET_CPU_RATIO,
+            "detail": format!(
+                "{:.0} / {:.0} us; webhooks/s {:.0} / {:.0}; webhook-to-delivery p50 {:.1} / {:.1} ms, p99 {:.1} / {:.1} ms; {} samples each (`make bench-peer`)",
+                o.cpu_us, p.cpu_us, o.rate, p.rate, o.p50_ms, p.p50_ms, o.p99_ms, p.p99_ms, o.samples
+            ),
+        }));
         json_rows.push(json!({
             "in_flight": in_flight,
             "ours": figures_json(o),
@@ -804,7 +816,9 @@ async fn bench_beside_knative_github_source() -> Result<()> {
         "all delivered: {all_delivered} (ours {ours}/{sent}, bad {ours_bad}; peer {peer}/{sent_peer}, bad {peer_bad}; stray {stray})"
     );
     let report = json!({
-        "bench": "beside Knative's GitHubSource receive adapter",
+        "bench": "peer",
+        "title": "beside Knative's GitHubSource receive adapter",
+        "figures": figures,
         "peer": {
             "binary": peer_binary()?.display().to_string(),
             "version": std::env::var("PEER_VERSION").unwrap_or_default(),
