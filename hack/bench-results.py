@@ -62,7 +62,7 @@ def fmt(value, unit):
     if unit in ("x",):
         return f"{value:.2f}×"
     if unit == "writes":
-        return f"{value:g}"
+        return f"{abs(value) if value == 0 else value:g}"
     if abs(value) >= 100:
         return f"{value:,.0f} {unit}"
     return f"{value:.2f} {unit}"

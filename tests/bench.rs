@@ -588,6 +588,23 @@ async fn bench_controller() -> Result<()> {
     let (idle_rss, _) = rss_kib(idle.pid().context("pid")?);
     drop(idle);
 
+    // A warm-up round of each side, not measured: the first start of a binary
+    // and the API server's first writes to a new resource are slower.
+    let warmup = env_usize("BENCH_WARMUP", 100).min(n);
+    if warmup > 0 {
+        let ns = support::namespace(&client, "bench-warm-plain").await;
+        populate(&client, &ns, &emu, warmup).await;
+        let watch = ReadyWatch::start(Api::namespaced(client.clone(), &ns), warmup).await;
+        plain_run(&ns, &emu.url, warmup).await?;
+        watch.wait(Duration::from_secs(300)).await?;
+        let ns = support::namespace(&client, "bench-warm-controller").await;
+        populate(&client, &ns, &emu, warmup).await;
+        let watch = ReadyWatch::start(Api::namespaced(client.clone(), &ns), warmup).await;
+        let warm = controller(&ns).start().await;
+        watch.wait(Duration::from_secs(300)).await?;
+        drop(warm);
+    }
+
     let mut plain_ns = Vec::new();
     let mut controller_ns = Vec::new();
     for _ in 0..rounds {
@@ -1063,6 +1080,43 @@ async fn bench_ingress() -> Result<()> {
         let c0 = cpu_ticks(bare.id());
         blast(&http, &bare_url, &body, &signature, per_round, 8).await;
         bare_us.push((cpu_ticks(bare.id()) - c0) as f64 * tick_us / per_round as f64);
+    }
+    // Where the ingress's time goes (BENCH_PROFILE=1): a sampled profile of one
+    // more round (software clock: this VM has no hardware counters).
+    if std::env::var("BENCH_PROFILE").is_ok_and(|v| v == "1") {
+        let data = bench_dir().join("perf.ingress.data");
+        let mut perf = std::process::Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "2999", "-g", "-o"])
+            .arg(&data)
+            .args(["-p", &ingress_pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("run perf record")?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        blast(&http, &ingress_url, &body, &signature, per_round, 8).await;
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(perf.id() as i32, libc::SIGINT);
+        }
+        let _ = perf.wait();
+        let report = std::process::Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "dso,symbol",
+                "--percent-limit",
+                "1",
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&data)
+            .output()
+            .context("run perf report")?;
+        std::fs::write(bench_dir().join("ingress-profile.txt"), &report.stdout)?;
     }
     let _ = bare.kill();
     let (ingress_cpu, ingress_min, ingress_max) = spread(&ingress_us);
