@@ -53,28 +53,11 @@ fn controller_options(
         namespace: args.namespace.clone(),
         metrics_addr: args.metrics_addr,
         concurrency: args.concurrency,
-        ingress: controller::ingress::IngressSettings {
-            namespace: args.operator_namespace.clone(),
-            image: args.ingress.ingress_image.clone(),
-            image_pull_policy: args.ingress.ingress_image_pull_policy.clone(),
-            replicas: args.ingress.ingress_replicas,
-            service_account: args.ingress.ingress_service_account.clone(),
-            resources: args.ingress.ingress_resources.clone(),
-            allowed_callback_cidrs: args.ingress.allowed_callback_cidrs.clone(),
-            denied_callback_cidrs: args.ingress.denied_callback_cidrs.clone(),
-            dropbox_api_url: args.dropbox.dropbox_api_url.to_string(),
-            dropbox_notify_url: args.dropbox.dropbox_notify_url.to_string(),
-            longpoll_timeout: args.ingress.ingress_longpoll_timeout,
-            watch_namespace: args.namespace.clone(),
-            log_format: log_format.into(),
-            pod_template: args.ingress.ingress_pod_template.clone(),
-            autoscaling: args.ingress.ingress_autoscaling,
-            owner_deployment: args
-                .ingress
-                .ingress_owner_deployment
-                .clone()
-                .filter(|n| !n.is_empty()),
-        },
+        ingress: controller::ingress::IngressSettings::from_args(
+            args,
+            args.operator_namespace.clone(),
+            log_format,
+        ),
         leader_election: args.leader_elect.then(|| controller::LeaderElection {
             namespace: args.operator_namespace.clone(),
             lease_name: args.leader_election_lease.clone(),

@@ -374,24 +374,11 @@ fn rendered_ingress_settings_are_accepted_by_both_subcommands() -> Result<()> {
     );
 
     // What the controller makes of them, parsed as the ingress does.
-    let settings = dropbox_operator::controller::ingress::IngressSettings {
-        namespace: "ops".into(),
-        image: args.ingress.ingress_image.clone(),
-        image_pull_policy: args.ingress.ingress_image_pull_policy.clone(),
-        replicas: args.ingress.ingress_replicas,
-        service_account: args.ingress.ingress_service_account.clone(),
-        resources: args.ingress.ingress_resources.clone(),
-        allowed_callback_cidrs: args.ingress.allowed_callback_cidrs.clone(),
-        denied_callback_cidrs: args.ingress.denied_callback_cidrs.clone(),
-        dropbox_api_url: args.dropbox.dropbox_api_url.to_string(),
-        dropbox_notify_url: args.dropbox.dropbox_notify_url.to_string(),
-        longpoll_timeout: args.ingress.ingress_longpoll_timeout,
-        watch_namespace: args.namespace.clone(),
-        log_format: "json".into(),
-        pod_template: args.ingress.ingress_pod_template.clone(),
-        autoscaling: args.ingress.ingress_autoscaling,
-        owner_deployment: args.ingress.ingress_owner_deployment.clone(),
-    };
+    let settings = dropbox_operator::controller::ingress::IngressSettings::from_args(
+        &args,
+        "ops".into(),
+        "json",
+    );
     settings.validate().map_err(anyhow::Error::msg)?;
     let ingress = dropbox_operator::controller::ingress::ingress_deployment(&settings);
     let ingress_env: Vec<(String, String)> = literal_env(&ingress)

@@ -69,6 +69,37 @@ pub struct IngressSettings {
 }
 
 impl IngressSettings {
+    /// The settings the controller's command line gives, for the ingress in
+    /// `namespace` (the operator's) logging in `log_format`.
+    pub fn from_args(
+        args: &crate::cli::ControllerArgs,
+        namespace: String,
+        log_format: &str,
+    ) -> Self {
+        IngressSettings {
+            namespace,
+            image: args.ingress.ingress_image.clone(),
+            image_pull_policy: args.ingress.ingress_image_pull_policy.clone(),
+            replicas: args.ingress.ingress_replicas,
+            service_account: args.ingress.ingress_service_account.clone(),
+            resources: args.ingress.ingress_resources.clone(),
+            allowed_callback_cidrs: args.ingress.allowed_callback_cidrs.clone(),
+            denied_callback_cidrs: args.ingress.denied_callback_cidrs.clone(),
+            dropbox_api_url: args.dropbox.dropbox_api_url.to_string(),
+            dropbox_notify_url: args.dropbox.dropbox_notify_url.to_string(),
+            longpoll_timeout: args.ingress.ingress_longpoll_timeout,
+            watch_namespace: args.namespace.clone(),
+            log_format: log_format.into(),
+            pod_template: args.ingress.ingress_pod_template.clone(),
+            autoscaling: args.ingress.ingress_autoscaling,
+            owner_deployment: args
+                .ingress
+                .ingress_owner_deployment
+                .clone()
+                .filter(|n| !n.is_empty()),
+        }
+    }
+
     /// Checks that the pod template merges into a valid Deployment.
     pub fn validate(&self) -> Result<(), String> {
         serde_json::from_value::<Deployment>(deployment_value(self))
