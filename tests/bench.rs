@@ -575,10 +575,19 @@ async fn bench_controller() -> Result<()> {
     emu.add_app(APP_KEY, APP_SECRET);
     emu.add_account(ACCOUNT, "bench@example.com", "Bench");
     let log_level = std::env::var("BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into());
+    // BENCH_CONTROLLER_WRAPPER runs the controller under a program, e.g.
+    // `heaptrack -o target/bench/heap` to see where its memory goes.
+    let wrapper = std::env::var("BENCH_CONTROLLER_WRAPPER").unwrap_or_default();
     let controller = |ns: &str| {
-        OperatorProcess::new(ns, &emu.url)
+        let process = OperatorProcess::new(ns, &emu.url)
             .env("CONCURRENCY", &CONCURRENCY.to_string())
-            .env("LOG_LEVEL", &log_level)
+            .env("LOG_LEVEL", &log_level);
+        let wrapper: Vec<&str> = wrapper.split_whitespace().collect();
+        if wrapper.is_empty() {
+            process
+        } else {
+            process.wrapped(&wrapper, Duration::from_secs(60))
+        }
     };
 
     // The controller's memory with no instance, for the cost per instance.
