@@ -5,7 +5,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -23,6 +22,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
 use serde_json::Value as Yaml;
 use serde_json::json;
+use support::chart::{chart_arg, chart_dir, helm_offline, kubeconfig_for, run};
 use support::condition_is;
 use support::controlplane;
 use support::dropbox::Emulator;
@@ -46,37 +46,6 @@ const APP_KEY: &str = "app-key-chart";
 const APP_SECRET: &str = "APP-SECRET-c4a7";
 const ACCOUNT: &str = "dbid:AAChartRbacAccount0000000000000000000";
 const REDIRECT: &str = "https://www.mycoolapp.com/auth";
-
-fn chart_dir() -> PathBuf {
-    controlplane::repo_root().join("charts/dropbox-operator")
-}
-
-fn chart_arg() -> String {
-    chart_dir().display().to_string()
-}
-
-/// helm without a cluster (lint, template): the tests that need no control plane
-/// do not start one.
-fn helm_offline() -> Command {
-    let bin = controlplane::ensure_binaries().expect("control-plane binaries (helm)");
-    let home = controlplane::repo_root().join("target/chart-tests-helm");
-    let mut cmd = Command::new(bin.join("helm"));
-    cmd.env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .env("KUBECONFIG", home.join("no-kubeconfig"));
-    cmd
-}
-
-/// Runs `cmd`; (success, stdout, stderr).
-fn run(mut cmd: Command) -> (bool, String, String) {
-    let out = cmd.output().expect("run command");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// `helm template` of the chart with extra arguments.
 fn template(namespace: &str, extra: &[&str]) -> Result<String> {
@@ -569,24 +538,6 @@ async fn chart_install(ns: &str, extra: &[&str]) -> Result<(PathBuf, PathBuf)> {
 /// The controller's ServiceAccount of a release installed by [`chart_install`].
 fn controller_sa(ns: &str) -> String {
     format!("{ns}-dropbox-operator")
-}
-
-/// A kubeconfig with a fresh TokenRequest token of ServiceAccount `ns/sa`.
-fn kubeconfig_for(ns: &str, sa: &str) -> Result<PathBuf> {
-    let (ok, token, err) = support::kubectl(&["create", "token", sa, "-n", ns, "--duration=1h"]);
-    ensure!(ok, "kubectl create token {sa} failed: {err}");
-    let cluster = support::cluster();
-    let path = cluster.dir.join(format!("{ns}-{sa}.kubeconfig"));
-    std::fs::write(
-        &path,
-        controlplane::kubeconfig_yaml(
-            &cluster.server,
-            &cluster.ca_pem,
-            &format!("system:serviceaccount:{ns}:{sa}"),
-            token.trim(),
-        ),
-    )?;
-    Ok(path)
 }
 
 /// A kube client with the credentials of `kubeconfig`.

@@ -6,22 +6,12 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{Context as _, Result, ensure};
-use support::controlplane;
+use support::chart::{chart_dir, run};
 
 const CRD_NAME: &str = "dropboxelementinstances.elements.dropbox-operator.dev";
 const CRD_FILE: &str = "dropboxelementinstances.elements.dropbox-operator.dev.yaml";
-
-fn run(mut cmd: Command) -> (bool, String, String) {
-    let out = cmd.output().expect("run command");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Copies the chart (files only, recursively) to `to`.
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
@@ -61,10 +51,7 @@ async fn a_changed_crd_is_upgraded_with_the_documented_command() -> Result<()> {
     let ns = support::namespace(&admin, "crd-upgrade").await;
     let cluster = support::cluster();
     let chart = cluster.dir.join("chart-copy");
-    copy_dir(
-        &controlplane::repo_root().join("charts/dropbox-operator"),
-        &chart,
-    )?;
+    copy_dir(&chart_dir(), &chart)?;
     let chart_arg = chart.display().to_string();
     let image = [
         "--set",

@@ -13,7 +13,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
@@ -25,6 +24,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
+use support::chart::{chart_arg, helm_offline, kubeconfig_for, run};
 use support::controlplane;
 use support::dropbox::Emulator;
 use support::operator::{OperatorProcess, Process};
@@ -38,35 +38,6 @@ const ACCOUNT: &str = "dbid:AALifecycleAccount000000000000000000";
 const REDIRECT: &str = "https://www.mycoolapp.com/auth";
 const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const DBXI: &str = "dropboxelementinstances.elements.dropbox-operator.dev";
-
-fn chart_arg() -> String {
-    controlplane::repo_root()
-        .join("charts/dropbox-operator")
-        .display()
-        .to_string()
-}
-
-/// Runs `cmd`; (success, stdout, stderr).
-fn run(mut cmd: Command) -> (bool, String, String) {
-    let out = cmd.output().expect("run command");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// helm without a cluster.
-fn helm_offline() -> Command {
-    let bin = controlplane::ensure_binaries().expect("control-plane binaries (helm)");
-    let home = controlplane::repo_root().join("target/chart-tests-helm");
-    let mut cmd = Command::new(bin.join("helm"));
-    cmd.env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .env("KUBECONFIG", home.join("no-kubeconfig"));
-    cmd
-}
 
 /// Writes `values` as a values file for helm.
 fn values_file(name: &str, values: &Value) -> Result<PathBuf> {
@@ -108,24 +79,6 @@ fn install(ns: &str, values: &Value) -> Result<String> {
     let (ok, out, err) = run(cmd);
     ensure!(ok, "helm install failed:\n{out}\n{err}");
     Ok(out)
-}
-
-/// A kubeconfig with a TokenRequest token of ServiceAccount `ns/sa`.
-fn kubeconfig_for(ns: &str, sa: &str) -> Result<PathBuf> {
-    let (ok, token, err) = support::kubectl(&["create", "token", sa, "-n", ns, "--duration=1h"]);
-    ensure!(ok, "kubectl create token {sa} failed: {err}");
-    let cluster = support::cluster();
-    let path = cluster.dir.join(format!("{ns}-{sa}.kubeconfig"));
-    std::fs::write(
-        &path,
-        controlplane::kubeconfig_yaml(
-            &cluster.server,
-            &cluster.ca_pem,
-            &format!("system:serviceaccount:{ns}:{sa}"),
-            token.trim(),
-        ),
-    )?;
-    Ok(path)
 }
 
 /// The literal env of the first container of a Deployment.
