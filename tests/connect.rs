@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail, ensure};
 use dropbox_operator::api::DropboxElementInstance;
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::{Api, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 use support::controlplane::free_port;
 use support::dropbox::{Approval, Emulator, http_client_builder};
@@ -37,11 +37,7 @@ struct Fixture {
 }
 
 async fn fixture(test: &str) -> Fixture {
-    let client: Client = support::client().await;
-    support::install_crd(&client).await.expect("install CRD");
-    let ns = support::namespace(&client, test).await;
-    let emu = Emulator::start().await;
-    emu.add_app(APP_KEY, APP_SECRET);
+    let (client, ns, emu) = support::fixture::emulated_namespace(test, APP_KEY, APP_SECRET).await;
     emu.add_account(ACCOUNT, "ada@example.com", "Ada Lovelace");
     emu.add_redirect_uri(APP_KEY, APP_REDIRECT);
     emu.script_approval(

@@ -31,11 +31,7 @@ struct Fixture {
 }
 
 async fn fixture(test: &str) -> Fixture {
-    let client = support::client().await;
-    support::install_crd(&client).await.expect("install CRD");
-    let ns = support::namespace(&client, test).await;
-    let emu = Emulator::start().await;
-    emu.add_app(APP_KEY, APP_SECRET);
+    let (client, ns, emu) = support::fixture::emulated_namespace(test, APP_KEY, APP_SECRET).await;
     emu.add_account(ACCOUNT, "franz@example.com", "Franz Ferdinand");
     let f = Fixture {
         instances: Api::namespaced(client.clone(), &ns),

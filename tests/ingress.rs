@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use support::condition;
 use support::dropbox::Emulator;
 use support::operator::{OperatorProcess, Process};
-use support::receiver::Receiver;
+use support::receiver::{Receiver, wait_events};
 
 const APP_KEY: &str = "app-key-ingress";
 const APP_SECRET: &str = "APP-SECRET-1ngr3ss";
@@ -55,11 +55,7 @@ fn controller_process(ns: &str, emu: &Emulator) -> OperatorProcess {
 }
 
 async fn fixture(test: &str) -> Fixture {
-    let client = support::client().await;
-    support::install_crd(&client).await.expect("install CRD");
-    let ns = support::namespace(&client, test).await;
-    let emu = Emulator::start().await;
-    emu.add_app(APP_KEY, APP_SECRET);
+    let (client, ns, emu) = support::fixture::emulated_namespace(test, APP_KEY, APP_SECRET).await;
     emu.add_account(ACCOUNT, "ada@example.com", "Ada Lovelace");
     emu.add_account(OTHER_ACCOUNT, "alan@example.com", "Alan Turing");
     let controller = controller_process(&ns, &emu).start().await;
@@ -85,11 +81,7 @@ async fn fixture(test: &str) -> Fixture {
 
 impl Fixture {
     fn ingress(&self) -> OperatorProcess {
-        OperatorProcess::ingress(&self.ns, &self.emu.url)
-            .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8,::1/128")
-            .env("DELIVERY_BASE_BACKOFF", "200ms")
-            .env("DELIVERY_MAX_BACKOFF", "2s")
-            .env("HEARTBEAT_INTERVAL", "1s")
+        support::fixture::quick_ingress(&self.ns, &self.emu)
     }
 
     async fn put_secret(&self, name: &str, data: &[(&str, &str)]) {
@@ -200,16 +192,6 @@ impl Fixture {
             )
             .await
     }
-}
-
-async fn wait_events(receiver: &Receiver, count: usize, timeout: Duration) -> Result<Vec<Value>> {
-    support::eventually(
-        &format!("{count} delivered events"),
-        timeout,
-        || async { Ok(receiver.accepted_events()) },
-        |events: &Vec<Value>| events.len() >= count,
-    )
-    .await
 }
 
 #[tokio::test]

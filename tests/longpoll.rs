@@ -18,7 +18,7 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use support::dropbox::Emulator;
 use support::operator::{OperatorProcess, Process};
-use support::receiver::Receiver;
+use support::receiver::{Receiver, wait_events};
 
 const APP_KEY: &str = "app-key-longpoll";
 const APP_SECRET: &str = "APP-SECRET-l0ngp0ll";
@@ -35,11 +35,7 @@ struct Fixture {
 }
 
 async fn fixture(test: &str) -> Fixture {
-    let client = support::client().await;
-    support::install_crd(&client).await.expect("install CRD");
-    let ns = support::namespace(&client, test).await;
-    let emu = Emulator::start().await;
-    emu.add_app(APP_KEY, APP_SECRET);
+    let (client, ns, emu) = support::fixture::emulated_namespace(test, APP_KEY, APP_SECRET).await;
     emu.add_account(ACCOUNT, "grace@example.com", "Grace Hopper");
     let controller = OperatorProcess::new(&ns, &emu.url)
         .env("INGRESS_LONGPOLL_TIMEOUT", "30s")
@@ -64,11 +60,7 @@ async fn fixture(test: &str) -> Fixture {
 
 impl Fixture {
     fn ingress(&self) -> OperatorProcess {
-        OperatorProcess::ingress(&self.ns, &self.emu.url)
-            .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8,::1/128")
-            .env("DELIVERY_BASE_BACKOFF", "200ms")
-            .env("DELIVERY_MAX_BACKOFF", "2s")
-            .env("HEARTBEAT_INTERVAL", "1s")
+        support::fixture::quick_ingress(&self.ns, &self.emu)
             .env("LONGPOLL_TIMEOUT", "30s")
             .env("LONGPOLL_MAX_BACKOFF", "4s")
             // Nothing here may be delivered by the periodic resync.
@@ -149,16 +141,6 @@ impl Fixture {
         .await
         .map(|_| ())
     }
-}
-
-async fn wait_events(receiver: &Receiver, count: usize, timeout: Duration) -> Result<Vec<Value>> {
-    support::eventually(
-        &format!("{count} delivered events"),
-        timeout,
-        || async { Ok(receiver.accepted_events()) },
-        |events: &Vec<Value>| events.len() >= count,
-    )
-    .await
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 pub mod chart;
 pub mod controlplane;
 pub mod dropbox;
+pub mod fixture;
 pub mod netns;
 pub mod operator;
 pub mod receiver;

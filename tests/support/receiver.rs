@@ -509,3 +509,18 @@ async fn receive(
     }
     response
 }
+
+/// Waits until `receiver` has accepted at least `count` events; all accepted so far.
+pub async fn wait_events(
+    receiver: &Receiver,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Value>> {
+    super::eventually(
+        &format!("{count} delivered events"),
+        timeout,
+        || async { Ok(receiver.accepted_events()) },
+        |events: &Vec<Value>| events.len() >= count,
+    )
+    .await
+}
