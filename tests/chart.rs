@@ -22,7 +22,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config, ResourceExt};
 use serde_json::Value as Yaml;
 use serde_json::json;
-use support::chart::{chart_arg, chart_dir, helm_offline, kubeconfig_for, run};
+use support::chart::{
+    REDIRECT, chart_arg, chart_dir, helm_offline, instance_manifest, kubeconfig_for, run,
+};
 use support::condition_is;
 use support::controlplane;
 use support::dropbox::Emulator;
@@ -45,7 +47,6 @@ const IMAGE_SETTINGS: [&str; 4] = [
 const APP_KEY: &str = "app-key-chart";
 const APP_SECRET: &str = "APP-SECRET-c4a7";
 const ACCOUNT: &str = "dbid:AAChartRbacAccount0000000000000000000";
-const REDIRECT: &str = "https://www.mycoolapp.com/auth";
 
 /// `helm template` of the chart with extra arguments.
 fn template(namespace: &str, extra: &[&str]) -> Result<String> {
@@ -844,28 +845,6 @@ fn assert_nothing_forbidden(log: &str) {
         "the controller was refused something:\n{}",
         forbidden.join("\n")
     );
-}
-
-fn instance_manifest(name: &str, events: bool) -> Result<DropboxElementInstance> {
-    let mut spec = json!({
-        "element": {"key": "dropbox"},
-        "authentication": {
-            "type": "oauth2",
-            "appSecretRef": {"name": "dropbox-app"},
-            "codeSecretRef": {"name": format!("{name}-code")},
-            "callbackUrl": REDIRECT
-        }
-    });
-    if events {
-        spec["events"] =
-            json!({"enabled": true, "callbackUrl": "https://app.example.com/dropbox-events"});
-    }
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
-        "kind": "DropboxElementInstance",
-        "metadata": {"name": name},
-        "spec": spec
-    }))?)
 }
 
 async fn wait_condition(

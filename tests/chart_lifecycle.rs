@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::Client;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
-use support::chart::{chart_arg, helm_offline, kubeconfig_for, run};
+use support::chart::{REDIRECT, chart_arg, helm_offline, instance_manifest, kubeconfig_for, run};
 use support::controlplane;
 use support::dropbox::Emulator;
 use support::operator::{OperatorProcess, Process};
@@ -35,7 +35,6 @@ const INGRESS_SA: &str = "dropbox-webhook-ingress";
 const APP_KEY: &str = "app-key-lifecycle";
 const APP_SECRET: &str = "APP-SECRET-9d1e";
 const ACCOUNT: &str = "dbid:AALifecycleAccount000000000000000000";
-const REDIRECT: &str = "https://www.mycoolapp.com/auth";
 const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const DBXI: &str = "dropboxelementinstances.elements.dropbox-operator.dev";
 
@@ -154,27 +153,8 @@ async fn create_instance(
     .await?;
     let code = emu.issue_code(APP_KEY, ACCOUNT, Some(REDIRECT));
     put_secret(&secrets, &format!("{name}-code"), &[("code", &code)]).await?;
-    let mut spec = json!({
-        "element": {"key": "dropbox"},
-        "authentication": {
-            "type": "oauth2",
-            "appSecretRef": {"name": "dropbox-app"},
-            "codeSecretRef": {"name": format!("{name}-code")},
-            "callbackUrl": REDIRECT
-        }
-    });
-    if events {
-        spec["events"] =
-            json!({"enabled": true, "callbackUrl": "https://app.example.com/dropbox-events"});
-    }
-    let instance: DropboxElementInstance = serde_json::from_value(json!({
-        "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
-        "kind": "DropboxElementInstance",
-        "metadata": {"name": name},
-        "spec": spec
-    }))?;
     Api::<DropboxElementInstance>::namespaced(admin.clone(), ns)
-        .create(&PostParams::default(), &instance)
+        .create(&PostParams::default(), &instance_manifest(name, events)?)
         .await?;
     Ok(())
 }

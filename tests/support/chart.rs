@@ -1,13 +1,18 @@
 //! Helpers of the Helm chart tests (`charts/dropbox-operator` with the real helm
 //! and kubectl): where the chart is, helm without a cluster, running a command,
-//! and kubeconfigs with a ServiceAccount's token.
+//! kubeconfigs with a ServiceAccount's token, and the instance they create.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Result, ensure};
+use dropbox_operator::api::DropboxElementInstance;
+use serde_json::json;
 
 use super::controlplane;
+
+/// The redirect URI of the chart tests' Dropbox app (the instances' callbackUrl).
+pub const REDIRECT: &str = "https://www.mycoolapp.com/auth";
 
 /// The chart's directory in the repository.
 pub fn chart_dir() -> PathBuf {
@@ -30,6 +35,30 @@ pub fn helm_offline() -> Command {
         .env("HELM_DATA_HOME", home.join("data"))
         .env("KUBECONFIG", home.join("no-kubeconfig"));
     cmd
+}
+
+/// An oauth2 instance `name` whose code is in Secret `<name>-code` and whose app
+/// is Secret `dropbox-app`; with `events`, events to a public callback.
+pub fn instance_manifest(name: &str, events: bool) -> Result<DropboxElementInstance> {
+    let mut spec = json!({
+        "element": {"key": "dropbox"},
+        "authentication": {
+            "type": "oauth2",
+            "appSecretRef": {"name": "dropbox-app"},
+            "codeSecretRef": {"name": format!("{name}-code")},
+            "callbackUrl": REDIRECT
+        }
+    });
+    if events {
+        spec["events"] =
+            json!({"enabled": true, "callbackUrl": "https://app.example.com/dropbox-events"});
+    }
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+        "kind": "DropboxElementInstance",
+        "metadata": {"name": name},
+        "spec": spec
+    }))?)
 }
 
 /// Runs `cmd`; (success, stdout, stderr).
