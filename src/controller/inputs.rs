@@ -106,7 +106,7 @@ pub struct SecretCache {
 }
 
 struct Cached {
-    secret: Arc<Secret>,
+    secret: CompactSecret,
     /// Written by this controller and not yet seen by the metadata watch: the
     /// watch lags our own writes, so its silence about this Secret means "not
     /// caught up", not "gone". (A Secret we wrote carries our finalizer, so it
@@ -143,27 +143,28 @@ impl SecretCache {
             let mut contents = self.contents.lock().expect("secret cache lock");
             if let Some(cached) = contents.get_mut(&key) {
                 match &current {
-                    Some(rv) if cached.secret.resource_version().as_ref() == Some(rv) => {
+                    Some(rv) if cached.secret.resource_version.as_ref() == Some(rv) => {
                         cached.own_unseen = false;
-                        return Ok(Some(cached.secret.clone()));
+                        return Ok(Some(Arc::new(cached.secret.expand(namespace, name))));
                     }
-                    None if cached.own_unseen => return Ok(Some(cached.secret.clone())),
+                    None if cached.own_unseen => {
+                        return Ok(Some(Arc::new(cached.secret.expand(namespace, name))));
+                    }
                     _ => {}
                 }
             }
         }
-        let fetched = api.get_opt(name).await?.map(|mut s| {
-            // Field-management bookkeeping is most of a small Secret's size.
-            s.metadata.managed_fields = None;
-            Arc::new(s)
-        });
+        let fetched = api.get_opt(name).await?.map(CompactSecret::new);
         let mut contents = self.contents.lock().expect("secret cache lock");
-        match &fetched {
+        let secret = fetched
+            .as_ref()
+            .map(|s| Arc::new(s.expand(namespace, name)));
+        match fetched {
             Some(secret) => {
                 contents.insert(
                     key,
                     Cached {
-                        secret: secret.clone(),
+                        secret,
                         own_unseen: false,
                     },
                 );
@@ -172,16 +173,13 @@ impl SecretCache {
                 contents.remove(&key);
             }
         }
-        Ok(fetched)
+        Ok(secret)
     }
 
     /// Secrets (metadata as watched) that carry finalizer `finalizer`.
     pub fn tracked_with_finalizer(&self, finalizer: &str) -> Vec<Arc<PartialObjectMeta<Secret>>> {
         self.versions
-            .state()
-            .into_iter()
-            .filter(|m| m.finalizers().iter().any(|f| f == finalizer))
-            .collect()
+            .state_filter(|m| m.finalizers().iter().any(|f| f == finalizer))
     }
 
     /// Drops a Secret that is going away (the token Secret of a deleted instance).
@@ -193,16 +191,83 @@ impl SecretCache {
     }
 
     /// Remembers a Secret this controller just wrote.
-    pub fn put(&self, mut secret: Secret) {
-        secret.metadata.managed_fields = None;
+    pub fn put(&self, secret: Secret) {
         let key = (secret.namespace().unwrap_or_default(), secret.name_any());
         self.contents.lock().expect("secret cache lock").insert(
             key,
             Cached {
-                secret: Arc::new(secret),
+                secret: CompactSecret::new(secret),
                 own_unseen: true,
             },
         );
+    }
+}
+
+/// What a reconcile reads of a Secret, held compactly: one is cached per
+/// instance and per referenced Secret, so its size is the controller's memory
+/// per instance (README, "Performance"). A `Secret` keeps each of its maps in a
+/// B-tree node of about half a KiB however few entries it has, and carries
+/// metadata no reconcile reads (uid, creation time, field managers, a
+/// `kubectl apply` annotation repeating the data); here maps are exact-size
+/// vectors and only the metadata the controller reads is kept: its own labels
+/// and annotation, owner references, finalizers, deletion time and version.
+#[derive(Debug, Clone, PartialEq)]
+struct CompactSecret {
+    resource_version: Option<String>,
+    labels: Box<[(String, String)]>,
+    annotations: Box<[(String, String)]>,
+    owner_references: Box<[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]>,
+    finalizers: Box<[String]>,
+    deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    data: Box<[(String, ByteString)]>,
+}
+
+impl CompactSecret {
+    fn new(secret: Secret) -> Self {
+        let meta = secret.metadata;
+        let ours = |key: &String| {
+            key == crate::contract::MANAGED_BY_LABEL
+                || key == crate::contract::INSTANCE_LABEL
+                || key == token::CODE_FINGERPRINT_ANNOTATION
+        };
+        let kept = |map: Option<BTreeMap<String, String>>| {
+            map.into_iter()
+                .flatten()
+                .filter(|(k, _)| ours(k))
+                .collect::<Box<[_]>>()
+        };
+        CompactSecret {
+            resource_version: meta.resource_version,
+            labels: kept(meta.labels),
+            annotations: kept(meta.annotations),
+            owner_references: meta.owner_references.unwrap_or_default().into(),
+            finalizers: meta.finalizers.unwrap_or_default().into(),
+            deletion_timestamp: meta.deletion_timestamp,
+            data: secret.data.into_iter().flatten().collect(),
+        }
+    }
+
+    /// The Secret as the reconcile reads it.
+    fn expand(&self, namespace: &str, name: &str) -> Secret {
+        let map = |pairs: &[(String, String)]| {
+            (!pairs.is_empty()).then(|| pairs.iter().cloned().collect::<BTreeMap<_, _>>())
+        };
+        Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.to_owned()),
+                namespace: Some(namespace.to_owned()),
+                resource_version: self.resource_version.clone(),
+                labels: map(&self.labels),
+                annotations: map(&self.annotations),
+                owner_references: (!self.owner_references.is_empty())
+                    .then(|| self.owner_references.to_vec()),
+                finalizers: (!self.finalizers.is_empty()).then(|| self.finalizers.to_vec()),
+                deletion_timestamp: self.deletion_timestamp.clone(),
+                ..Default::default()
+            },
+            data: Some(self.data.iter().cloned().collect()),
+            ..Default::default()
+        }
     }
 }
 
@@ -398,6 +463,48 @@ pub async fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_secret_keeps_what_reconciles_read_and_drops_the_rest() {
+        let secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "t", "namespace": "ns", "uid": "u-1", "resourceVersion": "42",
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "labels": {"app.kubernetes.io/managed-by": "dropbox-operator", "team": "x"},
+                "annotations": {
+                    "elements.dropbox-operator.dev/code-fingerprint": "sha256:ab",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"data\":{}}"
+                },
+                "ownerReferences": [{"apiVersion": "v1", "kind": "K", "name": "i", "uid": "o-1"}],
+                "finalizers": ["f"],
+                "managedFields": [{"manager": "m", "operation": "Apply"}]
+            },
+            "type": "Opaque",
+            "data": {"access_token": "dG9r", "refresh_token": "cmVm"}
+        }))
+        .expect("secret");
+        let expanded = CompactSecret::new(secret.clone()).expand("ns", "t");
+        let meta = &expanded.metadata;
+        assert_eq!(meta.resource_version.as_deref(), Some("42"));
+        assert_eq!(expanded.data, secret.data);
+        assert_eq!(meta.owner_references, secret.metadata.owner_references);
+        assert_eq!(meta.finalizers, secret.metadata.finalizers);
+        assert!(crate::contract::is_managed(meta.labels.as_ref()));
+        assert_eq!(meta.labels.as_ref().map(BTreeMap::len), Some(1));
+        assert_eq!(
+            meta.annotations
+                .as_ref()
+                .map(|a| a.keys().cloned().collect::<Vec<_>>()),
+            Some(vec![token::CODE_FINGERPRINT_ANNOTATION.to_owned()])
+        );
+        assert!(meta.uid.is_none() && meta.managed_fields.is_none());
+        assert!(meta.creation_timestamp.is_none());
+        // A Secret with no labels, annotations or data stays without them.
+        let bare = Secret::default();
+        let expanded = CompactSecret::new(bare).expand("ns", "b");
+        assert!(expanded.metadata.labels.is_none() && expanded.metadata.annotations.is_none());
+        assert!(expanded.data.unwrap_or_default().is_empty());
+    }
 
     #[test]
     fn fingerprint_is_sha256_hex() {
