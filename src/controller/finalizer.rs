@@ -268,14 +268,25 @@ pub async fn release_orphaned_token_secrets(
     ctx: &Context,
     timeout: Duration,
 ) -> Result<(), kube::Error> {
+    // Only Secrets being deleted are candidates (usually none): the set of
+    // live instances is built only for them.
+    let deleting: Vec<_> = ctx
+        .secrets
+        .tracked_with_finalizer(FINALIZER)
+        .into_iter()
+        .filter(|meta| meta.meta().deletion_timestamp.is_some())
+        .collect();
+    if deleting.is_empty() {
+        return Ok(());
+    }
     let live: std::collections::HashSet<String> =
         ctx.store.state().iter().filter_map(|i| i.uid()).collect();
-    for meta in ctx.secrets.tracked_with_finalizer(FINALIZER) {
+    for meta in deleting {
         let owners_live = meta
             .owner_references()
             .iter()
             .any(|o| live.contains(&o.uid));
-        if owners_live || meta.meta().deletion_timestamp.is_none() {
+        if owners_live {
             continue;
         }
         let namespace = meta.namespace().unwrap_or_default();

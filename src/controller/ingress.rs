@@ -396,10 +396,14 @@ impl IngressManager {
         let mut drift_check = tokio::time::interval(Duration::from_secs(300));
         let mut heartbeat_check = tokio::time::interval(Duration::from_secs(3));
         loop {
-            let needed = store.state().iter().any(|i| {
-                i.meta().deletion_timestamp.is_none()
-                    && i.spec.events.as_ref().is_some_and(|e| e.enabled)
-            });
+            // Runs after every reconcile: a lookup under the cache's lock, not a
+            // copy of every instance.
+            let needed = store
+                .find(|i| {
+                    i.meta().deletion_timestamp.is_none()
+                        && i.spec.events.as_ref().is_some_and(|e| e.enabled)
+                })
+                .is_some();
             if applied != Some(needed) {
                 match self.apply(&client, needed).await {
                     Ok(()) => applied = Some(needed),

@@ -36,15 +36,19 @@ impl OwnSecretWrites {
             .remove(&(namespace.to_owned(), name.to_owned()));
     }
 
-    /// True when this (namespace, name, resourceVersion) is our own write.
+    /// True when this (namespace, name, resourceVersion) is our own write. The
+    /// echo comes once: the entry goes with it, so settled instances cost no
+    /// memory here (a relist's repeat of it wakes the instance, which then finds
+    /// nothing to do).
     pub fn is_echo(&self, namespace: &str, name: &str, resource_version: Option<&str>) -> bool {
-        let versions = self.versions.lock().expect("own writes lock");
-        resource_version.is_some_and(|rv| {
-            versions
-                .get(&(namespace.to_owned(), name.to_owned()))
-                .map(String::as_str)
-                == Some(rv)
-        })
+        let mut versions = self.versions.lock().expect("own writes lock");
+        let key = (namespace.to_owned(), name.to_owned());
+        let echo =
+            resource_version.is_some_and(|rv| versions.get(&key).map(String::as_str) == Some(rv));
+        if echo {
+            versions.remove(&key);
+        }
+        echo
     }
 }
 
@@ -154,12 +158,13 @@ impl CodeRegistry {
                 .unwrap_or_else(|| "(deleted)".into());
             return Err(name);
         }
-        let other = store.state().into_iter().find(|i| {
-            i.uid().as_deref() != Some(uid)
-                && i.status
-                    .as_ref()
-                    .and_then(|s| s.code_fingerprint.as_deref())
-                    == Some(fingerprint)
+        // Once per exchange: a lookup under the cache's lock that allocates nothing.
+        let other = store.find(|i| {
+            i.status
+                .as_ref()
+                .and_then(|s| s.code_fingerprint.as_deref())
+                == Some(fingerprint)
+                && i.metadata.uid.as_deref() != Some(uid)
         });
         if let Some(other) = other {
             return Err(format!(

@@ -305,13 +305,13 @@ fn instances_for_secret(
         .filter(|o| o.kind == kind)
         .map(|o| ObjectRef::new(&o.name).within(&namespace))
         .collect();
-    for instance in store.state() {
-        if instance.namespace().as_deref() == Some(namespace.as_str())
-            && references_secret(&instance, name)
-        {
-            refs.push(ObjectRef::from_obj(instance.as_ref()));
-        }
-    }
+    // Every Secret event runs this (a start lists them all): filtered under
+    // the cache's lock, without copying every instance.
+    let referring = store.state_filter(|instance| {
+        instance.metadata.namespace.as_deref() == Some(namespace.as_str())
+            && references_secret(instance, name)
+    });
+    refs.extend(referring.iter().map(|i| ObjectRef::from_obj(i.as_ref())));
     refs
 }
 
@@ -333,6 +333,16 @@ pub fn references_secret(instance: &DropboxElementInstance, name: &str) -> bool 
             .as_ref()
             .and_then(|e| e.signature_key_secret_ref.as_ref())
             .is_some_and(|r| r.name == name)
+}
+
+/// The instances whose EventsReady follows the ingress's liveness.
+fn events_enabled(store: &Store<DropboxElementInstance>) -> Vec<ObjectRef<DropboxElementInstance>> {
+    store
+        .state()
+        .iter()
+        .filter(|i| i.spec.events.as_ref().is_some_and(|e| e.enabled))
+        .map(|i| ObjectRef::from_obj(i.as_ref()))
+        .collect()
 }
 
 async fn run_controller(
@@ -365,9 +375,12 @@ async fn run_controller(
         crate::store::namespaces_watcher(secrets, watcher::Config::default().any_semantic())
             // Names and versions are all the cache needs: drop the rest early.
             .modify(|s| {
+                s.types = None;
                 s.metadata.managed_fields = None;
                 s.metadata.annotations = None;
                 s.metadata.labels = None;
+                s.metadata.uid = None;
+                s.metadata.creation_timestamp = None;
             }),
     )
     .default_backoff()
@@ -392,12 +405,15 @@ async fn run_controller(
         )
     });
 
-    // Ingress liveness changes re-reconcile every instance (their EventsReady).
+    // Ingress liveness changes re-reconcile the events-enabled instances (their
+    // EventsReady); the others do not depend on it.
     let (liveness_tx, liveness_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let liveness_store = store.clone();
     let liveness = futures::stream::unfold(liveness_rx, |mut rx| async move {
         rx.recv().await.map(|()| ((), rx))
-    });
-    let controller = controller.reconcile_all_on(liveness);
+    })
+    .flat_map(move |()| futures::stream::iter(events_enabled(&liveness_store)));
+    let controller = controller.reconcile_on(liveness);
 
     let ingress = ingress::IngressManager::new(options.ingress.clone());
     tokio::spawn(ingress.clone().run(

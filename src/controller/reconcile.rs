@@ -258,6 +258,10 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
         namespace: &ctx.ingress.settings.namespace,
     };
     let events_enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled);
+    // Whether the ingress is needed can change only through an instance that
+    // has or had events; the others do not wake its manager (which then looks
+    // at every instance).
+    let ingress_concerned = events_enabled || prev.events.is_some();
     let events = if events_enabled {
         let authorized = step.authorized.is_true();
         let input = EventsInputs {
@@ -286,7 +290,9 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
         }
         None
     };
-    ctx.ingress.poke();
+    if ingress_concerned {
+        ctx.ingress.poke();
+    }
 
     if !step.authorized.is_true() {
         ctx.metrics
