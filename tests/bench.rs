@@ -1366,7 +1366,7 @@ async fn bench_ingress() -> Result<()> {
     blast(&http, &counted_bare_url, &body, &signature, 200, 8).await;
     blast(&http, &counted_signed_url, &body, &signature, 200, 8).await;
     let (mut ingress_ir, mut bare_ir, mut signed_ir) = (Vec::new(), Vec::new(), Vec::new());
-    let syncs_before = counted.metric_sum("dropbox_operator_syncs_total", "").await;
+    let syncs_before = counted.metric_sum("dropbox_ingress_syncs_total", "").await;
     for _ in 0..3 {
         let ir = instructions(
             counted.pid().context("pid")?,
@@ -1390,7 +1390,7 @@ async fn bench_ingress() -> Result<()> {
         .await?;
         signed_ir.push(ir as f64 / per_count as f64);
     }
-    let syncs = counted.metric_sum("dropbox_operator_syncs_total", "").await - syncs_before;
+    let syncs = counted.metric_sum("dropbox_ingress_syncs_total", "").await - syncs_before;
     let _ = counted_bare.kill();
     let _ = counted_signed.kill();
     drop(counted);
