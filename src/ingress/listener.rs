@@ -40,7 +40,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -75,7 +75,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     open: Gauge,
 ) -> io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+    let listener = bind(addr, config.max_connections)?;
     tracing::info!(address = %listener.local_addr()?, max_connections = config.max_connections, "serving webhooks");
     raise_open_files_limit(config.max_connections);
     let builder = Arc::new(builder(&config));
@@ -141,6 +141,20 @@ pub async fn serve(
         connections.wait().await;
     }
     Ok(())
+}
+
+/// Binds `addr` with a listen backlog of at least `connections` (the kernel
+/// caps it at net.core.somaxconn): a burst of connections then waits in the
+/// backlog instead of having its SYNs dropped, which would delay a genuine
+/// client by a whole retransmission timeout (1 s).
+fn bind(addr: SocketAddr, connections: usize) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(connections).unwrap_or(u32::MAX).max(1024))
 }
 
 fn builder(config: &ListenerConfig) -> auto::Builder<TokioExecutor> {
