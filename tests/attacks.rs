@@ -57,6 +57,8 @@ fn attacks_on_the_ingress_are_refused() {
 struct World {
     client: Client,
     emu: Emulator,
+    /// The operator's namespace.
+    ops: String,
     attacker_ns: String,
     controller: Process,
     /// Allows loopback callbacks (the tenants' receivers).
@@ -260,6 +262,7 @@ async fn setup() -> Result<World> {
     Ok(World {
         client,
         emu,
+        ops,
         attacker_ns,
         controller,
         ingress,
@@ -389,21 +392,30 @@ async fn run() -> Result<()> {
     });
 
     // 3. A genuine notification replayed against another app key / an unknown one.
+    // The replayed body names an account that an instance of the other app
+    // has (the attacker's, which both apps are connected to), with something
+    // to deliver: only the signature check stands between the replay and a
+    // delivery to that instance's receiver.
     let genuine = sign(APP_SECRET, &body);
     let tries = 20;
+    w.emu.upload(ATTACKER, "/replayed.txt", b"r");
+    let replay = notification(&[ATTACKER]);
+    let other_before = w.other_rx.all().len();
     let refused = post_many(
         &hook(&w.ingress, OTHER_APP),
-        &body,
-        Some(&genuine),
+        &replay,
+        Some(&sign(APP_SECRET, &replay)),
         tries,
         403,
     )
     .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let delivered = w.other_rx.all().len() - other_before;
     rows.push(Row {
-        attack: "genuine body replayed with another app key".into(),
+        attack: "genuine body replayed with another app key (an account it has)".into(),
         tries,
         refused,
-        let_through: tries - refused,
+        let_through: tries - refused + delivered,
     });
     let refused = post_many(
         &hook(&w.ingress, "no-such-app"),
@@ -641,79 +653,139 @@ async fn run() -> Result<()> {
             }
         });
     }
-    let cases: Vec<(String, &str)> = vec![
-        (format!("http://127.0.0.1:{port}/"), "loopback (IPv4)"),
-        (format!("http://[::1]:{v6port}/"), "loopback (IPv6)"),
+    // Each case with the kind of range the refusal must report (our own
+    // reading of the address registries, not the ingress's table).
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            format!("http://127.0.0.1:{port}/"),
+            "loopback (IPv4)",
+            "loopback",
+        ),
+        (
+            format!("http://[::1]:{v6port}/"),
+            "loopback (IPv6)",
+            "loopback",
+        ),
         (
             format!("http://localhost:{port}/"),
             "DNS name resolving to loopback",
+            "loopback",
         ),
         (
             format!("http://2130706433:{port}/"),
             "decimal IPv4 spelling of 127.0.0.1",
+            "loopback",
         ),
         (
             format!("http://0x7f000001:{port}/"),
             "hex IPv4 spelling of 127.0.0.1",
+            "loopback",
         ),
         (
             format!("http://0177.0.0.1:{port}/"),
             "octal IPv4 spelling of 127.0.0.1",
+            "loopback",
         ),
         (
             format!("http://127.1:{port}/"),
             "short IPv4 spelling of 127.0.0.1",
+            "loopback",
         ),
         (
             format!("http://[::ffff:127.0.0.1]:{port}/"),
             "IPv4-mapped IPv6 loopback",
+            "loopback",
         ),
         (
             "http://[::ffff:169.254.169.254]/".into(),
             "IPv4-mapped metadata address",
+            "link-local",
         ),
         (
             "http://[64:ff9b::a9fe:a9fe]/".into(),
             "NAT64 of 169.254.169.254",
+            "link-local",
         ),
         (
             format!("http://[64:ff9b::7f00:1]:{port}/"),
             "NAT64 of 127.0.0.1",
+            "loopback",
         ),
         (
             "http://[2002:a9fe:a9fe::1]/".into(),
             "6to4 of 169.254.169.254",
+            "link-local",
         ),
         (
             format!("http://[2002:7f00:1::1]:{port}/"),
             "6to4 of 127.0.0.1",
+            "loopback",
         ),
         (
             "http://169.254.169.254/latest/meta-data/".into(),
             "link-local (cloud metadata)",
+            "link-local",
         ),
-        ("http://[fe80::1]/".into(), "link-local (IPv6)"),
-        ("http://10.0.0.1/".into(), "private 10/8"),
-        ("http://172.16.0.1/".into(), "private 172.16/12"),
-        ("http://192.168.1.1/".into(), "private 192.168/16"),
-        ("http://[fd00::1]/".into(), "unique local (IPv6)"),
-        ("http://100.64.0.1/".into(), "CGNAT 100.64/10"),
-        (format!("http://0.0.0.0:{port}/"), "unspecified (IPv4)"),
-        (format!("http://[::]:{v6port}/"), "unspecified (IPv6)"),
-        ("http://224.0.0.1/".into(), "multicast (IPv4)"),
-        ("http://[ff02::1]/".into(), "multicast (IPv6)"),
-        ("http://240.0.0.1/".into(), "reserved 240/4"),
-        ("http://255.255.255.255/".into(), "broadcast"),
+        (
+            "http://[fe80::1]/".into(),
+            "link-local (IPv6)",
+            "link-local",
+        ),
+        ("http://10.0.0.1/".into(), "private 10/8", "private"),
+        ("http://172.16.0.1/".into(), "private 172.16/12", "private"),
+        (
+            "http://192.168.1.1/".into(),
+            "private 192.168/16",
+            "private",
+        ),
+        (
+            "http://[fd00::1]/".into(),
+            "unique local (IPv6)",
+            "unique local",
+        ),
+        (
+            "http://100.64.0.1/".into(),
+            "CGNAT 100.64/10",
+            "shared address space (CGNAT)",
+        ),
+        (
+            format!("http://0.0.0.0:{port}/"),
+            "unspecified (IPv4)",
+            "unspecified",
+        ),
+        (
+            format!("http://[::]:{v6port}/"),
+            "unspecified (IPv6)",
+            "unspecified",
+        ),
+        ("http://224.0.0.1/".into(), "multicast (IPv4)", "multicast"),
+        ("http://[ff02::1]/".into(), "multicast (IPv6)", "multicast"),
+        ("http://240.0.0.1/".into(), "reserved 240/4", "reserved"),
+        ("http://255.255.255.255/".into(), "broadcast", "broadcast"),
         (
             "http://192.88.99.1/".into(),
             "6to4 relay anycast 192.88.99/24",
+            "6to4 relay anycast (deprecated)",
         ),
-        ("http://[2001::1]/".into(), "Teredo / IETF 2001::/23"),
-        ("http://[2001:db8::1]/".into(), "documentation (IPv6)"),
-        ("http://198.18.0.1/".into(), "benchmarking 198.18/15"),
+        (
+            "http://[2001::1]/".into(),
+            "Teredo / IETF 2001::/23",
+            "IETF protocol assignments (incl. Teredo)",
+        ),
+        (
+            "http://[2001:db8::1]/".into(),
+            "documentation (IPv6)",
+            "documentation",
+        ),
+        (
+            "http://198.18.0.1/".into(),
+            "benchmarking 198.18/15",
+            "benchmarking",
+        ),
         (
             "http://93.184.216.34/".into(),
             "public, but in deniedCallbackCIDRs",
+            "denied by the operator's configuration",
         ),
     ];
     let instances: Api<DropboxElementInstance> = Api::namespaced(w.client.clone(), &w.attacker_ns);
@@ -729,19 +801,23 @@ async fn run() -> Result<()> {
                 .await
         }
     };
-    let forbidden = || {
-        metric(
-            &w.strict,
-            "dropbox_ingress_delivery_failures_total",
-            "CallbackForbidden",
-        )
-    };
     let unreachable = || {
         metric(
             &w.strict,
             "dropbox_ingress_delivery_failures_total",
             "CallbackUnreachable",
         )
+    };
+    // The message of the EventsDelivering refusal reported now, if any.
+    let refusal = || {
+        let instances = instances.clone();
+        async move {
+            let ssrf = instances.get("ssrf").await?;
+            Ok(support::condition(&ssrf, "EventsDelivering")
+                .filter(|c| c.status == "False" && c.reason == "CallbackForbidden")
+                .map(|c| c.message.clone())
+                .unwrap_or_default())
+        }
     };
     // Start a delivery on the strict ingress; it retries with whatever URL the
     // instance has at each attempt.
@@ -759,19 +835,34 @@ async fn run() -> Result<()> {
         "the SSRF instance's webhook was refused: {}",
         r.status()
     );
-    for (url, what) in &cases {
+    // A refusal counts for a case only when it reports the case's own range,
+    // and the case before reported another one: so it was made with this URL,
+    // not the previous one. Between two cases of the same range, another
+    // denied public address (a refusal of its own) separates them.
+    let mut steps: Vec<(String, String, &str)> = Vec::new();
+    let mut separators = 35..;
+    for (url, what, range) in &cases {
+        if steps.last().is_some_and(|(_, _, last)| last == range) {
+            let n = separators.next().unwrap_or(99);
+            steps.push((
+                format!("http://93.184.216.{n}/"),
+                format!(
+                    "public, but in deniedCallbackCIDRs (93.184.216.{n}, between two {range} cases)"
+                ),
+                "denied by the operator's configuration",
+            ));
+        }
+        steps.push((url.clone(), (*what).to_owned(), range));
+    }
+    for (url, what, range) in &steps {
+        let (hits_before, unreachable_before) = (hits.load(Ordering::Relaxed), unreachable().await);
         set_callback(url.clone()).await?;
-        let (hits_before, unreachable_before, forbidden_before) = (
-            hits.load(Ordering::Relaxed),
-            unreachable().await,
-            forbidden().await,
-        );
-        // Two more refusals: at least one was made with this URL.
-        let refused = support::eventually(
-            &format!("the strict ingress to refuse {what}"),
+        let wanted = format!("({range} range)");
+        let reported = support::eventually(
+            &format!("the strict ingress to refuse {what} as {range}"),
             Duration::from_secs(20),
-            || async { Ok(forbidden().await) },
-            |n: &usize| *n >= forbidden_before + 2,
+            || async { refusal().await },
+            |m: &String| m.contains(&wanted),
         )
         .await
         .is_ok();
@@ -780,7 +871,7 @@ async fn run() -> Result<()> {
         rows.push(Row {
             attack: format!("SSRF: {what}"),
             tries: 1,
-            refused: usize::from(refused && leaked == 0),
+            refused: usize::from(reported && leaked == 0),
             let_through: leaked,
         });
     }
@@ -921,30 +1012,70 @@ async fn run() -> Result<()> {
         let_through: other,
     });
 
-    // 14. A stalled upload does not hold a shutting-down ingress.
-    let mut ingress = w.ingress;
+    // 14. Stalled clients do not hold a shutting-down ingress: an upload
+    // stalled mid-body (its body timeout, 60 s, is far beyond the drain
+    // timeout), a request head stalled half-way and an idle kept-alive
+    // connection. SIGTERM must end the process within the drain timeout (2 s).
+    let drain = Duration::from_secs(2);
+    let mut ingress = OperatorProcess::ingress(&w.ops, &w.emu.url)
+        .env_remove("WATCH_NAMESPACE")
+        .env("HEARTBEAT_INTERVAL", "1s")
+        .name("sigterm")
+        .env("WEBHOOK_BODY_TIMEOUT", "60s")
+        .env("DRAIN_TIMEOUT", "2s")
+        .start()
+        .await;
     let addr = addr_of(&ingress);
-    let stall = tokio::spawn(async move {
-        let req = format!(
-            "POST /webhooks/dropbox/{APP_KEY} HTTP/1.1\r\nHost: x\r\nX-Dropbox-Signature: {}\r\nContent-Length: 4096\r\n\r\n{{",
-            "0".repeat(64)
-        );
-        raw_request(&addr, req.as_bytes(), Duration::from_secs(20)).await
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut stalled = Vec::new();
+    let upload = format!(
+        "POST /webhooks/dropbox/{APP_KEY} HTTP/1.1\r\nHost: x\r\nX-Dropbox-Signature: {}\r\nContent-Length: 4096\r\n\r\n{{",
+        "0".repeat(64)
+    );
+    for request in [
+        upload.into_bytes(),
+        format!("POST /webhooks/dropbox/{APP_KEY} HTTP/1.1\r\nHost: x\r\n").into_bytes(),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await?;
+        s.write_all(&request).await?;
+        stalled.push(s);
+    }
+    let mut idle = tokio::net::TcpStream::connect(&addr).await?;
+    idle.write_all(
+        format!("GET /webhooks/dropbox/{APP_KEY}?challenge=c HTTP/1.1\r\nHost: x\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut buf = [0u8; 256];
+    let n = idle.read(&mut buf).await?;
+    ensure!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "the challenge was not answered"
+    );
+    stalled.push(idle);
+    // The upload's handler is waiting for its body.
+    let in_flight = support::eventually(
+        "the stalled upload to be in flight",
+        Duration::from_secs(5),
+        || async { Ok(metric(&ingress, "dropbox_ingress_open_connections", "").await) },
+        |n: &usize| *n >= 3,
+    )
+    .await
+    .is_ok();
     let started = Instant::now();
     let clean =
-        tokio::task::spawn_blocking(move || ingress.terminate(Duration::from_secs(10))).await?;
+        tokio::task::spawn_blocking(move || ingress.terminate(drain + Duration::from_secs(3)))
+            .await?;
     let took = started.elapsed();
-    let _ = stall.await;
+    drop(stalled);
+    let held = !clean || took > drain + Duration::from_millis(1500);
     rows.push(Row {
         attack: format!(
-            "stalled upload during SIGTERM (exited in {:.1} s)",
+            "stalled upload, head and idle connection during SIGTERM (exited in {:.1} s)",
             took.as_secs_f64()
         ),
         tries: 1,
-        refused: usize::from(clean),
-        let_through: usize::from(!clean),
+        refused: usize::from(in_flight && !held),
+        let_through: usize::from(held),
     });
 
     print_table(&rows);
