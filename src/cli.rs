@@ -227,6 +227,34 @@ pub struct IngressArgs {
     #[arg(long, env = "WEBHOOK_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub webhook_body_timeout: Duration,
 
+    /// Bytes of webhook bodies in flight at once across the process (e.g.
+    /// `32Mi`). A body over 16 KiB is charged by its Content-Length (without
+    /// one, 1 MiB) before it is read; when the budget cannot cover it, 503
+    /// with Retry-After. Smaller bodies are bounded by --max-connections.
+    #[arg(long, env = "WEBHOOK_BODY_BUDGET", default_value = "32Mi", value_parser = parse_bytes)]
+    pub webhook_body_budget: u64,
+
+    /// Connections open at once on the public port; more wait in the backlog.
+    /// Each holds at most 16 KiB of request head and 16 KiB of uncharged body.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Time a client has to send a request head, from the connection's start
+    /// or from the first byte of a later request on a kept-alive connection
+    /// (and to take an answer's bytes).
+    #[arg(long, env = "WEBHOOK_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_header_timeout: Duration,
+
+    /// How long a kept-alive connection may wait for its next request (keep
+    /// it above the idle timeout of a load balancer in front, often 60 s).
+    #[arg(long, env = "WEBHOOK_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub webhook_idle_timeout: Duration,
+
+    /// Also accept HTTP/2 with prior knowledge (h2c) on the public port, for a
+    /// proxy that speaks it to its backends. Default: HTTP/1.1 only.
+    #[arg(long, env = "WEBHOOK_HTTP2", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_http2: bool,
+
     /// Instance syncs (Dropbox listing and delivery) running at once in this replica.
     #[arg(long, env = "MAX_CONCURRENT_SYNCS", default_value_t = 32)]
     pub max_concurrent_syncs: usize,
@@ -512,10 +540,37 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(d).map_err(|_| format!("duration {s:?} must not be negative"))
 }
 
+/// A size in bytes: a whole number, optionally with a binary suffix as in
+/// Kubernetes quantities (`Ki`, `Mi`, `Gi`), e.g. `32Mi`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.trim() {
+        t if t.ends_with("Ki") => (&t[..t.len() - 2], 1u64 << 10),
+        t if t.ends_with("Mi") => (&t[..t.len() - 2], 1 << 20),
+        t if t.ends_with("Gi") => (&t[..t.len() - 2], 1 << 30),
+        t => (t, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| format!("invalid size {s:?}: a whole number of bytes, or with Ki, Mi or Gi"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn sizes_are_bytes_or_binary_quantities() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("32Mi"), Ok(32 << 20));
+        assert_eq!(parse_bytes("512Ki"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1Gi"), Ok(1 << 30));
+        for bad in ["", "Mi", "32MB", "-1", "1.5Mi", "99999999999999Gi"] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn cli_is_consistent() {

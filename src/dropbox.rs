@@ -554,9 +554,10 @@ fn classify_common(status: StatusCode, retry_after: Option<Duration>) -> Option<
     None
 }
 
+/// `Retry-After` in seconds or as an HTTP date (`crate::retry::retry_after`).
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     let value = response.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    crate::retry::retry_after(value)
 }
 
 fn transport(err: reqwest::Error) -> DropboxError {

@@ -189,6 +189,8 @@ pub struct IngressMetrics {
     pub secret_reads: Counter,
     pub longpolls: Gauge,
     pub longpoll_results: Family<ResultLabels, Counter>,
+    pub open_connections: Gauge,
+    pub body_bytes_in_flight: Gauge,
 }
 
 impl IngressMetrics {
@@ -206,11 +208,13 @@ impl IngressMetrics {
             secret_reads: Counter::default(),
             longpolls: Gauge::default(),
             longpoll_results: Family::default(),
+            open_connections: Gauge::default(),
+            body_bytes_in_flight: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("dropbox_ingress");
         r.register(
             "webhooks",
-            "Dropbox webhook requests by result (accepted, forbidden, not_found, too_large, timeout, malformed, overloaded)",
+            "Dropbox webhook requests by result (accepted, forbidden, not_found, too_large, timeout, malformed, overloaded, over_budget)",
             m.webhooks.clone(),
         );
         r.register(
@@ -267,6 +271,16 @@ impl IngressMetrics {
             "longpoll_results",
             "Answers to list_folder/longpoll by result (changes, timeout, reset, error)",
             m.longpoll_results.clone(),
+        );
+        r.register(
+            "open_connections",
+            "Connections open on the public webhook port",
+            m.open_connections.clone(),
+        );
+        r.register(
+            "body_bytes_in_flight",
+            "Bytes of webhook bodies charged against the body budget (--webhook-body-budget)",
+            m.body_bytes_in_flight.clone(),
         );
         m
     }

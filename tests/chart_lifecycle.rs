@@ -235,6 +235,11 @@ fn ingress_values(apps: &[&str]) -> Value {
             "logFormat": "text",
             "maxConcurrentWebhooks": 64,
             "webhookBodyTimeout": "7s",
+            "webhookBodyBudget": "48Mi",
+            "maxConnections": 2048,
+            "webhookHeaderTimeout": "4s",
+            "webhookIdleTimeout": "90s",
+            "webhookHttp2": true,
             "maxConcurrentSyncs": 8,
             "resyncInterval": "90s",
             "drainTimeout": "25s",
@@ -324,6 +329,11 @@ fn rendered_ingress_settings_are_accepted_by_both_subcommands() -> Result<()> {
     let IngressArgs {
         max_concurrent_webhooks,
         webhook_body_timeout,
+        webhook_body_budget,
+        max_connections,
+        webhook_header_timeout,
+        webhook_idle_timeout,
+        webhook_http2,
         max_concurrent_syncs,
         resync_interval,
         drain_timeout,
@@ -336,6 +346,11 @@ fn rendered_ingress_settings_are_accepted_by_both_subcommands() -> Result<()> {
     } = *ingress_args;
     assert_eq!(max_concurrent_webhooks, 64);
     assert_eq!(webhook_body_timeout, Duration::from_secs(7));
+    assert_eq!(webhook_body_budget, 48 << 20);
+    assert_eq!(max_connections, 2048);
+    assert_eq!(webhook_header_timeout, Duration::from_secs(4));
+    assert_eq!(webhook_idle_timeout, Duration::from_secs(90));
+    assert!(webhook_http2);
     assert_eq!(max_concurrent_syncs, 8);
     assert_eq!(resync_interval, Duration::from_secs(90));
     assert_eq!(drain_timeout, Duration::from_secs(25));
@@ -651,6 +666,11 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
         ("LOG_FORMAT", json!("text")),
         ("MAX_CONCURRENT_WEBHOOKS", json!("64")),
         ("WEBHOOK_BODY_TIMEOUT", json!("7s")),
+        ("WEBHOOK_BODY_BUDGET", json!("48Mi")),
+        ("MAX_CONNECTIONS", json!("2048")),
+        ("WEBHOOK_HEADER_TIMEOUT", json!("4s")),
+        ("WEBHOOK_IDLE_TIMEOUT", json!("90s")),
+        ("WEBHOOK_HTTP2", json!("true")),
         ("MAX_CONCURRENT_SYNCS", json!("8")),
         ("RESYNC_INTERVAL", json!("90s")),
         ("DRAIN_TIMEOUT", json!("25s")),

@@ -501,6 +501,29 @@ async fn rate_limit_answers_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn rate_limit_can_send_retry_after_as_an_http_date() {
+    let emu = emulator().await;
+    let (access, _) = tokens(&emu).await;
+    emu.rate_limit_next_with_date("/2/users/get_current_account", 1, 7);
+    let r = rpc(&emu, &access, "/2/users/get_current_account", None).await;
+    assert_eq!(r.status(), 429);
+    let value = r.headers()["retry-after"].to_str().unwrap().to_owned();
+    let at = httpdate::parse_http_date(&value).expect("an HTTP date");
+    let ahead = at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(
+        (5..=7).contains(&ahead.as_secs()),
+        "{value}: {ahead:?} from now"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["error"],
+        json!({"reason": {".tag": "too_many_requests"}, "retry_after": 7})
+    );
+}
+
+#[tokio::test]
 async fn fail_next_and_fail_for() {
     let emu = emulator().await;
     emu.fail_next("/oauth2/token", 2, 503);

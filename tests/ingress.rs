@@ -675,6 +675,62 @@ async fn a_failing_callback_is_retried_and_the_cursor_waits() -> Result<()> {
     Ok(())
 }
 
+/// `Retry-After` as an HTTP date, from the callback and from Dropbox: the
+/// retry waits until that date, not the (much shorter) backoff. The dates have
+/// whole seconds, so "4 s from now" means 3 to 4 s; the backoff is 200 ms.
+#[tokio::test]
+async fn a_retry_after_date_from_the_callback_or_dropbox_is_waited_for() -> Result<()> {
+    const CONTINUE: &str = "/2/files/list_folder/continue";
+    let f = fixture("retry-date").await;
+    let ingress = f.ingress().env("DELIVERY_MAX_BACKOFF", "20s").start().await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    f.instance("dated", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("dated", "Ready", "True", None).await?;
+
+    // The callback answers 503 once, asking to come back at a date.
+    receiver.fail_next_until_date(503, 1, 4);
+    f.emu.upload(ACCOUNT, "/one.txt", b"one");
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    wait_events(&receiver, 1, Duration::from_secs(30)).await?;
+    let attempts = receiver.all();
+    let refused = attempts
+        .iter()
+        .find(|d| d.status == 503)
+        .context("the 503")?;
+    let retried = attempts
+        .iter()
+        .find(|d| d.is_accepted())
+        .context("the retry")?;
+    let gap = retried.at.duration_since(refused.at);
+    assert!(
+        gap >= Duration::from_millis(2900),
+        "the callback's Retry-After date was not waited for: retried after {gap:?}"
+    );
+
+    // Dropbox answers 429 once with Retry-After as a date.
+    let calls_before = f.emu.calls_to(CONTINUE).len();
+    f.emu.rate_limit_next_with_date(CONTINUE, 1, 4);
+    f.emu.upload(ACCOUNT, "/two.txt", b"two");
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    wait_events(&receiver, 2, Duration::from_secs(30)).await?;
+    let calls = f.emu.calls_to(CONTINUE);
+    let limited = calls[calls_before..]
+        .iter()
+        .position(|c| c.status == 429)
+        .map(|i| calls_before + i)
+        .context("the 429")?;
+    let next = calls
+        .get(limited + 1)
+        .context("the retry of list_folder/continue")?;
+    let gap = next.at.duration_since(calls[limited].at);
+    assert!(
+        gap >= Duration::from_millis(2900),
+        "Dropbox's Retry-After date was not waited for: retried after {gap:?}"
+    );
+    Ok(())
+}
+
 /// Killed mid-delivery and restarted with NO new webhook: the restarted ingress
 /// resumes from the committed cursor by itself, and what it redelivers carries
 /// the same ids with the same content.

@@ -1,6 +1,9 @@
 //! `dropbox-operator ingress`: the webhook ingress.
 //!
 //! - [`webhook`]: the HTTP endpoints Dropbox calls.
+//! - [`listener`]: the public port's server: connection cap, header and idle
+//!   deadlines, HTTP/1.1 only, bounded shutdown.
+//! - [`budget`]: the process-wide memory budget of webhook bodies in flight.
 //! - [`sync`]: per-instance syncs, delivery with retries, cursor commits.
 //! - [`longpoll`]: long-polls for instances with `events.source: longpoll`,
 //!   which get no webhook.
@@ -14,6 +17,8 @@
 //! milliseconds and does the work in the background. Webhooks are served on the
 //! public port; metrics and probes on a separate one.
 
+pub mod budget;
+pub mod listener;
 pub mod longpoll;
 pub mod payload;
 pub mod secrets;
@@ -72,6 +77,15 @@ pub struct Limits {
     pub body_timeout: Duration,
     /// Instance syncs running at once.
     pub concurrent_syncs: usize,
+    /// Bytes of webhook bodies in flight across the process (larger bodies
+    /// are charged before they are read; over it: 503).
+    pub body_budget: u64,
+    /// Connections open at once on the public port, and their deadlines.
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Accept h2c (HTTP/2 with prior knowledge) on the public port.
+    pub http2: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +189,12 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         draining.clone(),
     ));
 
+    let open_connections = metrics.open_connections.clone();
+    let budget = budget::BodyBudget::new(
+        options.limits.body_budget,
+        webhook::MAX_BODY as u64,
+        metrics.body_bytes_in_flight.clone(),
+    );
     let webhooks = webhook::routes(webhook::State {
         syncer: syncer.clone(),
         store,
@@ -183,12 +203,27 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
             options.limits.concurrent_webhooks,
         )),
         body_timeout: options.limits.body_timeout,
+        budget,
     });
+    let listener_config = listener::ListenerConfig {
+        max_connections: options.limits.max_connections,
+        header_timeout: options.limits.header_timeout,
+        idle_timeout: options.limits.idle_timeout,
+        http2: options.limits.http2,
+        drain_timeout: options.drain_timeout,
+    };
     let probes: axum::Router = server::probe_routes(Arc::new(registry), ready);
     let drain_timeout = options.drain_timeout;
     let (served, probes_served, ()) = tokio::join!(
         async {
-            let r = server::serve(options.listen_addr, webhooks, draining.clone()).await;
+            let r = listener::serve(
+                options.listen_addr,
+                webhooks,
+                listener_config,
+                draining.clone(),
+                open_connections,
+            )
+            .await;
             draining.cancel();
             r
         },

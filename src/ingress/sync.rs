@@ -673,8 +673,7 @@ impl Syncer {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(crate::retry::retry_after);
         let reason = if status.as_u16() == 429 || status.is_server_error() {
             Reason::CallbackUnreachable
         } else {

@@ -6,7 +6,9 @@
 //! - `POST /webhooks/dropbox/{appKey}`: a notification, checked cheapest first:
 //!   1. an app key no events-enabled instance uses: 404, body not read;
 //!   2. a missing or malformed `X-Dropbox-Signature`: 403, body not read;
-//!   3. too many webhooks in flight: 503 with `Retry-After`, body not read;
+//!   3. a declared length over 1 MiB: 413; too many webhooks in flight, or
+//!      a body the process-wide body budget cannot cover (`super::budget`):
+//!      503 with `Retry-After`; the body not read;
 //!   4. the body (at most 1 MiB, within a deadline): 413 / 408 / 400;
 //!   5. the signature (hex HMAC-SHA256 of the raw body, constant-time) under the
 //!      app secret of each instance concerned, one HMAC pass per distinct secret.
@@ -29,6 +31,7 @@ use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use tokio::sync::Semaphore;
 
+use super::budget::BodyBudget;
 use super::payload::{dropbox_signature_matches, parse_dropbox_signature};
 use super::sync::Syncer;
 use crate::api::DropboxElementInstance;
@@ -63,6 +66,8 @@ pub struct State {
     pub metrics: IngressMetrics,
     pub permits: Arc<Semaphore>,
     pub body_timeout: Duration,
+    /// Bytes of bodies in flight across the process.
+    pub budget: BodyBudget,
 }
 
 pub fn routes(state: State) -> Router {
@@ -154,6 +159,16 @@ async fn notification(
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")],
             "too many webhooks in flight",
+        )
+            .into_response();
+    };
+    // Charged by the declared length; without one (chunked), the largest body.
+    let Some(_charge) = state.budget.charge(declared.unwrap_or(MAX_BODY as u64)) else {
+        count(m, "over_budget");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")],
+            "too many webhook bodies in flight",
         )
             .into_response();
     };

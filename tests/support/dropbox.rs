@@ -383,6 +383,19 @@ impl Emulator {
         });
     }
 
+    /// [`Emulator::rate_limit_next`] with `Retry-After` as an HTTP date
+    /// `retry_after_secs` from now. Dropbox documents seconds; a date is what
+    /// RFC 9110 also allows and an HTTP intermediary in front of Dropbox may
+    /// send, so clients must accept both.
+    pub fn rate_limit_next_with_date(&self, route: &str, count: usize, retry_after_secs: u64) {
+        self.st().faults.push(Fault {
+            route: route.to_owned(),
+            kind: FaultKind::RateLimitDate(retry_after_secs),
+            remaining: Some(count),
+            until: None,
+        });
+    }
+
     /// Every request to `route` (or `"*"`) waits `latency` before it is handled;
     /// zero removes it. The request is still handled (and recorded) when the client
     /// gave up meanwhile, as a real server would: a timed-out code exchange has
@@ -651,6 +664,8 @@ struct AccessToken {
 enum FaultKind {
     Status(u16),
     RateLimit(u64),
+    /// As `RateLimit`, with `Retry-After` as an HTTP date.
+    RateLimitDate(u64),
 }
 
 struct Fault {
@@ -1179,6 +1194,17 @@ impl Reply {
         reply
     }
 
+    /// [`Reply::rate_limited`] with `Retry-After` as an HTTP date (IMF-fixdate).
+    fn rate_limited_until(retry_after: u64) -> Reply {
+        let mut reply = Reply::rate_limited(retry_after);
+        let at = std::time::SystemTime::now() + Duration::from_secs(retry_after);
+        reply.headers.retain(|(name, _)| *name != "retry-after");
+        reply
+            .headers
+            .push(("retry-after", httpdate::fmt_http_date(at)));
+        reply
+    }
+
     /// 5xx as Dropbox sends them: the token endpoint answers JSON
     /// (`{"error": "The server has either erred or ..."}`, snarfed/oauth-dropins#729);
     /// an API 500 has an empty text/plain body (dropbox-sdk-python#44, ShareX#4154);
@@ -1290,6 +1316,7 @@ async fn process(
         let mut st = lock(&state);
         let reply = match st.take_fault(&route) {
             Some(FaultKind::RateLimit(secs)) => Reply::rate_limited(secs),
+            Some(FaultKind::RateLimitDate(secs)) => Reply::rate_limited_until(secs),
             Some(FaultKind::Status(status)) => injected(&route, status),
             None => dispatch(&mut st, &method, &route, &headers, &form, &body),
         };
@@ -1381,6 +1408,7 @@ async fn process_longpoll(
         let mut st = lock(&state);
         let checked = match st.take_fault(route) {
             Some(FaultKind::RateLimit(secs)) => Err(Reply::rate_limited(secs)),
+            Some(FaultKind::RateLimitDate(secs)) => Err(Reply::rate_limited_until(secs)),
             Some(FaultKind::Status(status)) => Err(injected(route, status)),
             None => longpoll_args(&st, &method, name, &headers, &body),
         };

@@ -85,6 +85,8 @@ struct Failure {
     remaining: Option<usize>,
     /// `Retry-After` seconds to send with it.
     retry_after: Option<u64>,
+    /// Send that `Retry-After` as an HTTP date (that many seconds from now).
+    retry_after_as_date: bool,
     /// Send `Location: <receiver>/redirected` with it.
     redirect: bool,
 }
@@ -215,6 +217,18 @@ impl Receiver {
         self.set_failure(Failure {
             status,
             remaining: Some(count),
+            ..Failure::default()
+        });
+    }
+
+    /// Answer `status` to the next `count` deliveries, with `Retry-After` as
+    /// an HTTP date `retry_after_secs` from the answer (RFC 9110 §10.2.3).
+    pub fn fail_next_until_date(&self, status: u16, count: usize, retry_after_secs: u64) {
+        self.set_failure(Failure {
+            status,
+            remaining: Some(count),
+            retry_after: Some(retry_after_secs),
+            retry_after_as_date: true,
             ..Failure::default()
         });
     }
@@ -496,8 +510,15 @@ async fn receive(
         .unwrap_or(StatusCode::OK)
         .into_response();
     if let Some(f) = failure {
-        if let Some(secs) = f.retry_after
-            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        let retry_after = f.retry_after.map(|secs| {
+            if f.retry_after_as_date {
+                httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(secs))
+            } else {
+                secs.to_string()
+            }
+        });
+        if let Some(value) = retry_after
+            && let Ok(v) = HeaderValue::from_str(&value)
         {
             response.headers_mut().insert(header::RETRY_AFTER, v);
         }
