@@ -923,6 +923,8 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
     let mut controller = OperatorProcess::new(&ops, &emu.url)
         .env("KUBECONFIG", &controller_kubeconfig.display().to_string())
         .env_remove("WATCH_NAMESPACE")
+        // As the chart's Deployment runs it: the ingress Service is the chart's.
+        .env("INGRESS_MANAGE_SERVICE", "false")
         .name("chart-controller")
         .start()
         .await;
