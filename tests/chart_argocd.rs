@@ -172,7 +172,7 @@ async fn argo_cd_sees_nothing_degraded_before_the_ingress_exists() -> Result<()>
         ensure!(
             ports
                 .iter()
-                .any(|p| Value::from(p.name.clone()) == port_name || Value::from(p.port) == port),
+                .any(|p| Value::from(p.name.clone()) == port_name || port == p.port),
             "Service {name} has no port {port_name}/{port}"
         );
     }

@@ -694,7 +694,10 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
         .get(INGRESS_NAME)
         .await?;
     let labels = service.metadata.labels.clone().unwrap_or_default();
-    if labels.get("app.kubernetes.io/managed-by").map(String::as_str) != Some("Helm")
+    if labels
+        .get("app.kubernetes.io/managed-by")
+        .map(String::as_str)
+        != Some("Helm")
         || service.metadata.owner_references.is_some()
     {
         wrong.push(format!("Service not the chart's: {:?}", service.metadata));
