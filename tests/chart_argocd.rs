@@ -139,6 +139,23 @@ async fn argo_cd_sees_nothing_degraded_before_the_ingress_exists() -> Result<()>
         table(&bad.into_iter().cloned().collect::<Vec<_>>())
     );
 
+    // PodDisruptionBudgets have no check in gitops-engine; Argo CD judges them
+    // with a Lua script (resource_customizations/policy/PodDisruptionBudget,
+    // since 2.13) that calls any False condition Degraded except
+    // InsufficientPods, which is what a budget whose pods do not exist yet has.
+    for pdb in pdbs.list(&Default::default()).await?.items {
+        for c in pdb.status.and_then(|s| s.conditions).unwrap_or_default() {
+            ensure!(
+                c.status != "False" || c.reason == "InsufficientPods",
+                "PodDisruptionBudget {:?}: {} {} {}: Argo CD's script would say Degraded",
+                pdb.metadata.name,
+                c.type_,
+                c.status,
+                c.reason
+            );
+        }
+    }
+
     // The routes' backends resolve.
     let services: Api<Service> = Api::namespaced(admin.clone(), &ns);
     let (ok, routes, err) =

@@ -672,6 +672,20 @@ async fn every_knob_reaches_what_it_configures() -> Result<()> {
         .collect();
     ensure!(wrong.is_empty(), "knobs not applied: {wrong:?}");
 
+    // `helm lint --strict` stays clean with every knob set (and egress on).
+    let mut linted = knob_values("apps");
+    linted["networkPolicy"] = json!({"enabled": true, "egress": {
+        "enabled": true, "apiServerCIDRs": ["10.0.0.1/32"], "dropboxCIDRs": ["162.125.0.0/16"],
+        "callbackCIDRs": ["0.0.0.0/0", "::/0"], "extraRules": [{"ports": [{"port": 3128}]}]}});
+    let mut cmd = support::chart::helm_offline();
+    cmd.args(["lint", "--strict", &support::chart::chart_arg(), "-f"])
+        .arg(support::chart::values_file("knobs-lint", &linted)?);
+    let (ok, out, err) = run(cmd);
+    ensure!(
+        ok && !out.contains("[WARNING]") && !out.contains("[ERROR]"),
+        "helm lint --strict:\n{out}\n{err}"
+    );
+
     // The API server accepts it all.
     let admin = support::client().await;
     support::install_crd(&admin).await?;
