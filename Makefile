@@ -46,8 +46,12 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	python3 hack/bench-results.py check
 
-## testdeps: the pinned Python and Node libraries tests/interop.rs checks deliveries with
-testdeps: target/interop/venv/.installed tests/interop/node_modules/.package-lock.json
+## testdeps: the pinned Python and Node libraries tests/interop.rs checks deliveries with,
+## and Argo CD's health code (gitops-engine) that tests/chart_argocd.rs runs
+testdeps: target/interop/venv/.installed tests/interop/node_modules/.package-lock.json target/argocd-health/argocd-health
+
+target/argocd-health/argocd-health: tests/argocd-health/main.go tests/argocd-health/go.mod tests/argocd-health/go.sum
+	cd tests/argocd-health && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags='-s -w' -o $(CURDIR)/$@ .
 
 target/interop/venv/.installed: tests/interop/requirements.txt
 	python3 -m venv target/interop/venv

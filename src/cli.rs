@@ -481,6 +481,19 @@ pub struct IngressDeploymentArgs {
     #[arg(long, env = "INGRESS_AUTOSCALING", default_value_t = false, action = clap::ArgAction::Set)]
     pub ingress_autoscaling: bool,
 
+    /// An HorizontalPodAutoscaler for the ingress, as the JSON of its spec
+    /// without `scaleTargetRef` (`{"minReplicas":2,"maxReplicas":10,"metrics":[...]}`):
+    /// created and removed with the ingress Deployment, pointed at it. Implies
+    /// --ingress-autoscaling.
+    #[arg(long, env = "INGRESS_AUTOSCALER", value_parser = parse_autoscaler)]
+    pub ingress_autoscaler: Option<serde_json::Value>,
+
+    /// Create and remove the ingress Service with the Deployment. false: the
+    /// Service is someone else's (the Helm chart renders it, so that an Ingress
+    /// or HTTPRoute pointing at it resolves before any instance has events).
+    #[arg(long, env = "INGRESS_MANAGE_SERVICE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ingress_manage_service: bool,
+
     /// A Deployment in the operator namespace (the Helm chart passes the
     /// controller's own) that owns the ingress Deployment, Service and
     /// heartbeats ConfigMap, so the garbage collector removes them with it.
@@ -494,6 +507,14 @@ fn parse_pod_template(s: &str) -> Result<serde_json::Value, String> {
     serde_json::from_value::<k8s_openapi::api::core::v1::PodTemplateSpec>(value.clone())
         .map_err(|e| format!("not a PodTemplateSpec: {e}"))?;
     Ok(value)
+}
+
+fn parse_autoscaler(s: &str) -> Result<serde_json::Value, String> {
+    let spec: serde_json::Value =
+        serde_json::from_str(s).map_err(|e| format!("invalid autoscaler JSON: {e}"))?;
+    crate::controller::autoscaler::autoscaler(&spec, "check", None)
+        .map_err(|e| format!("not a HorizontalPodAutoscaler spec: {e}"))?;
+    Ok(spec)
 }
 
 fn parse_resources(s: &str) -> Result<k8s_openapi::api::core::v1::ResourceRequirements, String> {

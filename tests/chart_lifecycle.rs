@@ -462,26 +462,17 @@ fn helm_lint_strict_is_clean_with_the_new_values() {
     }
 }
 
-/// Autoscaling renders an HPA for the ingress Deployment, tells the controller to
-/// leave the replicas alone, and a PDB from minReplicas; OpenShift leaves the
-/// user ids to the platform.
+/// Autoscaling hands the controller the HPA to make with the ingress Deployment
+/// (INGRESS_AUTOSCALER), tells it to leave the replicas alone, and renders a
+/// PDB from minReplicas; OpenShift leaves the user ids to the platform.
 #[test]
 fn autoscaling_openshift_and_the_placeholder_warning_render() -> Result<()> {
     let docs = template(
         "ops",
         &json!({"webhookIngress": {"replicas": 1, "autoscaling": {"enabled": true, "minReplicas": 3, "maxReplicas": 7}}}),
     )?;
-    let hpa = docs
-        .iter()
-        .find(|d| d["kind"] == "HorizontalPodAutoscaler")
-        .context("HPA")?;
-    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], INGRESS_NAME);
-    assert_eq!(hpa["spec"]["minReplicas"], 3);
-    assert_eq!(hpa["spec"]["maxReplicas"], 7);
-    assert_eq!(
-        hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"],
-        70
-    );
+    // The controller makes the HPA with the Deployment (INGRESS_AUTOSCALER).
+    assert!(!docs.iter().any(|d| d["kind"] == "HorizontalPodAutoscaler"));
     assert!(docs.iter().any(|d| d["kind"] == "PodDisruptionBudget"
         && d["metadata"]["name"] == "ops-dropbox-operator-webhook-ingress"));
     let deployment: Deployment = serde_json::from_value(
@@ -492,6 +483,22 @@ fn autoscaling_openshift_and_the_placeholder_warning_render() -> Result<()> {
     )?;
     let env: BTreeMap<String, String> = literal_env(&deployment).into_iter().collect();
     assert_eq!(env["INGRESS_AUTOSCALING"], "true");
+    let hpa = dropbox_operator::controller::autoscaler::autoscaler(
+        &serde_json::from_str(&env["INGRESS_AUTOSCALER"])?,
+        "ops",
+        None,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let spec = hpa.spec;
+    assert_eq!(spec.scale_target_ref.name, INGRESS_NAME);
+    assert_eq!((spec.min_replicas, spec.max_replicas), (Some(3), 7));
+    assert_eq!(
+        spec.metrics.unwrap_or_default()[0]
+            .resource
+            .as_ref()
+            .and_then(|r| r.target.average_utilization),
+        Some(70)
+    );
 
     let docs = template("ops", &json!({"openshift": true}))?;
     let pod = &docs
@@ -702,11 +709,18 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
             d["metadata"]["ownerReferences"]
         ));
     }
+    // The Service is the chart's (helm removes it), not the controller's.
     let service = Api::<Service>::namespaced(admin.clone(), &ops)
         .get(INGRESS_NAME)
         .await?;
-    if !owned_by(&serde_json::to_value(&service.metadata)?["ownerReferences"]) {
-        wrong.push("Service not owned".into());
+    let labels = service.metadata.labels.clone().unwrap_or_default();
+    if labels
+        .get("app.kubernetes.io/managed-by")
+        .map(String::as_str)
+        != Some("Helm")
+        || service.metadata.owner_references.is_some()
+    {
+        wrong.push(format!("Service not the chart's: {:?}", service.metadata));
     }
     let heartbeats = Api::<ConfigMap>::namespaced(admin.clone(), &ops)
         .get(dropbox_operator::contract::HEARTBEATS_CONFIGMAP)
@@ -740,10 +754,11 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
     ensure!(ok, "helm uninstall: {out}\n{err}");
     controller.terminate(Duration::from_secs(10));
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ops);
+    // The Service is the chart's: helm removes it.
     let services: Api<Service> = Api::namespaced(admin.clone(), &ops);
     let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), &ops);
     support::eventually(
-        "the garbage collector to remove the ingress objects",
+        "helm and the garbage collector to remove the ingress objects",
         Duration::from_secs(60),
         || async {
             Ok((
@@ -817,15 +832,9 @@ async fn with_autoscaling_the_controller_leaves_the_replicas_alone() -> Result<(
             "webhookIngress": {"autoscaling": {"enabled": true, "minReplicas": 2, "maxReplicas": 6}}
         }),
     )?;
-    let (ok, out, err) = support::kubectl(&[
-        "get",
-        "hpa",
-        "-n",
-        &ops,
-        "-o",
-        "jsonpath={.items[0].spec.scaleTargetRef.name}",
-    ]);
-    ensure!(ok && out == INGRESS_NAME, "HPA: {out} {err}");
+    // No HPA before the ingress exists (it would report FailedGetScale).
+    let (ok, out, err) = support::kubectl(&["get", "hpa", "-n", &ops, "-o", "name"]);
+    ensure!(ok && out.trim().is_empty(), "HPA: {out} {err}");
     // A heartbeats ConfigMap left by an earlier version (no owner): the
     // controller adds the owner and keeps the replicas' data.
     let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), &ops);
@@ -844,6 +853,17 @@ async fn with_autoscaling_the_controller_leaves_the_replicas_alone() -> Result<(
     let mut controller = start_controller(&ops, &admin, &emu, "lc-hpa").await?;
     create_instance(&admin, &apps, "eventful", true, &emu).await?;
     let deployment = ingress_deployment(&admin, &ops, &controller).await?;
+    // The controller made the HPA with it.
+    let (ok, out, err) = support::kubectl(&[
+        "get",
+        "hpa",
+        INGRESS_NAME,
+        "-n",
+        &ops,
+        "-o",
+        "jsonpath={.spec.scaleTargetRef.name}",
+    ]);
+    ensure!(ok && out == INGRESS_NAME, "HPA: {out} {err}");
     let owner_uid = Api::<Deployment>::namespaced(admin.clone(), &ops)
         .get(&format!("{ops}-dropbox-operator"))
         .await?

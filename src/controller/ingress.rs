@@ -1,8 +1,10 @@
 //! The webhook ingress as the controller runs it (docs/architecture.md):
 //!
-//! - keeps the `dropbox-webhook-ingress` Deployment and Service, and the
-//!   heartbeats ConfigMap, in the operator's namespace while at least one
-//!   instance has events enabled, and removes them when none has;
+//! - keeps the `dropbox-webhook-ingress` Deployment (with its Service unless
+//!   that is someone else's, and its HPA when configured, see
+//!   [`super::autoscaler`]) and the heartbeats ConfigMap in the operator's
+//!   namespace while at least one instance has events enabled, and removes them
+//!   when none has;
 //! - knows whether an ingress replica is alive from the heartbeats ConfigMap, in
 //!   which every ingress process renews its own key (this also covers ingress
 //!   processes run outside the Deployment, e.g. in tests or local development);
@@ -62,6 +64,11 @@ pub struct IngressSettings {
     /// The replicas are someone else's (an HorizontalPodAutoscaler, `kubectl
     /// scale`): `spec.replicas` is left out of what the controller applies.
     pub autoscaling: bool,
+    /// The spec of an HPA to run with the Deployment (`--ingress-autoscaler`).
+    pub autoscaler: Option<Value>,
+    /// Whether the controller creates and removes the Service (false: the Helm
+    /// chart renders it).
+    pub manage_service: bool,
     /// A Deployment in the operator namespace (the controller's own, made by
     /// the Helm chart) that owns the ingress objects, so that the garbage
     /// collector removes them with it (`helm uninstall`).
@@ -91,7 +98,10 @@ impl IngressSettings {
             watch_namespace: args.namespace.clone(),
             log_format: log_format.into(),
             pod_template: args.ingress.ingress_pod_template.clone(),
-            autoscaling: args.ingress.ingress_autoscaling,
+            autoscaling: args.ingress.ingress_autoscaling
+                || args.ingress.ingress_autoscaler.is_some(),
+            autoscaler: args.ingress.ingress_autoscaler.clone(),
+            manage_service: args.ingress.ingress_manage_service,
             owner_deployment: args
                 .ingress
                 .ingress_owner_deployment
@@ -102,6 +112,10 @@ impl IngressSettings {
 
     /// Checks that the pod template merges into a valid Deployment.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(spec) = &self.autoscaler {
+            super::autoscaler::autoscaler(spec, &self.namespace, None)
+                .map_err(|e| format!("the ingress autoscaler spec is not valid: {e}"))?;
+        }
         serde_json::from_value::<Deployment>(deployment_value(self))
             .map(|_| ())
             .map_err(|e| format!("the ingress pod template does not make a valid Deployment: {e}"))
@@ -445,11 +459,22 @@ impl IngressManager {
             deployments
                 .patch(INGRESS_NAME, &pp, &Patch::Apply(&deployment))
                 .await?;
-            let mut service = ingress_service(&self.settings);
-            service.metadata.owner_references = owners.clone();
-            services
-                .patch(INGRESS_NAME, &pp, &Patch::Apply(&service))
-                .await?;
+            if self.settings.manage_service {
+                let mut service = ingress_service(&self.settings);
+                service.metadata.owner_references = owners.clone();
+                services
+                    .patch(INGRESS_NAME, &pp, &Patch::Apply(&service))
+                    .await?;
+            }
+            match &self.settings.autoscaler {
+                Some(spec) => {
+                    // Checked at start-up (`--ingress-autoscaler`); a failure is a bug here.
+                    let hpa = super::autoscaler::autoscaler(spec, ns, Some(&labels()))
+                        .expect("the ingress autoscaler spec makes an HPA");
+                    super::autoscaler::apply(client, hpa, owners.clone()).await?;
+                }
+                None => super::autoscaler::remove(client, ns).await?,
+            }
             // Created, never applied: the data belongs to the replicas.
             let heartbeats = ConfigMap {
                 metadata: kube::api::ObjectMeta {
@@ -492,7 +517,9 @@ impl IngressManager {
                     .await?;
                 tracing::info!(namespace = %ns, "no instance has events enabled: webhook ingress Deployment removed");
             }
-            if let Some(s) = services.get_opt(INGRESS_NAME).await?
+            super::autoscaler::remove(client, ns).await?;
+            if self.settings.manage_service
+                && let Some(s) = services.get_opt(INGRESS_NAME).await?
                 && contract::is_managed(s.metadata.labels.as_ref())
             {
                 services
@@ -635,6 +662,8 @@ mod tests {
             log_format: "json".into(),
             pod_template: None,
             autoscaling: false,
+            autoscaler: None,
+            manage_service: true,
             owner_deployment: None,
         }
     }

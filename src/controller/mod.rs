@@ -9,6 +9,7 @@
 //! This module wires them into a kube-runtime controller with leader election,
 //! metrics, probes and graceful shutdown.
 
+pub mod autoscaler;
 pub mod exchange;
 pub mod finalizer;
 pub mod ingress;

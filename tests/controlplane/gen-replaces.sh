@@ -9,8 +9,10 @@
 # so it never goes stale when the pinned version changes.
 #
 # Usage: tests/controlplane/gen-replaces.sh [v1.37.2]
+# MODULE_DIR=<dir> edits another module that needs k8s.io/kubernetes (e.g.
+# tests/argocd-health, through gitops-engine); name the version then.
 set -euo pipefail
-cd "$(dirname "$0")/kubernetes"
+cd "${MODULE_DIR:-$(dirname "$0")/kubernetes}"
 k8s_version=${1:-$(go list -m -f '{{.Version}}' k8s.io/kubernetes 2>/dev/null || echo v1.37.2)}
 staging_version="v0.${k8s_version#v1.}"
 gomod=$(go mod download -json "k8s.io/kubernetes@${k8s_version}" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')

@@ -89,3 +89,168 @@ pub fn kubeconfig_for(ns: &str, sa: &str) -> Result<PathBuf> {
     )?;
     Ok(path)
 }
+
+/// Writes `values` as a values file for helm (under target/, one per process).
+pub fn values_file(name: &str, values: &serde_json::Value) -> Result<PathBuf> {
+    let dir = controlplane::repo_root().join("target/chart-tests-helm/values");
+    std::fs::create_dir_all(&dir)?;
+    // Tests of one binary run at once: one file per call.
+    static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{name}-{}-{n}.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_vec_pretty(values)?)?;
+    Ok(path)
+}
+
+/// `helm template` (release `release`, namespace `ns`) with a values file and
+/// extra arguments: (success, stdout, stderr).
+pub fn try_render(
+    release: &str,
+    ns: &str,
+    values: &serde_json::Value,
+    extra: &[&str],
+) -> Result<(bool, String, String)> {
+    let file = values_file(&format!("{release}-{ns}"), values)?;
+    let mut cmd = helm_offline();
+    cmd.args(["template", release, &chart_arg(), "--namespace", ns])
+        .arg("-f")
+        .arg(&file)
+        .args(extra);
+    Ok(run(cmd))
+}
+
+/// The objects `helm template` renders (a failed render is an error).
+pub fn render(
+    ns: &str,
+    values: &serde_json::Value,
+    extra: &[&str],
+) -> Result<Vec<serde_json::Value>> {
+    let (ok, out, err) = try_render(ns, ns, values, extra)?;
+    ensure!(ok, "helm template failed: {err}");
+    Ok(serde_saphyr::from_multiple::<serde_json::Value>(&out)?
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect())
+}
+
+/// `helm install <release>` into `ns` on the test control plane with a values
+/// file: (success, stdout, stderr).
+pub fn try_install(
+    release: &str,
+    ns: &str,
+    values: &serde_json::Value,
+) -> Result<(bool, String, String)> {
+    let file = values_file(&format!("{release}-{ns}"), values)?;
+    let mut cmd = super::cluster().helm();
+    cmd.args(["install", release, &chart_arg(), "--namespace", ns])
+        .arg("-f")
+        .arg(&file);
+    Ok(run(cmd))
+}
+
+/// The literal env (`value`, not `valueFrom`) of a Deployment's first container.
+pub fn literal_env(deployment: &k8s_openapi::api::apps::v1::Deployment) -> Vec<(String, String)> {
+    deployment
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .map(|p| p.containers[0].env.clone().unwrap_or_default())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| Some((e.name, e.value?)))
+        .collect()
+}
+
+/// The real controller run the way the installed chart's Deployment runs it
+/// (release = namespace): the Deployment's env and the token of the chart's
+/// controller ServiceAccount. Only the metrics address and Dropbox's URLs are
+/// the test's; `env` adds or replaces variables (the test's stand-ins for
+/// what a kubelet would provide, e.g. a mounted volume's path).
+pub async fn controller_process(
+    admin: &kube::Client,
+    ns: &str,
+    dropbox_url: &str,
+    name: &str,
+    env: &[(&str, &str)],
+) -> Result<super::operator::OperatorProcess> {
+    let fullname = format!("{ns}-dropbox-operator");
+    let deployment =
+        kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(admin.clone(), ns)
+            .get(&fullname)
+            .await?;
+    let kubeconfig = kubeconfig_for(ns, &fullname)?;
+    let mut process = super::operator::OperatorProcess::new(ns, dropbox_url)
+        .env("KUBECONFIG", &kubeconfig.display().to_string())
+        .name(name);
+    for (key, value) in literal_env(&deployment) {
+        let own = matches!(
+            key.as_str(),
+            "METRICS_ADDR" | "DROPBOX_API_URL" | "DROPBOX_NOTIFY_URL" | "DROPBOX_WWW_URL"
+        );
+        if !own && !env.iter().any(|(k, _)| *k == key) {
+            process = process.env(&key, &value);
+        }
+    }
+    for (key, value) in env {
+        process = process.env(key, value);
+    }
+    Ok(process)
+}
+
+/// Stand-ins for the CRDs of the kinds the chart can render besides its own:
+/// the Prometheus Operator's ServiceMonitor and PodMonitor and Gateway API's
+/// HTTPRoute, each accepting any spec, so that a render with them enabled can
+/// be applied. Idempotent.
+pub async fn stand_in_crds(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (group, kind, plural) in [
+        ("monitoring.coreos.com", "ServiceMonitor", "servicemonitors"),
+        ("monitoring.coreos.com", "PodMonitor", "podmonitors"),
+        ("gateway.networking.k8s.io", "HTTPRoute", "httproutes"),
+    ] {
+        let name = format!("{plural}.{group}");
+        let crd: CustomResourceDefinition = serde_json::from_value(json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": name, "annotations": if group.ends_with(".k8s.io") {
+                // *.k8s.io groups are protected: the API server wants this.
+                json!({"api-approved.kubernetes.io": "https://github.com/kubernetes-sigs/gateway-api/pull/2466"})
+            } else {
+                json!({})
+            }},
+            "spec": {
+                "group": group,
+                "scope": "Namespaced",
+                "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
+                "versions": [{
+                    "name": "v1", "served": true, "storage": true,
+                    "subresources": {"status": {}},
+                    "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                        "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                        "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+                    }}}
+                }]
+            }
+        }))?;
+        crds.patch(
+            &name,
+            &PatchParams::apply("dropbox-operator-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            kube::runtime::wait::await_condition(
+                crds.clone(),
+                &name,
+                kube::runtime::wait::conditions::is_crd_established(),
+            ),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("{name} not Established within 30s"))??;
+    }
+    Ok(())
+}

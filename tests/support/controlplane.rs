@@ -405,8 +405,12 @@ impl ControlPlane {
             // Each controller runs as its own ServiceAccount (tokens from TokenRequest), as
             // in a real cluster: the garbage collector gets its wide read rights that way.
             "--use-service-account-credentials=true",
+            // The HPA and disruption controllers write the status Argo CD's health
+            // checks read (tests/chart_argocd.rs).
             "--controllers=garbage-collector-controller,namespace-controller,deployment-controller,\
-             replicaset-controller,serviceaccount-controller",
+             replicaset-controller,serviceaccount-controller,horizontal-pod-autoscaler-controller,\
+             disruption-controller",
+            "--horizontal-pod-autoscaler-sync-period=2s",
             // Short resync of discovery so the garbage collector sees new CRDs quickly.
             "--concurrent-gc-syncs=5",
             "--v=1",

@@ -2,6 +2,7 @@
 //! binary, a namespace per test, the CRD installed once, and small wait helpers.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod argocd;
 pub mod chart;
 pub mod controlplane;
 pub mod dropbox;
@@ -9,6 +10,7 @@ pub mod fixture;
 pub mod netns;
 pub mod operator;
 pub mod receiver;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

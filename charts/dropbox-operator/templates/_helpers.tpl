@@ -30,7 +30,8 @@ else "<release>" when the release name already contains the name.
 {{- end }}
 
 {{/*
-Labels of every object of the release.
+Labels of every object of the release: the chart's own and commonLabels (the
+schema keeps commonLabels from naming the chart's own).
 */}}
 {{- define "dropbox-operator.labels" -}}
 helm.sh/chart: {{ include "dropbox-operator.chart" . }}
@@ -40,6 +41,9 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: dropbox-operator
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -116,14 +120,18 @@ repository:tag (tag defaults to the appVersion).
 {{- end }}
 
 {{/*
-Image of the webhook ingress (defaults to the controller's, digest included
-unless the ingress has a repository or tag of its own).
+Image of the webhook ingress: repository@webhookIngress.image.digest when set;
+else the controller's image (digest included) unless the ingress has a
+repository or tag of its own; else repository:tag.
 */}}
 {{- define "dropbox-operator.ingressImage" -}}
-{{- $own := or .Values.webhookIngress.image.repository .Values.webhookIngress.image.tag }}
-{{- $repository := include "dropbox-operator.repository" (list . (default .Values.image.repository .Values.webhookIngress.image.repository)) }}
-{{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.webhookIngress.image.tag | toString }}
-{{- if and .Values.image.digest (not $own) }}
+{{- $i := .Values.webhookIngress.image }}
+{{- $own := or $i.repository $i.tag }}
+{{- $repository := include "dropbox-operator.repository" (list . (default .Values.image.repository $i.repository)) }}
+{{- $tag := default (default .Chart.AppVersion .Values.image.tag) $i.tag | toString }}
+{{- if $i.digest }}
+{{- printf "%s@%s" $repository $i.digest }}
+{{- else if and .Values.image.digest (not $own) }}
 {{- printf "%s@%s" $repository .Values.image.digest }}
 {{- else }}
 {{- printf "%s:%s" $repository $tag }}
@@ -189,14 +197,17 @@ security contexts from webhookIngress.*.
 {{- with $w.extraVolumes }}{{ $_ := set $spec "volumes" . }}{{ end }}
 {{- with $w.podSecurityContext }}{{ $_ := set $spec "securityContext" . }}{{ end }}
 {{- $metadata := dict }}
-{{- with $w.podLabels }}{{ $_ := set $metadata "labels" . }}{{ end }}
+{{- with merge (dict) ($w.podLabels | default dict) (.Values.commonLabels | default dict) }}{{ $_ := set $metadata "labels" . }}{{ end }}
 {{- with $w.podAnnotations }}{{ $_ := set $metadata "annotations" . }}{{ end }}
 {{- toJson (dict "metadata" $metadata "spec" $spec) }}
 {{- end }}
 
 {{/*
 Egress rules of a NetworkPolicy: DNS, the API server, Dropbox and, for the
-ingress (second argument true), the callbacks. Called with (list $egress bool).
+ingress (second argument true), the callbacks, then egress.extraRules. Called
+with (list $egress bool). An empty CIDR list fails the render: leaving its rule
+out would cut the pod off from what it needs (templates/validate.yaml says
+which one).
 */}}
 {{- define "dropbox-operator.egressRules" -}}
 {{- $e := index . 0 }}
@@ -206,10 +217,11 @@ ingress (second argument true), the callbacks. Called with (list $egress bool).
   ports:
     - {port: 53, protocol: UDP}
     - {port: 53, protocol: TCP}
-{{- range $rule := list (list $e.apiServerCIDRs $e.apiServerPorts) (list $e.dropboxCIDRs $e.dropboxPorts) (ternary (list $e.callbackCIDRs $e.callbackPorts) (list list list) $callbacks) }}
+{{- $rules := list (list $e.apiServerCIDRs $e.apiServerPorts) (list $e.dropboxCIDRs $e.dropboxPorts) }}
+{{- if $callbacks }}{{ $rules = append $rules (list $e.callbackCIDRs $e.callbackPorts) }}{{ end }}
+{{- range $rule := $rules }}
 {{- $cidrs := index $rule 0 }}
 {{- $ports := index $rule 1 }}
-{{- if $cidrs }}
 - to:
     {{- range $cidrs }}
     - ipBlock: {cidr: {{ . | quote }}}
@@ -221,5 +233,83 @@ ingress (second argument true), the callbacks. Called with (list $egress bool).
     {{- end }}
   {{- end }}
 {{- end }}
+{{- with $e.extraRules }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+A duration value as seconds (a float, printed): the forms the binary parses
+and the schema allows, `1h30m`, `10s`, `250ms`, `1.5s`, and ISO 8601 `PT1M30S`
+/ `P1D`. Called with (list $value "name.of.the.value") for the error message.
+*/}}
+{{- define "dropbox-operator.seconds" -}}
+{{- $value := index . 0 | toString | trim }}
+{{- $name := index . 1 }}
+{{- $total := 0.0 }}
+{{- if hasPrefix "P" $value }}
+{{- $iso := "^P(?:([0-9.]+)D)?(?:T(?:([0-9.]+)H)?(?:([0-9.]+)M)?(?:([0-9.]+)S)?)?$" }}
+{{- if not (regexMatch $iso $value) }}
+{{- fail (printf "%s: %q is not a duration the operator reads (e.g. 30s, 5m, 1h30m, PT30S)" $name $value) }}
+{{- end }}
+{{- range $i, $factor := list 86400.0 3600.0 60.0 1.0 }}
+{{- $part := regexReplaceAll $iso $value (printf "${%d}" (add1 $i)) }}
+{{- if $part }}{{ $total = addf $total (mulf (float64 $part) $factor) }}{{ end }}
+{{- end }}
+{{- else }}
+{{- if not (regexMatch "^([0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h) ?)+$" $value) }}
+{{- fail (printf "%s: %q is not a duration the operator reads (e.g. 30s, 5m, 1h30m, PT30S)" $name $value) }}
+{{- end }}
+{{- $factors := dict "h" 3600.0 "m" 60.0 "s" 1.0 "ms" 0.001 "us" 0.000001 "ns" 0.000000001 }}
+{{- range regexFindAll "[0-9]+(\\.[0-9]+)?(ns|us|ms|s|m|h)" $value -1 }}
+{{- $unit := regexReplaceAll "^[0-9.]+" . "" }}
+{{- $number := regexReplaceAll "[a-z]+$" . "" }}
+{{- $total = addf $total (mulf (float64 $number) (index $factors $unit)) }}
+{{- end }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/*
+The HorizontalPodAutoscaler spec of the webhook ingress (INGRESS_AUTOSCALER,
+JSON, without scaleTargetRef: the controller points it at the Deployment it
+makes); empty without webhookIngress.autoscaling.enabled.
+*/}}
+{{- define "dropbox-operator.ingressAutoscaler" -}}
+{{- $a := .Values.webhookIngress.autoscaling }}
+{{- if $a.enabled }}
+{{- $metrics := list }}
+{{- range $resource, $target := dict "cpu" $a.targetCPUUtilizationPercentage "memory" $a.targetMemoryUtilizationPercentage }}
+{{- if gt (int $target) 0 }}
+{{- $metrics = append $metrics (dict "type" "Resource" "resource" (dict "name" $resource "target" (dict "type" "Utilization" "averageUtilization" (int $target)))) }}
+{{- end }}
+{{- end }}
+{{- $spec := dict "minReplicas" (int $a.minReplicas) "maxReplicas" (int $a.maxReplicas) "metrics" $metrics }}
+{{- with $a.behavior }}{{ $_ := set $spec "behavior" . }}{{ end }}
+{{- toJson $spec }}
+{{- end }}
+{{- end }}
+
+{{/*
+Scrape settings of a ServiceMonitor endpoint or PodMonitor endpoint, from
+metrics.serviceMonitor (called with it).
+*/}}
+{{- define "dropbox-operator.scrapeSettings" -}}
+{{- with .interval }}
+interval: {{ . }}
+{{- end }}
+{{- with .scrapeTimeout }}
+scrapeTimeout: {{ . }}
+{{- end }}
+{{- if .honorLabels }}
+honorLabels: true
+{{- end }}
+{{- with .relabelings }}
+relabelings:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .metricRelabelings }}
+metricRelabelings:
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
