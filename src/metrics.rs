@@ -189,6 +189,7 @@ pub struct IngressMetrics {
     pub secret_reads: Counter,
     pub longpolls: Gauge,
     pub longpoll_results: Family<ResultLabels, Counter>,
+    pub handoffs: Family<ResultLabels, Counter>,
 }
 
 impl IngressMetrics {
@@ -206,6 +207,7 @@ impl IngressMetrics {
             secret_reads: Counter::default(),
             longpolls: Gauge::default(),
             longpoll_results: Family::default(),
+            handoffs: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("dropbox_ingress");
         r.register(
@@ -255,7 +257,7 @@ impl IngressMetrics {
         );
         r.register(
             "secret_reads",
-            "Reads of projected Secrets from the API server (cache misses and forced re-reads)",
+            "Listings of the projected Secrets from the API server (the watch's first list and relists)",
             m.secret_reads.clone(),
         );
         r.register(
@@ -267,6 +269,11 @@ impl IngressMetrics {
             "longpoll_results",
             "Answers to list_folder/longpoll by result (changes, timeout, reset, error)",
             m.longpoll_results.clone(),
+        );
+        r.register(
+            "handoffs",
+            "Webhooks handed between replicas by result (forwarded, failed, local: sent / received, refused: at the peer endpoint)",
+            m.handoffs.clone(),
         );
         m
     }

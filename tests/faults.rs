@@ -988,7 +988,7 @@ async fn restart_row(
 /// take over by itself: at its next periodic resync (RESYNC_INTERVAL) after the
 /// dead replica's heartbeat expired.
 async fn handover_row(w: &World, no: usize, label: &str) -> Result<Row> {
-    use dropbox_operator::ingress::Membership;
+    use dropbox_operator::ingress::membership::owner;
     let victim_pod = format!("faults-ingress-{no:02}-victim");
     let mut victim = w
         .ingress(&format!("ingress-{no:02}v"))
@@ -997,15 +997,12 @@ async fn handover_row(w: &World, no: usize, label: &str) -> Result<Row> {
         .await;
     let mut case = w.case(no).await?;
     // A survivor whose name makes the victim responsible for this instance.
+    let id = |pod: &str| contract::replica_id(&contract::heartbeat_key(pod));
     let survivor_pod = (0..1000)
         .map(|k| format!("faults-ingress-{no:02}-survivor-{k}"))
         .find(|s| {
-            let m = Membership::new(s);
-            m.set_live(vec![
-                contract::heartbeat_key(&victim_pod),
-                contract::heartbeat_key(s),
-            ]);
-            !m.owns(&case.uid)
+            let view = vec![id(&victim_pod), id(s)];
+            owner(&view, &case.uid) == Some(id(&victim_pod).as_str())
         })
         .context("no survivor name that leaves the instance to the victim")?;
     let survivor = w

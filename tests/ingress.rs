@@ -16,7 +16,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use support::condition;
 use support::dropbox::Emulator;
@@ -35,7 +35,7 @@ struct Fixture {
     ns: String,
     emu: Emulator,
     instances: Api<DropboxElementInstance>,
-    controller: Process,
+    _controller: Process,
 }
 
 /// The controller as every test here runs it.
@@ -64,7 +64,7 @@ async fn fixture(test: &str) -> Fixture {
         client,
         ns,
         emu,
-        controller,
+        _controller: controller,
     };
     f.put_secret(
         "dropbox-app",
@@ -924,98 +924,6 @@ async fn callbacks_to_internal_addresses_are_refused_unless_allowed() -> Result<
         assert!(message.contains("not allowed"), "{name}: {message}");
     }
     assert!(receiver.all().is_empty(), "a forbidden callback was called");
-    Ok(())
-}
-
-/// An upgrade from a version that kept the cursor in `<name>-dropbox-events` in
-/// the instance's namespace keeps its position: changes made after that cursor
-/// are delivered, changes before it are not replayed, and the old ConfigMap goes.
-#[tokio::test]
-async fn a_cursor_in_the_pre_0_2_configmap_keeps_its_position_after_upgrade() -> Result<()> {
-    let mut f = fixture("cursor-migration").await;
-    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
-    let mut ingress = f.ingress().start().await;
-    f.instance("legacy", ACCOUNT, &receiver.url, "elements")
-        .await;
-    f.wait_condition("legacy", "Ready", "True", None).await?;
-    let uid = f.uid("legacy").await;
-
-    // The old version stops.
-    f.controller.kill();
-    ingress.kill();
-
-    // What it left: a cursor in the instance's namespace, taken after one change
-    // and before two others.
-    f.emu.upload(ACCOUNT, "/before-the-cursor.txt", b"old");
-    let token = Api::<Secret>::namespaced(f.client.clone(), &f.ns)
-        .get("legacy-dropbox-token")
-        .await?
-        .data
-        .and_then(|d| d.get("access_token").cloned())
-        .context("access token")?;
-    let old_cursor: Value = support::dropbox::http_client()
-        .post(format!(
-            "{}/2/files/list_folder/get_latest_cursor",
-            f.emu.url
-        ))
-        .bearer_auth(String::from_utf8(token.0)?)
-        .json(&json!({"path": "", "recursive": true}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let old_cursor = old_cursor["cursor"].as_str().context("cursor")?.to_owned();
-    f.emu.upload(ACCOUNT, "/after-1.txt", b"new");
-    f.emu.upload(ACCOUNT, "/after-2.txt", b"new");
-    let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
-    configmaps
-        .delete(&contract::cursor_configmap_name(&uid), &Default::default())
-        .await?;
-    let instance = f.instances.get("legacy").await?;
-    let legacy: ConfigMap = serde_json::from_value(json!({
-        "metadata": {
-            "name": "legacy-dropbox-events",
-            "labels": {"app.kubernetes.io/managed-by": "dropbox-operator",
-                       "elements.dropbox-operator.dev/instance": "legacy"},
-            "ownerReferences": [instance.controller_owner_ref(&())]
-        },
-        "data": {"cursor": old_cursor, "accountId": ACCOUNT}
-    }))?;
-    configmaps.create(&PostParams::default(), &legacy).await?;
-
-    // The new version starts: the controller first, since the ingress's start
-    // resync would move the cursor on at once.
-    f.controller = controller_process(&f.ns, &f.emu).start().await;
-    let moved = support::eventually(
-        "the cursor to move to the operator namespace",
-        Duration::from_secs(30),
-        || async { Ok(f.cursor("legacy").await) },
-        Option::is_some,
-    )
-    .await?;
-    assert_eq!(
-        moved.as_deref(),
-        Some(old_cursor.as_str()),
-        "the position is kept"
-    );
-    support::eventually(
-        "the old ConfigMap to be removed",
-        Duration::from_secs(30),
-        || support::get_opt(&configmaps, "legacy-dropbox-events"),
-        Option::is_none,
-    )
-    .await?;
-
-    let ingress = f.ingress().start().await;
-    f.webhook(&ingress, &[ACCOUNT]).await;
-    let events = wait_events(&receiver, 2, Duration::from_secs(30)).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let paths: Vec<String> = receiver
-        .accepted_events()
-        .iter()
-        .filter_map(|e| e["data"]["path_display"].as_str().map(str::to_owned))
-        .collect();
-    assert_eq!(paths, ["/after-1.txt", "/after-2.txt"], "{events:?}");
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! - [`inputs`]: reads the referenced Secrets and the token Secret.
 //! - [`reconcile`]: the OAuth lifecycle, status, events and the deletion finalizer.
 //! - [`token`]: the token Secret the controller owns.
-//! - [`projection`]: what the ingress needs of an instance, in the operator namespace.
+//! - [`projection`]: what the ingress needs of an instance, in the ingress's data namespace.
 //! - [`ingress`]: the ingress Deployment/Service, its liveness, orphan sweeps.
 //!
 //! This module wires them into a kube-runtime controller with leader election,
@@ -71,8 +71,14 @@ pub struct Context {
     pub backoff: Backoff,
     /// The webhook ingress objects and liveness.
     pub ingress: Arc<ingress::IngressManager>,
-    /// What was projected into the operator namespace, per instance.
+    /// What was projected into the data namespace, per instance.
     pub projections: projection::Projections,
+    /// The delivery states the ingress reports (`dropbox-delivery-<uid>` in the
+    /// data namespace), mirrored into the instances' status.
+    pub deliveries: Store<k8s_openapi::api::core::v1::ConfigMap>,
+    /// Whether `deliveries` holds its first listing (until then an events
+    /// reconcile waits, so a restart drops no EventsDelivering).
+    pub deliveries_ready: Arc<std::sync::atomic::AtomicBool>,
     /// Tokens Dropbox issued that the API server has not stored yet, by instance
     /// uid (the code that gave them is spent: they are all there is).
     pub unstored: Mutex<HashMap<String, token::StoredToken>>,
@@ -108,6 +114,17 @@ pub struct LeaderElection {
     pub lease_duration: Duration,
     pub renew_grace: Duration,
     pub renew_deadline: Duration,
+}
+
+impl Context {
+    /// What the ingress last reported about the deliveries of instance `uid`.
+    pub fn delivery(&self, uid: &str) -> Option<crate::contract::DeliveryState> {
+        let name = crate::contract::delivery_configmap_name(uid);
+        let cm = self
+            .deliveries
+            .get(&ObjectRef::new(&name).within(&self.ingress.settings.data_namespace))?;
+        crate::contract::DeliveryState::from_data(cm.data.as_ref()?)
+    }
 }
 
 impl LeaderElection {
@@ -415,6 +432,50 @@ async fn run_controller(
     .flat_map(move |()| futures::stream::iter(events_enabled(&liveness_store)));
     let controller = controller.reconcile_on(liveness);
 
+    // Delivery states the ingress reports: an instance whose state changed is
+    // reconciled (its status mirrors it).
+    let (deliveries, delivery_writer) = kube::runtime::reflector::store();
+    let delivery_events = kube::runtime::reflector(
+        delivery_writer,
+        watcher(
+            Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+                client.clone(),
+                &options.ingress.data_namespace,
+            ),
+            watcher::Config::default()
+                .labels(&crate::contract::role_selector(
+                    crate::contract::ROLE_DELIVERY,
+                ))
+                .any_semantic(),
+        )
+        .modify(|cm| {
+            cm.metadata.managed_fields = None;
+            cm.metadata.annotations = None;
+        }),
+    )
+    .default_backoff()
+    .touched_objects();
+    let delivery_store = store.clone();
+    let controller = controller.watches_stream(delivery_events, move |cm| {
+        let uid = cm
+            .labels()
+            .get(crate::contract::INSTANCE_UID_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        delivery_store
+            .find(|i| i.metadata.uid.as_deref() == Some(uid.as_str()))
+            .map(|i| ObjectRef::from_obj(i.as_ref()))
+    });
+    let deliveries_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn({
+        let deliveries = deliveries.clone();
+        let ready = deliveries_ready.clone();
+        async move {
+            crate::store::wait_until_ready(&deliveries).await;
+            ready.store(true, std::sync::atomic::Ordering::Release);
+        }
+    });
+
     let ingress = ingress::IngressManager::new(options.ingress.clone());
     tokio::spawn(ingress.clone().run(
         client.clone(),
@@ -440,6 +501,8 @@ async fn run_controller(
         backoff: Backoff::new(Duration::from_secs(1), options.config.max_backoff),
         ingress,
         projections: projection::Projections::default(),
+        deliveries,
+        deliveries_ready,
         unstored: Mutex::default(),
         code_markers: Mutex::default(),
         revoked: Mutex::default(),

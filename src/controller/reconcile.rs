@@ -174,6 +174,15 @@ pub fn error_policy(
 async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Action, Error> {
     let prev = instance.status.clone().unwrap_or_default();
     let key = object_key(instance);
+    let events_enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled);
+    if events_enabled
+        && !ctx
+            .deliveries_ready
+            .load(std::sync::atomic::Ordering::Acquire)
+    {
+        // Status mirrors the delivery states: wait for their first listing.
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     if ctx.written.is_stale(instance) {
         // The watch has not delivered our own status write yet; it will wake us
         // (and the requeue our write's reconcile asked for stays scheduled).
@@ -255,13 +264,15 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
         client: &ctx.client,
         dropbox: &ctx.dropbox,
         memo: &ctx.projections,
-        namespace: &ctx.ingress.settings.namespace,
+        namespace: &ctx.ingress.settings.data_namespace,
     };
-    let events_enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled);
     // Whether the ingress is needed can change only through an instance that
     // has or had events; the others do not wake its manager (which then looks
     // at every instance).
     let ingress_concerned = events_enabled || prev.events.is_some();
+    let delivery = events_enabled
+        .then(|| ctx.delivery(&instance.uid().unwrap_or_default()))
+        .flatten();
     let events = if events_enabled {
         let authorized = step.authorized.is_true();
         let input = EventsInputs {
@@ -276,6 +287,9 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
             signature_key,
             ingress_alive: ctx.ingress.alive(),
             previous: conditions::find(&prev.conditions, EVENTS_READY),
+            cursor_missing: delivery
+                .as_ref()
+                .is_some_and(|d| !d.delivering && d.reason == Reason::CursorMissing.as_str()),
         };
         let events = projector.events_step(instance, input).await?;
         if let Some(at_least) = events.retry
@@ -314,7 +328,13 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
         ),
     }
 
-    let desired = desired_status(instance, &step, events.as_ref(), &Time(now()));
+    let desired = desired_status(
+        instance,
+        &step,
+        events.as_ref(),
+        delivery.as_ref(),
+        &Time(now()),
+    );
     if conditions::status_differs(instance.status.as_ref(), &desired) {
         tracing::debug!(
             instance = %key,
