@@ -1124,3 +1124,159 @@ async fn events_can_be_limited_to_a_folder_and_a_new_folder_re_baselines() -> Re
     );
     Ok(())
 }
+
+/// Dropbox may answer with small pages (here three entries each); the events of
+/// several pages are gathered into notifications of up to 20, and the cursor
+/// committed is the one after the last page delivered.
+#[tokio::test]
+async fn small_pages_are_gathered_into_notifications_of_up_to_20_events() -> Result<()> {
+    let f = fixture("small-pages").await;
+    f.emu.set_list_limit(3);
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    let ingress = f.ingress().start().await;
+    f.instance("small", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("small", "Ready", "True", None).await?;
+    let made: Vec<String> = (0..45).map(|i| format!("/small-{i:02}.txt")).collect();
+    for path in &made {
+        f.emu.upload(ACCOUNT, path, path.as_bytes());
+    }
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    let events = wait_events(&receiver, made.len(), Duration::from_secs(30)).await?;
+    let paths: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["data"]["path_display"].as_str())
+        .collect();
+    assert_eq!(paths, made, "every change once, in order");
+    let sizes: Vec<usize> = receiver
+        .accepted()
+        .iter()
+        .map(|d| d.events().len())
+        .collect();
+    // Fifteen pages of three: notifications of 18, 18 and 9 events, not fifteen of 3.
+    assert_eq!(sizes, [18, 18, 9], "events per notification");
+    // The cursor after the last page: nothing is left to list.
+    let end = f.emu.change_log(ACCOUNT).len();
+    support::eventually(
+        "the committed cursor to be the one after the last page",
+        Duration::from_secs(10),
+        || async {
+            Ok(f.cursor("small")
+                .await
+                .and_then(|c| f.emu.cursor_position(&c)))
+        },
+        |pos: &Option<usize>| *pos == Some(end),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Another tenant creates 100 instances that claim this app key with wrong app
+/// secrets: genuine notifications are still accepted (every distinct secret is
+/// tried, the one that verified last first), whether they name this tenant's
+/// account or only accounts no instance has; forged ones are still refused.
+#[tokio::test]
+async fn claims_with_wrong_secrets_cannot_get_genuine_notifications_refused() -> Result<()> {
+    let f = fixture("claims").await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    let ingress = f.ingress().start().await;
+    // The claims: apiKey instances (their own accounts) with this app key.
+    let claimer = support::namespace(&f.client, "claims-tenant").await;
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &claimer);
+    let claims: Api<DropboxElementInstance> = Api::namespaced(f.client.clone(), &claimer);
+    const CLAIMS: usize = 100;
+    for i in 0..CLAIMS {
+        let account = format!("dbid:AAB-claimer-{i:03}");
+        f.emu
+            .add_account(&account, &format!("claimer{i}@example.com"), "Claimer");
+        let token = f.emu.issue_long_lived_token(APP_KEY, &account);
+        support::put_secret(
+            &secrets,
+            &format!("claim-{i}"),
+            &[
+                ("oauth.api.key", APP_KEY),
+                ("oauth.api.secret", &format!("WRONG-SECRET-{i}")),
+                ("apiKey", &token),
+            ],
+        )
+        .await?;
+        let instance: DropboxElementInstance = serde_json::from_value(json!({
+            "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+            "kind": "DropboxElementInstance",
+            "metadata": {"name": format!("claim-{i}")},
+            "spec": {
+                "element": {"key": "dropbox"},
+                "authentication": {
+                    "type": "apiKey",
+                    "apiKeySecretRef": {"name": format!("claim-{i}")},
+                    "appSecretRef": {"name": format!("claim-{i}")}
+                },
+                "events": {"enabled": true, "callbackUrl": "https://claims.example.com/hook"}
+            }
+        }))?;
+        claims.create(&PostParams::default(), &instance).await?;
+    }
+    // The controller watches this namespace too.
+    let _claims_controller = controller_process(&claimer, &f.emu)
+        .env("DATA_NAMESPACE", &f.ns)
+        .name("claims-controller")
+        .start()
+        .await;
+    f.instance("genuine", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("genuine", "Ready", "True", None).await?;
+    // Every claim is projected (so the ingress knows it) before the webhooks.
+    let data: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
+    support::eventually(
+        "the claims to be projected",
+        Duration::from_secs(90),
+        || async {
+            Ok(data
+                .list(
+                    &kube::api::ListParams::default()
+                        .labels(&contract::role_selector(contract::ROLE_PROJECTION)),
+                )
+                .await?
+                .items
+                .len())
+        },
+        |n: &usize| *n > CLAIMS,
+    )
+    .await?;
+    let url = format!("{}/webhooks/dropbox/{APP_KEY}", ingress.url());
+    let mut answers = BTreeMap::new();
+    for round in 0..10 {
+        f.emu
+            .upload(ACCOUNT, &format!("/genuine-{round}.txt"), b"x");
+        // Naming this tenant's account; naming only an account no instance has.
+        for accounts in [&[ACCOUNT][..], &[OTHER_ACCOUNT][..]] {
+            let status = f.emu.send_webhook(&url, APP_KEY, accounts).await.status();
+            *answers
+                .entry(format!("genuine {accounts:?}: {status}"))
+                .or_insert(0) += 1;
+        }
+        let (body, _) = f.emu.webhook_body(APP_KEY, &[OTHER_ACCOUNT]);
+        let forged = reqwest::Client::new()
+            .post(&url)
+            .header("X-Dropbox-Signature", "ab".repeat(32))
+            .body(body)
+            .send()
+            .await?
+            .status();
+        *answers.entry(format!("forged: {forged}")).or_insert(0) += 1;
+    }
+    println!("claims: {answers:?}");
+    let mut expected = vec![
+        "forged: 403 Forbidden".to_owned(),
+        format!("genuine [\"{OTHER_ACCOUNT}\"]: 200 OK"),
+        format!("genuine [\"{ACCOUNT}\"]: 200 OK"),
+    ];
+    expected.sort();
+    assert_eq!(
+        answers.keys().cloned().collect::<Vec<_>>(),
+        expected,
+        "{answers:?}"
+    );
+    wait_events(&receiver, 10, Duration::from_secs(30)).await?;
+    Ok(())
+}

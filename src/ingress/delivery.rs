@@ -3,10 +3,12 @@
 //!
 //! - [`Deliverer::list`]: the changes since the committed cursor, as
 //!   notifications ready to send. Dropbox may answer with small pages; pages
-//!   are listed on until at least [`MAX_EVENTS_PER_NOTIFICATION`] events are
-//!   in hand (or no more are waiting), so a notification carries up to 20
-//!   events however Dropbox pages, and the cursor to commit is the one after the
-//!   last page included.
+//!   are gathered into one batch while their events fit one notification
+//!   ([`MAX_EVENTS_PER_NOTIFICATION`]), so a notification carries up to 20
+//!   events however Dropbox pages, and the cursor to commit is the one after
+//!   the last page included. A page that would overflow the batch is kept for
+//!   the next one (it was listed from the cursor that batch commits); a page
+//!   of more than 20 events is a batch of its own, cut into notifications of 20.
 //! - [`Deliverer::attempt`]: one POST to the callback, and what its failure means:
 //!   permanent (410, a refused address, other 4xx except 408/409/425/429) or
 //!   worth retrying.
@@ -26,6 +28,17 @@ use crate::retry::error_chain;
 /// Pages listed for one batch at most (Dropbox may answer with empty pages
 /// that say more is coming).
 const MAX_PAGES_PER_BATCH: usize = 50;
+
+/// A page listed but not yet in a batch: the first page of the next one.
+pub struct Page {
+    /// The fence epoch it was listed in.
+    pub epoch: u64,
+    /// The cursor it was listed from.
+    pub from: String,
+    pub entries: Vec<serde_json::Value>,
+    pub cursor: String,
+    pub has_more: bool,
+}
 
 /// Notifications listed from one committed cursor, and the cursor that
 /// follows them.
@@ -90,8 +103,10 @@ pub enum ListError {
 impl Deliverer {
     /// Lists the changes after the committed `cursor` (committed at
     /// `committed_at`; `reset_pending`: the controller re-baselined it and one
-    /// `UNKNOWN` event is due). `token` gives the access token to use, and a
-    /// newer one once Dropbox refused it (the controller may have refreshed it).
+    /// `UNKNOWN` event is due), starting with `carried` when it was listed from
+    /// that cursor. Returns the batch and the page kept for the next one.
+    /// `newer_token` gives a newer access token once Dropbox refused the
+    /// projected one (the controller may have refreshed it).
     #[allow(clippy::too_many_arguments)]
     pub async fn list(
         &self,
@@ -100,8 +115,9 @@ impl Deliverer {
         cursor: &str,
         committed_at: jiff::Timestamp,
         reset_pending: bool,
+        mut carried: Option<Page>,
         newer_token: impl Fn() -> Option<String>,
-    ) -> Result<Batch, ListError> {
+    ) -> Result<(Batch, Option<Page>), ListError> {
         let i = &p.instance;
         let mut token = p.access_token.clone().ok_or(ListError::NoToken)?;
         let mut events = Vec::new();
@@ -109,6 +125,7 @@ impl Deliverer {
         let mut has_more;
         let mut pages = 0;
         let mut retried_token = false;
+        let mut keep = None;
         if reset_pending {
             let origin = payload::PageOrigin {
                 instance_uid: &i.uid,
@@ -120,15 +137,40 @@ impl Deliverer {
             has_more = true;
         } else {
             loop {
-                let origin_cursor = next.clone();
-                match self.dropbox.list_folder_continue(&token, &next).await {
+                let page = match carried
+                    .take()
+                    .filter(|c| c.epoch == epoch && c.from == next)
+                {
+                    Some(page) => Ok(page),
+                    None => self
+                        .dropbox
+                        .list_folder_continue(&token, &next)
+                        .await
+                        .map(|r| Page {
+                            epoch,
+                            from: next.clone(),
+                            entries: r.entries,
+                            cursor: r.cursor,
+                            has_more: r.has_more,
+                        }),
+                };
+                match page {
                     Ok(page) => {
                         let origin = payload::PageOrigin {
                             instance_uid: &i.uid,
-                            cursor: &origin_cursor,
+                            cursor: &page.from,
                             committed_at,
                         };
-                        events.extend(payload::standardize(&page.entries, &origin));
+                        let standardized = payload::standardize(&page.entries, &origin);
+                        if !events.is_empty()
+                            && events.len() + standardized.len() > MAX_EVENTS_PER_NOTIFICATION
+                        {
+                            // It would split a notification: the next batch's.
+                            keep = Some(page);
+                            has_more = true;
+                            break;
+                        }
+                        events.extend(standardized);
                         next = page.cursor;
                         has_more = page.has_more;
                         pages += 1;
@@ -192,14 +234,15 @@ impl Deliverer {
         // The notification as this instance may see it: its own account only,
         // the same whatever triggered the sync (a webhook, a restart, a resync).
         let raw = json!({"list_folder": {"accounts": [i.account_id]}});
-        Ok(Batch {
+        let batch = Batch {
             epoch,
             from: cursor.to_owned(),
             cursor: next,
             has_more,
             notifications: payload::notifications(&info, &events, &raw, format),
             next: 0,
-        })
+        };
+        Ok((batch, keep))
     }
 
     /// One POST of `n` to the instance's callback.

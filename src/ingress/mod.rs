@@ -5,7 +5,8 @@
 //! - [`handoff`]: webhooks go to the replica that delivers each instance.
 //! - [`membership`], [`heartbeat`]: the live replicas, who delivers which
 //!   instance, and the fence that keeps it to one at a time.
-//! - [`sync`]: per-instance workers: scheduling, retries, parking.
+//! - [`sync`]: per-instance workers: scheduling, retries, parking; [`slots`]:
+//!   the work slots they share fairly between tenants.
 //! - [`delivery`]: listing changes into notifications, one POST and its outcome.
 //! - [`cursors`], [`reports`]: committed cursors and delivery states.
 //! - [`longpoll`]: long-polls for instances with `events.source: longpoll`,
@@ -30,6 +31,7 @@ pub mod membership;
 pub mod payload;
 pub mod projections;
 pub mod reports;
+pub mod slots;
 pub mod ssrf;
 pub mod sync;
 pub mod verify;

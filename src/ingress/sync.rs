@@ -12,9 +12,12 @@
 //! resourceVersion of the cursor it listed from as precondition.
 //!
 //! Broken callbacks isolate themselves: a sync holds one of
-//! `--max-concurrent-syncs` permits only while it works, never while it waits
-//! to retry, and an instance whose deliveries are failing retries with permits
-//! of its own pool, so failing instances never queue in front of healthy ones.
+//! `--max-concurrent-syncs` slots only while it works, never while it waits
+//! to retry; an instance whose deliveries are failing retries with slots of
+//! its own, smaller pool, so failing instances never queue in front of healthy
+//! ones; and slots are shared round-robin between tenants (namespaces), so one
+//! tenant's many stalling callbacks queue behind each other, not in front of
+//! another tenant's instance.
 //! A failure that retrying cannot fix, or failures for longer than
 //! `--delivery-park-after`, park the instance: its cursor stays, and a change of
 //! its spec or its resume annotation starts it again. Every failure is reported
@@ -29,10 +32,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::cursors::{Commit, Committed, CursorError, Cursors};
-use super::delivery::{Batch, CallbackFailure, Deliverer, ListError};
+use super::delivery::{Batch, CallbackFailure, Deliverer, ListError, Page};
 use super::membership::{Decision, Membership};
 use super::projections::{Projection, Projections};
 use super::reports::Reports;
+use super::slots::FairSlots;
 use crate::conditions::Reason;
 use crate::dropbox::DropboxError;
 use crate::metrics::{IngressMetrics, ReasonLabels, ResultLabels};
@@ -65,9 +69,9 @@ pub struct Syncer {
     pub config: DeliveryConfig,
     workers: Mutex<HashMap<String, Arc<Worker>>>,
     /// Syncs at work at once, of instances whose deliveries succeed.
-    permits: tokio::sync::Semaphore,
+    permits: Arc<FairSlots>,
     /// Syncs at work at once, of instances whose deliveries are failing.
-    retry_permits: tokio::sync::Semaphore,
+    retry_permits: Arc<FairSlots>,
     /// Worker tasks, so a shutdown can wait for them.
     tasks: tokio_util::task::TaskTracker,
     /// Cancelled on SIGTERM: no new sync starts, no new POST.
@@ -122,6 +126,8 @@ struct Streak {
     since: Option<Instant>,
     /// The batch being delivered when the callback failed: retried as it is.
     held: Option<Batch>,
+    /// A page listed after the last batch, the first of the next one.
+    carried: Option<Page>,
     commit_refusals: u32,
 }
 
@@ -231,8 +237,8 @@ impl Syncer {
             metrics,
             config,
             workers: Mutex::default(),
-            permits: tokio::sync::Semaphore::new(concurrent_syncs),
-            retry_permits: tokio::sync::Semaphore::new((concurrent_syncs / 4).max(1)),
+            permits: FairSlots::new(concurrent_syncs),
+            retry_permits: FairSlots::new((concurrent_syncs / 4).max(1)),
             tasks: tokio_util::task::TaskTracker::new(),
             draining,
             stop,
@@ -392,7 +398,7 @@ impl Syncer {
                 &self.retry_permits
             };
             let permit = tokio::select! {
-                permit = pool.acquire() => permit,
+                permit = pool.acquire(&projection.instance.namespace) => permit,
                 _ = self.draining.cancelled() => return,
             };
             // Taken now: triggers from here on are a new sync.
@@ -426,6 +432,7 @@ impl Syncer {
                 Err(Failure::Fenced) => {
                     // Listed again from the committed cursor once the fence opens.
                     streak.held = None;
+                    streak.carried = None;
                     self.requeue(&worker, since);
                 }
                 Err(failure) => {
@@ -535,27 +542,32 @@ impl Syncer {
             let committed = self.committed(uid, p, epoch).await?;
             let mut batch = match streak.held.take() {
                 Some(b) if b.epoch == epoch && b.from == committed.cursor => b,
-                _ => self
-                    .deliverer
-                    .list(
-                        p,
-                        epoch,
-                        &committed.cursor,
-                        committed.committed_at,
-                        committed.reset_pending,
-                        || {
-                            self.projections
-                                .get(uid)
-                                .and_then(|p| p.access_token.clone())
-                        },
-                    )
-                    .await
-                    .map_err(|e| match e {
-                        ListError::Dropbox(e) => Failure::Dropbox(e),
-                        ListError::NoToken => Failure::NotReady(
-                            "the controller has not projected an access token".into(),
-                        ),
-                    })?,
+                _ => {
+                    let (batch, carry) = self
+                        .deliverer
+                        .list(
+                            p,
+                            epoch,
+                            &committed.cursor,
+                            committed.committed_at,
+                            committed.reset_pending,
+                            streak.carried.take(),
+                            || {
+                                self.projections
+                                    .get(uid)
+                                    .and_then(|p| p.access_token.clone())
+                            },
+                        )
+                        .await
+                        .map_err(|e| match e {
+                            ListError::Dropbox(e) => Failure::Dropbox(e),
+                            ListError::NoToken => Failure::NotReady(
+                                "the controller has not projected an access token".into(),
+                            ),
+                        })?;
+                    streak.carried = carry;
+                    batch
+                }
             };
             tracing::debug!(
                 notifications = batch.notifications.len(),

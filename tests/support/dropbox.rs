@@ -484,6 +484,30 @@ impl Emulator {
             .collect()
     }
 
+    /// What is at every path the account's change log mentions, now: the file
+    /// or folder metadata list_folder/continue reports for it, or a `deleted`
+    /// entry for a path that is gone. Keyed by `path_lower`. The record a
+    /// receiver's last event per path must match.
+    pub fn final_states(&self, account_id: &str) -> BTreeMap<String, Value> {
+        let st = self.st();
+        let files = &st
+            .accounts
+            .get(account_id)
+            .expect("final_states: unknown account")
+            .files;
+        files
+            .journal
+            .iter()
+            .map(|(path, meta)| {
+                let now = match files.nodes.get(path) {
+                    Some(node) => node.metadata(),
+                    None => deleted_metadata(meta["path_display"].as_str().unwrap_or(path)),
+                };
+                (path.clone(), now)
+            })
+            .collect()
+    }
+
     /// Max entries per list_folder(/continue) page; default 2000.
     pub fn set_list_limit(&self, limit: usize) {
         assert!(limit >= 1, "list limit must be at least 1");
