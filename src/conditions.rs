@@ -12,7 +12,8 @@ pub const AUTHORIZED: &str = "Authorized";
 /// The ingress runs and the instance's webhook route and cursor are set up
 /// (controller; only when events are enabled).
 pub const EVENTS_READY: &str = "EventsReady";
-/// The last delivery to the callback URL succeeded (written by the ingress).
+/// The last delivery to the callback URL succeeded (reported by the ingress,
+/// mirrored into status by the controller).
 pub const EVENTS_DELIVERING: &str = "EventsDelivering";
 /// Every condition above that applies is True (controller).
 pub const READY: &str = "Ready";

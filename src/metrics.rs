@@ -247,7 +247,7 @@ impl IngressMetrics {
         );
         r.register(
             "cursor_conflicts",
-            "Cursor commits lost to another replica (their events were delivered by both)",
+            "Cursor commits refused because the cursor ConfigMap changed since it was read (the controller re-baselined it); the batch is listed again",
             m.cursor_conflicts.clone(),
         );
         r.register(

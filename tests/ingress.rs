@@ -1280,3 +1280,126 @@ async fn claims_with_wrong_secrets_cannot_get_genuine_notifications_refused() ->
     wait_events(&receiver, 10, Duration::from_secs(30)).await?;
     Ok(())
 }
+
+/// Every stall is visible: a Dropbox failure (5xx), the watched folder removed
+/// (`path/not_found`), the cursor ConfigMap deleted, and cursor commits refused
+/// by the API server each turn EventsDelivering False with their own reason
+/// within one retry, and the next delivery turns it True again.
+#[tokio::test]
+async fn every_stall_is_visible_and_the_next_delivery_clears_it() -> Result<()> {
+    let f = fixture("stalls").await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    let ingress = f.ingress().start().await;
+    f.emu.create_folder(ACCOUNT, "/Watched");
+    f.instance_with(
+        "stalls",
+        ACCOUNT,
+        &receiver.url,
+        "elements",
+        json!({"path": "/Watched"}),
+    )
+    .await;
+    f.wait_condition("stalls", "Ready", "True", None).await?;
+    let mut n = 0;
+    let mut change = |emu: &Emulator| {
+        n += 1;
+        emu.upload(ACCOUNT, &format!("/Watched/file-{n}.txt"), b"x");
+    };
+    let mut table = Vec::new();
+    let mut expect = async |what: &str, reason: &str| -> Result<()> {
+        let t = Instant::now();
+        let i = f
+            .wait_condition("stalls", "EventsDelivering", "False", Some(reason))
+            .await
+            .with_context(|| format!("{what}: EventsDelivering=False/{reason}"))?;
+        let message = condition(&i, "EventsDelivering")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        table.push(format!(
+            "| {what} | False/{reason} after {:.1}s | {message} |",
+            t.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    };
+
+    // Dropbox answers 503.
+    f.emu
+        .fail_for("/2/files/list_folder/continue", Duration::from_secs(4), 503);
+    change(&f.emu);
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    expect("Dropbox 503", "DropboxUnavailable").await?;
+    f.wait_condition("stalls", "EventsDelivering", "True", Some("Delivered"))
+        .await?;
+
+    // The watched folder is removed.
+    f.emu.delete(ACCOUNT, "/Watched");
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    expect("events.path removed", "DropboxRejected").await?;
+    f.emu.create_folder(ACCOUNT, "/Watched");
+    change(&f.emu);
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    f.wait_condition("stalls", "EventsDelivering", "True", Some("Delivered"))
+        .await?;
+
+    // The cursor ConfigMap is deleted: the controller makes a new one, and the
+    // receiver is told (UNKNOWN) that it may have missed changes.
+    let uid = f.uid("stalls").await;
+    let cursor_name = contract::cursor_configmap_name(&uid);
+    let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
+    configmaps
+        .delete(&cursor_name, &kube::api::DeleteParams::default())
+        .await?;
+    change(&f.emu);
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    expect("cursor ConfigMap deleted", "CursorMissing").await?;
+    f.wait_condition("stalls", "EventsDelivering", "True", Some("Delivered"))
+        .await?;
+    support::eventually(
+        "an UNKNOWN event after the new cursor",
+        Duration::from_secs(20),
+        || async { Ok(receiver.accepted_events()) },
+        |events: &Vec<Value>| events.iter().any(|e| e["eventType"] == "UNKNOWN"),
+    )
+    .await?;
+
+    // The API server refuses every commit of the cursor (an admission policy).
+    let policy = format!("deny-cursor-{}", f.ns);
+    let manifest = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": policy},
+         "spec": {"failurePolicy": "Fail",
+                  "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                      "resources": ["configmaps"], "operations": ["UPDATE"]}]},
+                  "validations": [{"expression": format!("object.metadata.name != '{cursor_name}'"),
+                                   "message": "cursor commits are refused (test)"}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+         "metadata": {"name": policy},
+         "spec": {"policyName": policy, "validationActions": ["Deny"],
+                  "matchResources": {"namespaceSelector": {"matchLabels":
+                      {"kubernetes.io/metadata.name": f.ns}}}}}
+    ]});
+    let (ok, _, err) = support::kubectl_stdin(&["apply", "-f", "-"], &manifest.to_string());
+    anyhow::ensure!(ok, "{err}");
+    let mut refused = false;
+    for _ in 0..20 {
+        change(&f.emu);
+        f.webhook(&ingress, &[ACCOUNT]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let i = f.instances.get("stalls").await?;
+        if support::condition_is(&i, "EventsDelivering", "False", Some("CursorCommitFailed")) {
+            refused = true;
+            break;
+        }
+    }
+    anyhow::ensure!(refused, "CursorCommitFailed not reported");
+    expect("cursor commits refused", "CursorCommitFailed").await?;
+    let (ok, _, err) = support::kubectl_stdin(&["delete", "-f", "-"], &manifest.to_string());
+    anyhow::ensure!(ok, "{err}");
+    f.wait_condition("stalls", "EventsDelivering", "True", Some("Delivered"))
+        .await?;
+    println!(
+        "\nstall | reported | message\n|---|---|---|\n{}",
+        table.join("\n")
+    );
+    Ok(())
+}

@@ -66,6 +66,10 @@ pub struct EventsInputs<'a> {
     /// The ingress reported the instance's cursor missing: make a new one,
     /// with an `UNKNOWN` event due.
     pub cursor_missing: bool,
+    /// The status shows deliveries happened: a cursor that is not there was
+    /// lost (e.g. the data namespace was deleted with the release), and a new
+    /// one gets an `UNKNOWN` event due.
+    pub delivered_before: bool,
 }
 
 /// What was last projected for each instance uid, so a settled instance makes
@@ -211,7 +215,7 @@ impl Projector<'_> {
                     account_id,
                     &scope.1,
                     access_token,
-                    input.cursor_missing,
+                    input.cursor_missing || input.delivered_before,
                 )
                 .await?
             {
@@ -347,8 +351,9 @@ impl Projector<'_> {
     /// `folder` (`""`: the whole account); an Err is the EventsReady verdict
     /// when it cannot. A new folder for the same account re-baselines: the
     /// cursor starts at the folder's present and the ingress is told to send
-    /// one `UNKNOWN` event; so is a cursor made again because the ingress
-    /// found it `missing` (changes since the lost one may be missing).
+    /// one `UNKNOWN` event; so is a cursor made where one was `missing` (the
+    /// ingress found it gone, or deliveries happened before: changes since the
+    /// lost one may be missing).
     async fn ensure_cursor(
         &self,
         instance: &DropboxElementInstance,
@@ -456,7 +461,7 @@ impl Projector<'_> {
                 configmaps.create(&PostParams::default(), &cm).await?;
             }
         }
-        if missing {
+        if reset && !refolder {
             tracing::warn!(instance = %format!("{namespace}/{name}"), "events cursor was missing; made a new one (the receiver gets an UNKNOWN event)");
         } else {
             tracing::info!(instance = %format!("{namespace}/{name}"), "first events cursor set");

@@ -290,6 +290,8 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
             cursor_missing: delivery
                 .as_ref()
                 .is_some_and(|d| !d.delivering && d.reason == Reason::CursorMissing.as_str()),
+            delivered_before: conditions::find(&prev.conditions, conditions::EVENTS_DELIVERING)
+                .is_some(),
         };
         let events = projector.events_step(instance, input).await?;
         if let Some(at_least) = events.retry

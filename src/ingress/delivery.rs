@@ -51,6 +51,10 @@ pub struct Batch {
     pub cursor: String,
     /// More changes are waiting after `cursor`.
     pub has_more: bool,
+    /// Its last page was listed from Dropbox just now: when it says no more is
+    /// waiting, that holds for changes made before this listing (a batch kept
+    /// from an earlier attempt, or a kept page, says nothing about later ones).
+    pub fresh: bool,
     pub notifications: Vec<Notification>,
     /// The first notification not delivered yet.
     pub next: usize,
@@ -126,6 +130,7 @@ impl Deliverer {
         let mut pages = 0;
         let mut retried_token = false;
         let mut keep = None;
+        let mut fresh = true;
         if reset_pending {
             let origin = payload::PageOrigin {
                 instance_uid: &i.uid,
@@ -137,10 +142,11 @@ impl Deliverer {
             has_more = true;
         } else {
             loop {
-                let page = match carried
+                let kept = carried
                     .take()
-                    .filter(|c| c.epoch == epoch && c.from == next)
-                {
+                    .filter(|c| c.epoch == epoch && c.from == next);
+                fresh = kept.is_none();
+                let page = match kept {
                     Some(page) => Ok(page),
                     None => self
                         .dropbox
@@ -239,6 +245,7 @@ impl Deliverer {
             from: cursor.to_owned(),
             cursor: next,
             has_more,
+            fresh,
             notifications: payload::notifications(&info, &events, &raw, format),
             next: 0,
         };

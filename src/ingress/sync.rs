@@ -541,7 +541,11 @@ impl Syncer {
             }
             let committed = self.committed(uid, p, epoch).await?;
             let mut batch = match streak.held.take() {
-                Some(b) if b.epoch == epoch && b.from == committed.cursor => b,
+                Some(mut b) if b.epoch == epoch && b.from == committed.cursor => {
+                    // Listed before this sync's trigger: list again after it.
+                    b.fresh = false;
+                    b
+                }
                 _ => {
                     let (batch, carry) = self
                         .deliverer
@@ -641,7 +645,7 @@ impl Syncer {
                     }
                 }
             }
-            if !batch.has_more {
+            if !batch.has_more && batch.fresh {
                 tracing::debug!(took = ?since.elapsed(), "delivered and committed");
                 return Ok(Outcome {
                     delivered,

@@ -2321,6 +2321,20 @@ fn list_folder_continue(st: &mut State, route_name: &str, account_id: &str, args
     if state.epoch != st.accounts[account_id].epoch {
         return Reply::route_error(&["reset"], json!({".tag": "reset"}));
     }
+    // `ListFolderContinueError.path`: the listed folder is gone (deleted or
+    // moved away), e.g. an instance's `events.path` after the user removed it.
+    let files = &st.accounts[account_id].files;
+    if !state.root.is_empty()
+        && !matches!(
+            files.nodes.get(&state.root),
+            Some(Node {
+                kind: NodeKind::Folder,
+                ..
+            })
+        )
+    {
+        return Reply::lookup_error("not_found");
+    }
     Reply::json(200, &next_page(st, state))
 }
 
