@@ -1346,12 +1346,23 @@ async fn every_stall_is_visible_and_the_next_delivery_clears_it() -> Result<()> 
     let uid = f.uid("stalls").await;
     let cursor_name = contract::cursor_configmap_name(&uid);
     let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
-    configmaps
-        .delete(&cursor_name, &kube::api::DeleteParams::default())
-        .await?;
+    // Deleted again whenever the controller makes it, until the stall was seen.
+    let deleting = tokio::spawn({
+        let (configmaps, cursor_name) = (configmaps.clone(), cursor_name.clone());
+        async move {
+            loop {
+                let _ = configmaps
+                    .delete(&cursor_name, &kube::api::DeleteParams::default())
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
     change(&f.emu);
     f.webhook(&ingress, &[ACCOUNT]).await;
-    expect("cursor ConfigMap deleted", "CursorMissing").await?;
+    let seen = expect("cursor ConfigMap deleted", "CursorMissing").await;
+    deleting.abort();
+    seen?;
     f.wait_condition("stalls", "EventsDelivering", "True", Some("Delivered"))
         .await?;
     support::eventually(

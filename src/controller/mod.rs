@@ -163,7 +163,7 @@ pub enum RunError {
 /// Runs the controller until SIGTERM/SIGINT (or, with leader election, until the
 /// lease is lost).
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
-    let client = Client::try_default().await?;
+    let client = crate::store::client().await?;
     let mut registry = Registry::default();
     let metrics = ControllerMetrics::register(&mut registry);
     let ready = Arc::new(Readiness::default());
@@ -374,12 +374,16 @@ async fn run_controller(
     let instances: Vec<Api<DropboxElementInstance>> = crate::store::apis(&client, &namespaces);
     let secrets: Vec<Api<PartialObjectMeta<Secret>>> = crate::store::apis(&client, &namespaces);
     let (store, instance_writer) = kube::runtime::reflector::store();
+    // Consistent lists, not "any": after an API server restart a list served
+    // from its fresh cache can be older than the watch window, and every watch
+    // then fails "too old resource version" again and again; the controller was
+    // blind for minutes (tests/faults.rs, row 13).
     let instance_events = kube::runtime::reflector(
         instance_writer,
-        crate::store::namespaces_watcher(instances, watcher::Config::default().any_semantic())
+        crate::store::namespaces_watcher(instances, crate::store::watch_config())
             .modify(crate::store::slim_instance),
     )
-    .default_backoff()
+    .backoff(crate::store::watch_backoff())
     .applied_objects();
     let controller = Controller::for_stream(instance_events, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency));
@@ -389,7 +393,7 @@ async fn run_controller(
     let (secret_versions, secret_writer) = kube::runtime::reflector::store();
     let secret_events = kube::runtime::reflector(
         secret_writer,
-        crate::store::namespaces_watcher(secrets, watcher::Config::default().any_semantic())
+        crate::store::namespaces_watcher(secrets, crate::store::watch_config())
             // Names and versions are all the cache needs: drop the rest early.
             .modify(|s| {
                 s.types = None;
@@ -400,7 +404,7 @@ async fn run_controller(
                 s.metadata.creation_timestamp = None;
             }),
     )
-    .default_backoff()
+    .backoff(crate::store::watch_backoff())
     .touched_objects();
     let mapper_store = store.clone();
     let own_secret_writes = Arc::new(OwnSecretWrites::default());
@@ -442,18 +446,21 @@ async fn run_controller(
                 client.clone(),
                 &options.ingress.data_namespace,
             ),
-            watcher::Config::default()
-                .labels(&crate::contract::role_selector(
-                    crate::contract::ROLE_DELIVERY,
-                ))
-                .any_semantic(),
+            // A consistent list, not "any": after an API server restart a list
+            // served from its cache can be older than the watch window, and
+            // every watch then fails "too old resource version" (seen for
+            // minutes in tests/faults.rs row 13). The delivery states are few
+            // and small.
+            crate::store::watch_config().labels(&crate::contract::role_selector(
+                crate::contract::ROLE_DELIVERY,
+            )),
         )
         .modify(|cm| {
             cm.metadata.managed_fields = None;
             cm.metadata.annotations = None;
         }),
     )
-    .default_backoff()
+    .backoff(crate::store::watch_backoff())
     .touched_objects();
     let delivery_store = store.clone();
     let controller = controller.watches_stream(delivery_events, move |cm| {

@@ -32,6 +32,9 @@ use crate::api::{DropboxElementInstance, DropboxElementInstanceStatus};
 use crate::conditions::{self, AUTHORIZED, Desired, EVENTS_READY, Reason};
 use crate::metrics::{ReasonLabels, ResultLabels};
 
+/// How soon an instance whose cursor the ingress reports missing is looked at again.
+const CURSOR_RECHECK: Duration = Duration::from_secs(5);
+
 /// Field manager of everything the controller applies.
 pub const FIELD_MANAGER: &str = crate::contract::CONTROLLER_FIELD_MANAGER;
 
@@ -293,11 +296,21 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
             delivered_before: conditions::find(&prev.conditions, conditions::EVENTS_DELIVERING)
                 .is_some(),
         };
+        let cursor_missing = input.cursor_missing;
         let events = projector.events_step(instance, input).await?;
         if let Some(at_least) = events.retry
             && !matches!(step.next, Next::Backoff { .. })
         {
             step.next = Next::Backoff { at_least };
+        }
+        // Until the ingress says delivery works again, look again soon: the
+        // cursor may have gone again (nothing else wakes this instance).
+        if cursor_missing {
+            step.next = match step.next {
+                Next::After(d) => Next::After(d.min(CURSOR_RECHECK)),
+                Next::WaitForChange => Next::After(CURSOR_RECHECK),
+                backoff => backoff,
+            };
         }
         Some(events)
     } else {

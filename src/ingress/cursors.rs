@@ -20,6 +20,10 @@ use crate::contract::{
     self, ACCOUNT_KEY, COMMITTED_AT_KEY, CURSOR_KEY, PATH_KEY, RESET_PENDING_KEY,
 };
 
+/// Bound on one API request of the ingress (a request to an API server that
+/// went away mid-request must not hold a sync, a report or a heartbeat).
+pub const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A committed cursor.
 #[derive(Clone, Debug)]
 pub struct Committed {
@@ -48,6 +52,8 @@ pub enum CursorError {
     Empty,
     #[error("reading or committing the cursor failed: {0}")]
     Kube(#[from] kube::Error),
+    #[error("the API server did not answer within {}s", API_TIMEOUT.as_secs())]
+    Timeout,
 }
 
 /// The outcome of a commit.
@@ -116,10 +122,9 @@ impl Cursors {
     /// Reads the committed cursor from the API server.
     pub async fn read(&self, uid: &str, epoch: u64) -> Result<Committed, CursorError> {
         let name = contract::cursor_configmap_name(uid);
-        let found = self
-            .api
-            .get_opt(&name)
-            .await?
+        let found = tokio::time::timeout(API_TIMEOUT, self.api.get_opt(&name))
+            .await
+            .map_err(|_| CursorError::Timeout)??
             .filter(|cm| contract::is_managed(cm.metadata.labels.as_ref()));
         let Some(mut cm) = found else {
             self.forget(uid);

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::cursors::API_TIMEOUT;
 use super::membership::Membership;
 use crate::contract::{HEARTBEATS_CONFIGMAP, Heartbeat};
 
@@ -72,14 +73,17 @@ pub async fn run(
         }
         let sent = Instant::now();
         last_write = Some(sent);
-        match api
-            .patch(
+        let patched = tokio::time::timeout(
+            API_TIMEOUT,
+            api.patch(
                 HEARTBEATS_CONFIGMAP,
                 &PatchParams::default(),
                 &Patch::Merge(&json!({ "data": data })),
-            )
-            .await
-        {
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| Err(kube::Error::Service("no answer in time".into())));
+        match patched {
             Ok(cm) => {
                 warned = false;
                 known = cm.data.unwrap_or_default();
@@ -111,14 +115,17 @@ pub async fn run(
         tracing::warn!("POSTs still in flight after the delivery timeout");
     }
     let patch = json!({"data": {membership.key(): null}});
-    match api
-        .patch(
+    let removed = tokio::time::timeout(
+        API_TIMEOUT,
+        api.patch(
             HEARTBEATS_CONFIGMAP,
             &PatchParams::default(),
             &Patch::Merge(&patch),
-        )
-        .await
-    {
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| Err(kube::Error::Service("no answer in time".into())));
+    match removed {
         Ok(_) => tracing::info!("ingress heartbeat removed"),
         Err(e) => tracing::warn!(error = %e, "could not remove the ingress heartbeat"),
     }
@@ -132,10 +139,12 @@ pub async fn watch(
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let config = watcher::Config::default()
-        .fields(&format!("metadata.name={HEARTBEATS_CONFIGMAP}"))
-        .any_semantic();
-    let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+    // A consistent list, not "any": after an API server restart a list
+    // served from its cache can be older than the watch window (see the
+    // controller's delivery-state watch).
+    let config =
+        crate::store::watch_config().fields(&format!("metadata.name={HEARTBEATS_CONFIGMAP}"));
+    let mut events = std::pin::pin!(watcher(api, config).backoff(crate::store::watch_backoff()));
     loop {
         let event = tokio::select! {
             event = events.next() => event,

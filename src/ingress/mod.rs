@@ -42,7 +42,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::Client;
 use kube::api::Api;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -104,7 +103,7 @@ pub enum RunError {
 /// POST; POSTs in flight end, the heartbeat entry is removed so the other
 /// replicas take over at once, all within the drain timeout.
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
-    let client = Client::try_default().await?;
+    let client = crate::store::client().await?;
     let mut registry = Registry::default();
     let metrics = IngressMetrics::register(&mut registry);
     let ready = Arc::new(Readiness::default());

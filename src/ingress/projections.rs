@@ -257,11 +257,13 @@ impl Projections {
         relists: prometheus_client::metrics::counter::Counter,
         stop: CancellationToken,
     ) {
-        let config = watcher::Config::default()
-            .labels(&contract::role_selector(ROLE_PROJECTION))
-            .any_semantic();
+        // A consistent list, not "any": after an API server restart a list
+        // served from its cache can be older than the watch window (see the
+        // controller's delivery-state watch).
+        let config = crate::store::watch_config().labels(&contract::role_selector(ROLE_PROJECTION));
         let mut listing: Option<Vec<Projection>> = None;
-        let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+        let mut events =
+            std::pin::pin!(watcher(api, config).backoff(crate::store::watch_backoff()));
         loop {
             let event = tokio::select! {
                 event = events.next() => event,

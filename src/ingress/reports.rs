@@ -121,15 +121,17 @@ impl Reports {
             },
             "data": desired.to_data(),
         });
-        match self
-            .api
-            .patch(
+        let written = tokio::time::timeout(
+            super::cursors::API_TIMEOUT,
+            self.api.patch(
                 &name,
                 &PatchParams::apply(INGRESS_FIELD_MANAGER).force(),
                 &Patch::Apply(&patch),
-            )
-            .await
-        {
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| Err(kube::Error::Service("no answer in time".into())));
+        match written {
             Ok(_) => {
                 self.known
                     .lock()
@@ -151,10 +153,13 @@ impl Reports {
     /// Keeps [`Reports::current`] in line with the delivery-state ConfigMaps
     /// until `stop` (written by any replica, or removed by the controller).
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let config = watcher::Config::default()
-            .labels(&contract::role_selector(ROLE_DELIVERY))
-            .any_semantic();
-        let mut events = std::pin::pin!(watcher(self.api.clone(), config).default_backoff());
+        // A consistent list, not "any": after an API server restart a list
+        // served from its cache can be older than the watch window (see the
+        // controller's delivery-state watch).
+        let config = crate::store::watch_config().labels(&contract::role_selector(ROLE_DELIVERY));
+        let mut events = std::pin::pin!(
+            watcher(self.api.clone(), config).backoff(crate::store::watch_backoff())
+        );
         let mut listing: Option<HashMap<String, DeliveryState>> = None;
         let uid_and_state = |cm: &ConfigMap| {
             let uid = cm

@@ -173,12 +173,12 @@ impl Failure {
                 format!("{}; the controller makes a new one", self.message()),
             )),
             // The API server cannot be reached: nothing could be written either.
-            Failure::Cursor(CursorError::Kube(_)) => None,
+            Failure::Cursor(CursorError::Kube(_) | CursorError::Timeout) => None,
             Failure::Commit(m) => (commit_refusals >= COMMIT_REFUSALS_REPORTED).then(|| {
                 (
                     Reason::CursorCommitFailed,
                     format!(
-                        "Committing the cursor was refused {commit_refusals} times in a row: {m}; \
+                        "Committing the cursor was refused again and again: {m}; \
                          the events are delivered again (same ids) until it works"
                     ),
                 )
@@ -327,6 +327,7 @@ impl Syncer {
             Ok(c) => Ok(Some((c.cursor, c.reset_pending))),
             Err(CursorError::Missing(_) | CursorError::Empty) => Ok(None),
             Err(CursorError::Kube(e)) => Err(e),
+            Err(CursorError::Timeout) => Err(kube::Error::Service("no answer in time".into())),
         }
     }
 
@@ -641,7 +642,16 @@ impl Syncer {
                         // Delivered: the retry only commits.
                         streak.commit_refusals += 1;
                         streak.held = Some(batch);
-                        return Err(Failure::Commit(e.to_string()));
+                        let why = match e {
+                            CursorError::Kube(kube::Error::Api(status)) => {
+                                format!(
+                                    "the API server answered {}: {}",
+                                    status.code, status.message
+                                )
+                            }
+                            other => other.to_string(),
+                        };
+                        return Err(Failure::Commit(why));
                     }
                 }
             }
