@@ -1179,9 +1179,15 @@ async fn small_pages_are_gathered_into_notifications_of_up_to_20_events() -> Res
 async fn claims_with_wrong_secrets_cannot_get_genuine_notifications_refused() -> Result<()> {
     let f = fixture("claims").await;
     let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
-    let ingress = f.ingress().start().await;
     // The claims: apiKey instances (their own accounts) with this app key.
     let claimer = support::namespace(&f.client, "claims-tenant").await;
+    // (WATCH_NAMESPACE: ignored by this ingress, which reads only its data
+    // namespace; an ingress that watched instances would need both.)
+    let ingress = f
+        .ingress()
+        .env("WATCH_NAMESPACE", &format!("{},{claimer}", f.ns))
+        .start()
+        .await;
     let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &claimer);
     let claims: Api<DropboxElementInstance> = Api::namespaced(f.client.clone(), &claimer);
     const CLAIMS: usize = 100;
