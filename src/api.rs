@@ -295,8 +295,8 @@ fn url_rule() -> Rule {
         .message("must be an absolute http or https URL")
 }
 
-/// Observed state of the instance, written by the controller (and, for
-/// EventsDelivering, by the webhook ingress).
+/// Observed state of the instance, written by the controller (EventsDelivering
+/// and events.lastDeliveryTime mirror what the webhook ingress reports).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct DropboxElementInstanceStatus {

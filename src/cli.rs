@@ -194,15 +194,25 @@ pub struct IngressArgs {
     #[arg(long, env = "METRICS_ADDR", default_value = "[::]:8081")]
     pub metrics_addr: SocketAddr,
 
-    /// Watch only instances in these namespaces, comma-separated (default: all
-    /// namespaces).
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    pub namespace: Option<String>,
+    /// Address of the peer endpoint, where the other replicas hand over
+    /// webhooks for the instances this one delivers (never public).
+    #[arg(long, env = "PEER_LISTEN_ADDR", default_value = "[::]:8082")]
+    pub peer_listen_addr: SocketAddr,
 
-    /// The operator's namespace: the projected Secrets, cursors and heartbeats
-    /// the ingress reads and writes live there.
+    /// This replica's IP address as the other replicas reach it (the pod IP);
+    /// default: the peer listen address when it names one, else 127.0.0.1.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
+
+    /// The operator's namespace (the default data namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub operator_namespace: String,
+
+    /// The data namespace: the only namespace the ingress reads or writes (the
+    /// instances' projected Secrets, cursors, delivery states, heartbeats).
+    /// Default: the operator's namespace.
+    #[arg(long, env = "DATA_NAMESPACE")]
+    pub data_namespace: Option<String>,
 
     /// Name of this replica (default: the pod name, else host name and a random suffix).
     #[arg(long, env = "POD_NAME")]
@@ -281,6 +291,13 @@ pub struct IngressArgs {
     /// Upper bound of the delay between delivery attempts.
     #[arg(long, env = "DELIVERY_MAX_BACKOFF", default_value = "5m", value_parser = parse_duration)]
     pub delivery_max_backoff: Duration,
+
+    /// An instance whose callback keeps failing this long is parked: its cursor
+    /// waits, and a change of its spec or of its resume annotation starts it
+    /// again. Answers that retrying cannot fix (410, a refused address, other
+    /// 4xx except 408/409/425/429) park it at once.
+    #[arg(long, env = "DELIVERY_PARK_AFTER", default_value = "1h", value_parser = parse_duration)]
+    pub delivery_park_after: Duration,
 
     /// How often the ingress renews its heartbeat (the controller's EventsReady).
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
@@ -391,6 +408,12 @@ pub struct ControllerArgs {
     /// The operator's own namespace: the leader Lease and the webhook ingress live there.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub operator_namespace: String,
+
+    /// The ingress's data namespace: the controller projects what the ingress
+    /// needs of each instance there and keeps the cursors and heartbeats there
+    /// (the Helm chart creates it). Default: the operator's namespace.
+    #[arg(long, env = "DATA_NAMESPACE")]
+    pub data_namespace: Option<String>,
 
     /// Name of the leader Lease.
     #[arg(

@@ -12,7 +12,8 @@ pub const AUTHORIZED: &str = "Authorized";
 /// The ingress runs and the instance's webhook route and cursor are set up
 /// (controller; only when events are enabled).
 pub const EVENTS_READY: &str = "EventsReady";
-/// The last delivery to the callback URL succeeded (written by the ingress).
+/// The last delivery to the callback URL succeeded (reported by the ingress,
+/// mirrored into status by the controller).
 pub const EVENTS_DELIVERING: &str = "EventsDelivering";
 /// Every condition above that applies is True (controller).
 pub const READY: &str = "Ready";
@@ -54,6 +55,15 @@ pub enum Reason {
     CallbackUnreachable,
     /// EventsDelivering=False: the callback address is not allowed (loopback, private, ...).
     CallbackForbidden,
+    /// EventsDelivering=False: Dropbox refused to list the changes (other than a
+    /// cursor `reset`), e.g. `path/not_found` after the watched folder was removed.
+    DropboxRejected,
+    /// EventsDelivering=False: the instance's committed cursor is missing; the
+    /// controller makes a new one and an `UNKNOWN` event says changes may be missing.
+    CursorMissing,
+    /// EventsDelivering=False: the API server refused to commit the cursor again
+    /// and again; delivered events are delivered again (same ids) until it works.
+    CursorCommitFailed,
     /// Ready=True.
     Ready,
     /// A Secret or ConfigMap the operator would write already exists and was not
@@ -87,11 +97,19 @@ impl Reason {
             Reason::CallbackRejected => "CallbackRejected",
             Reason::CallbackUnreachable => "CallbackUnreachable",
             Reason::CallbackForbidden => "CallbackForbidden",
+            Reason::DropboxRejected => "DropboxRejected",
+            Reason::CursorMissing => "CursorMissing",
+            Reason::CursorCommitFailed => "CursorCommitFailed",
             Reason::Ready => "Ready",
             Reason::ResourceConflict => "ResourceConflict",
             Reason::MissingScope => "MissingScope",
             Reason::TokensNotStored => "TokensNotStored",
         }
+    }
+
+    /// The reason named `name`, if it is one of the list.
+    pub fn parse(name: &str) -> Option<Reason> {
+        ALL_REASONS.iter().copied().find(|r| r.as_str() == name)
     }
 
     /// Reasons that need a person (a new code, a fixed Secret) rather than time.
@@ -119,6 +137,34 @@ impl Reason {
         )
     }
 }
+
+/// Every reason, in the README's order.
+pub const ALL_REASONS: [Reason; 24] = [
+    Reason::TokenValid,
+    Reason::SecretNotFound,
+    Reason::SecretKeyMissing,
+    Reason::CodeExchangeFailed,
+    Reason::CodeAlreadyUsed,
+    Reason::ReauthorizationRequired,
+    Reason::InvalidClient,
+    Reason::InvalidApiKey,
+    Reason::DropboxUnavailable,
+    Reason::RateLimited,
+    Reason::IngressReady,
+    Reason::IngressUnavailable,
+    Reason::AwaitingAuthorization,
+    Reason::Delivered,
+    Reason::CallbackRejected,
+    Reason::CallbackUnreachable,
+    Reason::CallbackForbidden,
+    Reason::DropboxRejected,
+    Reason::CursorMissing,
+    Reason::CursorCommitFailed,
+    Reason::Ready,
+    Reason::ResourceConflict,
+    Reason::MissingScope,
+    Reason::TokensNotStored,
+];
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -229,34 +275,11 @@ pub fn status_differs(
 mod tests {
     use super::*;
 
-    const ALL: [Reason; 21] = [
-        Reason::TokenValid,
-        Reason::SecretNotFound,
-        Reason::SecretKeyMissing,
-        Reason::CodeExchangeFailed,
-        Reason::CodeAlreadyUsed,
-        Reason::ReauthorizationRequired,
-        Reason::InvalidClient,
-        Reason::InvalidApiKey,
-        Reason::DropboxUnavailable,
-        Reason::RateLimited,
-        Reason::IngressReady,
-        Reason::IngressUnavailable,
-        Reason::AwaitingAuthorization,
-        Reason::Delivered,
-        Reason::CallbackRejected,
-        Reason::CallbackUnreachable,
-        Reason::CallbackForbidden,
-        Reason::Ready,
-        Reason::ResourceConflict,
-        Reason::MissingScope,
-        Reason::TokensNotStored,
-    ];
-
     #[test]
     fn the_readme_documents_every_reason() {
         let readme = include_str!("../README.md");
-        for reason in ALL {
+        for reason in ALL_REASONS {
+            assert_eq!(Reason::parse(reason.as_str()), Some(reason));
             assert!(
                 readme.contains(&format!("| `{reason}` |")),
                 "README.md's condition table lacks {reason}"

@@ -76,8 +76,13 @@ fn ingress_options(args: &IngressArgs) -> Result<ingress::RunOptions, BoxError> 
         listen_addr: args.listen_addr,
         metrics_addr: args.metrics_addr,
         dropbox: dropbox_client(&args.dropbox)?,
-        namespace: args.namespace.clone(),
-        operator_namespace: args.operator_namespace.clone(),
+        peer_listen_addr: args.peer_listen_addr,
+        peer_advertise_addr: Some(peer_advertise_addr(args)),
+        data_namespace: args
+            .data_namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| args.operator_namespace.clone()),
         identity: identity(args.identity.as_deref()),
         policy: ingress::ssrf::AddressPolicy::parse(
             &args.allowed_callback_cidrs,
@@ -99,6 +104,7 @@ fn ingress_options(args: &IngressArgs) -> Result<ingress::RunOptions, BoxError> 
             timeout: args.delivery_timeout,
             base_backoff: args.delivery_base_backoff,
             max_backoff: args.delivery_max_backoff,
+            park_after: args.delivery_park_after,
         },
         heartbeat_interval: args.heartbeat_interval,
         longpoll: ingress::longpoll::LongPollConfig {
@@ -109,6 +115,19 @@ fn ingress_options(args: &IngressArgs) -> Result<ingress::RunOptions, BoxError> 
                 .max(std::time::Duration::from_secs(1)),
         },
     })
+}
+
+/// Where the other replicas reach this one's peer endpoint.
+fn peer_advertise_addr(args: &IngressArgs) -> String {
+    let ip = args.pod_ip.unwrap_or_else(|| {
+        let listen = args.peer_listen_addr.ip();
+        if listen.is_unspecified() {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        } else {
+            listen
+        }
+    });
+    std::net::SocketAddr::new(ip, args.peer_listen_addr.port()).to_string()
 }
 
 fn log_format_name(f: LogFormat) -> &'static str {

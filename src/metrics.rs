@@ -191,6 +191,7 @@ pub struct IngressMetrics {
     pub longpoll_results: Family<ResultLabels, Counter>,
     pub open_connections: Gauge,
     pub body_bytes_in_flight: Gauge,
+    pub handoffs: Family<ResultLabels, Counter>,
 }
 
 impl IngressMetrics {
@@ -210,6 +211,7 @@ impl IngressMetrics {
             longpoll_results: Family::default(),
             open_connections: Gauge::default(),
             body_bytes_in_flight: Gauge::default(),
+            handoffs: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("dropbox_ingress");
         r.register(
@@ -249,7 +251,7 @@ impl IngressMetrics {
         );
         r.register(
             "cursor_conflicts",
-            "Cursor commits lost to another replica (their events were delivered by both)",
+            "Cursor commits refused because the cursor ConfigMap changed since it was read (the controller re-baselined it); the batch is listed again",
             m.cursor_conflicts.clone(),
         );
         r.register(
@@ -259,7 +261,7 @@ impl IngressMetrics {
         );
         r.register(
             "secret_reads",
-            "Reads of projected Secrets from the API server (cache misses and forced re-reads)",
+            "Listings of the projected Secrets from the API server (the watch's first list and relists)",
             m.secret_reads.clone(),
         );
         r.register(
@@ -281,6 +283,11 @@ impl IngressMetrics {
             "body_bytes_in_flight",
             "Bytes of webhook bodies charged against the body budget (--webhook-body-budget)",
             m.body_bytes_in_flight.clone(),
+        );
+        r.register(
+            "handoffs",
+            "Webhooks handed between replicas by result (forwarded, failed, local: sent / received, refused: at the peer endpoint)",
+            m.handoffs.clone(),
         );
         m
     }

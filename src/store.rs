@@ -27,6 +27,66 @@ where
     }
 }
 
+/// How long the API server may take to answer a request (or send the next part
+/// of a watch) before the operator gives up on it and tries again. A request to
+/// an API server that restarted can otherwise hang for minutes.
+pub const API_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Watches are ended by the API server after this long (below
+/// [`API_READ_TIMEOUT`], so an idle watch is never taken for a hung one) and
+/// resumed from their resourceVersion.
+pub const WATCH_TIMEOUT_SECS: u32 = 20;
+
+/// A client for the cluster (in-cluster, or KUBECONFIG) with
+/// [`API_READ_TIMEOUT`].
+pub async fn client() -> Result<kube::Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.read_timeout = Some(API_READ_TIMEOUT);
+    config.reset_reader_on_write = true;
+    kube::Client::try_from(config)
+}
+
+/// The watcher settings of the operator's watches (see [`WATCH_TIMEOUT_SECS`]).
+pub fn watch_config() -> kube::runtime::watcher::Config {
+    kube::runtime::watcher::Config::default().timeout(WATCH_TIMEOUT_SECS)
+}
+
+/// The backoff of the operator's watches: 250 ms doubling to at most 3 s, with
+/// jitter. kube's default grows to 30 s: after an API server restart (a few
+/// seconds of refused connections, then "too old resource version" once per
+/// watch) a watch could stay blind for half a minute and more, and with it
+/// everything that waits on it (tests/faults.rs, row 13). Reset by kube-runtime
+/// after every event that is not an error.
+pub fn watch_backoff() -> WatchBackoff {
+    WatchBackoff { attempt: 0 }
+}
+
+/// See [`watch_backoff`].
+pub struct WatchBackoff {
+    attempt: u32,
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.attempt = self.attempt.saturating_add(1);
+        Some(crate::retry::backoff_delay(
+            Duration::from_millis(250),
+            Duration::from_secs(3),
+            self.attempt,
+            None,
+        ))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
 /// Drops from a cached instance what neither the controller nor the ingress
 /// reads: field-management bookkeeping and kubectl's last-applied copy of the
 /// spec, together most of a small instance's size. Caches hold every instance
@@ -101,7 +161,7 @@ where
     let count = apis.len();
     let streams = apis.into_iter().enumerate().map(|(index, api)| {
         watcher(api, config.clone())
-            .default_backoff()
+            .backoff(watch_backoff())
             .map(move |event| (index, event))
             .boxed()
     });

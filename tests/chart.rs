@@ -189,47 +189,72 @@ fn helm_lint_strict_is_clean() {
     }
 }
 
-/// The internet-facing ingress gets no cluster-wide right on Secrets, ConfigMaps
-/// or Leases, and no right on Leases anywhere (docs/architecture.md).
+/// The internet-facing ingress has one Role, in its data namespace, and no other
+/// grant: no ClusterRole, nothing in the release namespace or a watched one, no
+/// Lease anywhere (docs/architecture.md). The data namespace can be neither the
+/// release namespace nor a watched one.
 #[test]
-fn ingress_has_no_cluster_wide_secrets_configmaps_or_leases() -> Result<()> {
-    let docs = documents(&template("ops", &[])?);
-    let ingress_roles: Vec<&Yaml> = docs
-        .iter()
-        .filter(|d| matches!(kind_of(d), "ClusterRole" | "Role"))
-        .filter(|d| name_of(d).contains("webhook-ingress"))
-        .collect();
-    ensure!(
-        ingress_roles.len() == 2,
-        "ingress roles: {}",
-        ingress_roles.len()
-    );
-    let resources = |d: &Yaml| -> Vec<String> {
-        d["rules"]
+fn the_ingress_has_one_role_only_in_its_data_namespace() -> Result<()> {
+    for extra in [&[][..], &["--set", "watchNamespace=apps"][..]] {
+        let docs = documents(&template("ops", extra)?);
+        let ingress_grants: Vec<&Yaml> = docs
+            .iter()
+            .filter(|d| kind_of(d).ends_with("Binding"))
+            .filter(|d| {
+                d["subjects"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s["name"] == INGRESS_SA)
+            })
+            .collect();
+        ensure!(
+            ingress_grants.len() == 1,
+            "{extra:?}: the ingress is bound {} times",
+            ingress_grants.len()
+        );
+        let binding = ingress_grants[0];
+        ensure!(kind_of(binding) == "RoleBinding");
+        ensure!(binding["metadata"]["namespace"] == "ops-ingress-data");
+        let role_name = binding["roleRef"]["name"].as_str().unwrap_or_default();
+        let role = docs
+            .iter()
+            .find(|d| kind_of(d) == "Role" && name_of(d) == role_name)
+            .context("the bound Role")?;
+        ensure!(role["metadata"]["namespace"] == "ops-ingress-data");
+        let resources: Vec<&str> = role["rules"]
             .as_array()
             .into_iter()
             .flatten()
-            .flat_map(|r| r["resources"].as_array().cloned().unwrap_or_default())
-            .filter_map(|r| r.as_str().map(str::to_owned))
-            .collect()
-    };
-    for role in &ingress_roles {
-        let granted = resources(role);
+            .flat_map(|r| r["resources"].as_array().into_iter().flatten())
+            .filter_map(|r| r.as_str())
+            .collect();
         ensure!(
-            !granted.iter().any(|r| r == "leases"),
-            "{} grants leases",
-            name_of(role)
+            resources
+                .iter()
+                .all(|r| matches!(*r, "secrets" | "configmaps")),
+            "{resources:?}"
         );
-        if kind_of(role) == "ClusterRole" {
-            ensure!(
-                granted
-                    .iter()
-                    .all(|r| r.starts_with("dropboxelementinstances")),
-                "the ingress ClusterRole grants {granted:?}"
-            );
-        } else {
-            ensure!(role["metadata"]["namespace"].as_str() == Some("ops"));
-        }
+        let namespace = docs
+            .iter()
+            .find(|d| kind_of(d) == "Namespace")
+            .context("the data Namespace")?;
+        ensure!(name_of(namespace) == "ops-ingress-data");
+    }
+    for bad in [
+        vec!["--set", "webhookIngress.dataNamespace.name=ops"],
+        vec![
+            "--set",
+            "watchNamespace=apps",
+            "--set",
+            "webhookIngress.dataNamespace.name=apps",
+        ],
+    ] {
+        let mut cmd = helm_offline();
+        cmd.args(["template", "x", &chart_arg(), "--namespace", "ops"])
+            .args(&bad);
+        let (ok, _, err) = run(cmd);
+        ensure!(!ok && err.contains("dataNamespace"), "{bad:?}: {err}");
     }
     Ok(())
 }
@@ -319,6 +344,7 @@ fn rendered_controller_settings_are_accepted_by_the_binary() -> Result<()> {
     let docs = documents(&template("ops", &[])?);
     let args = parse_as_controller(&controller_env(&docs)?)?;
     assert_eq!(args.namespace, None, "all namespaces by default");
+    assert_eq!(args.data_namespace.as_deref(), Some("ops-ingress-data"));
     assert!(args.leader_elect);
     assert_eq!(args.leader_election_lease, LEADER_LEASE);
     assert_eq!(args.metrics_addr.port(), 8080);
@@ -477,7 +503,8 @@ fn rendered_controller_settings_are_accepted_by_the_binary() -> Result<()> {
         .filter(|d| d["metadata"]["namespace"].as_str() == Some("apps"))
         .map(kind_of)
         .collect();
-    assert_eq!(in_apps, ["Role", "Role", "RoleBinding", "RoleBinding"]);
+    // The controller's, not the ingress's: it has none there.
+    assert_eq!(in_apps, ["Role", "RoleBinding"]);
     Ok(())
 }
 
@@ -492,6 +519,15 @@ async fn templates_pass_a_server_side_dry_run() -> Result<()> {
     support::install_crd(&client).await?;
     let ops = support::namespace(&client, "chart-dry-run").await;
     let apps = support::namespace(&client, "chart-dry-run-apps").await;
+    // A dry run creates nothing: the data namespace the chart makes must exist
+    // for the objects in it.
+    let (ok, _, err) = support::kubectl(&[
+        "create",
+        "namespace",
+        &data_namespace(&ops),
+        "--save-config",
+    ]);
+    ensure!(ok, "{err}");
     for extra in [
         vec![],
         vec!["--set".to_owned(), format!("watchNamespace={apps}")],
@@ -534,6 +570,11 @@ async fn chart_install(ns: &str, extra: &[&str]) -> Result<(PathBuf, PathBuf)> {
     let controller = kubeconfig_for(ns, &controller_sa(ns))?;
     let ingress = kubeconfig_for(ns, INGRESS_SA)?;
     Ok((controller, ingress))
+}
+
+/// The data namespace of a release installed by [`chart_install`] (the default).
+fn data_namespace(ops: &str) -> String {
+    format!("{ops}-ingress-data")
 }
 
 /// The controller's ServiceAccount of a release installed by [`chart_install`].
@@ -622,9 +663,9 @@ fn check_can_i(ns: &str, sa: &str, questions: &[CanI]) -> Result<()> {
 
 const DBXI: &str = "dropboxelementinstances.elements.dropbox-operator.dev";
 
-/// What the controller may and may not do, with `ops` the release namespace and
-/// `apps` a namespace with instances.
-fn controller_questions<'a>(ops: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
+/// What the controller may and may not do, with `ops` the release namespace,
+/// `data` the ingress's data namespace and `apps` a namespace with instances.
+fn controller_questions<'a>(ops: &'a str, data: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
     vec![
         // Instances, everywhere.
         ("get", DBXI, apps, true),
@@ -661,26 +702,31 @@ fn controller_questions<'a>(ops: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
         ("delete", "secrets", apps, false),
         ("update", "secrets", apps, false),
         ("deletecollection", "secrets", apps, false),
-        // Instances' namespaces: only the pre-0.2 cursor (read, then deleted).
-        ("get", "configmaps", apps, true),
-        ("delete", "configmaps", apps, true),
+        // No ConfigMap outside the data namespace.
+        ("get", "configmaps", apps, false),
+        ("delete", "configmaps", apps, false),
         ("create", "configmaps", apps, false),
         ("update", "configmaps", apps, false),
         ("list", "configmaps", apps, false),
         ("patch", "configmaps", apps, false),
-        // Its own namespace: projections, cursors, heartbeats.
-        ("get", "secrets", ops, true),
-        ("create", "secrets", ops, true),
-        ("patch", "secrets", ops, true),
-        ("delete", "secrets", ops, true),
-        ("list", "secrets", ops, true),
-        ("update", "secrets", ops, false),
-        ("get", "configmaps", ops, true),
-        ("list", "configmaps", ops, true),
-        ("create", "configmaps", ops, true),
-        ("update", "configmaps", ops, true),
-        ("delete", "configmaps", ops, true),
-        ("patch", "configmaps", ops, false),
+        ("get", "configmaps", ops, false),
+        ("create", "configmaps", ops, false),
+        ("update", "configmaps", ops, false),
+        ("delete", "secrets", ops, false),
+        // The data namespace: projections, cursors, delivery states, heartbeats.
+        ("get", "secrets", data, true),
+        ("create", "secrets", data, true),
+        ("patch", "secrets", data, true),
+        ("delete", "secrets", data, true),
+        ("list", "secrets", data, true),
+        ("update", "secrets", data, false),
+        ("get", "configmaps", data, true),
+        ("list", "configmaps", data, true),
+        ("watch", "configmaps", data, true),
+        ("create", "configmaps", data, true),
+        ("update", "configmaps", data, true),
+        ("delete", "configmaps", data, true),
+        ("patch", "configmaps", data, false),
         // Events.
         ("create", "events.events.k8s.io", apps, true),
         ("patch", "events.events.k8s.io", apps, true),
@@ -789,63 +835,59 @@ fn controller_questions<'a>(ops: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
 
 const LEADER_LEASE_REF: &str = "leases.coordination.k8s.io/dropbox-operator-controller";
 
-fn ingress_questions<'a>(ops: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
+/// What the ingress may and may not do: only its data namespace's Secrets (read)
+/// and ConfigMaps (read, commit, report, heartbeat).
+fn ingress_questions<'a>(ops: &'a str, data: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
     vec![
-        // Cluster-wide: read instances, patch their status. Nothing else.
-        ("get", DBXI, apps, true),
-        ("list", DBXI, "", true),
-        ("watch", DBXI, "", true),
+        // No instance at all: the controller projects and mirrors.
+        ("get", DBXI, apps, false),
+        ("list", DBXI, "", false),
+        ("watch", DBXI, "", false),
         (
             "patch",
-            "dropboxelementinstances.elements.dropbox-operator.dev:status",
-            apps,
-            true,
-        ),
-        ("patch", DBXI, apps, false),
-        ("update", DBXI, apps, false),
-        ("delete", DBXI, apps, false),
-        (
-            "update",
             "dropboxelementinstances.elements.dropbox-operator.dev:status",
             apps,
             false,
         ),
-        // No Secret and no ConfigMap outside the operator namespace.
+        ("patch", DBXI, apps, false),
+        // No Secret and no ConfigMap outside the data namespace: not the release
+        // namespace's (Helm release Secrets, TLS keys), not a tenant's.
+        ("get", "secrets", ops, false),
+        ("list", "secrets", ops, false),
         ("get", "secrets", apps, false),
         ("get", "secrets", "kube-system", false),
         ("list", "secrets", "", false),
         ("watch", "secrets", "", false),
+        ("get", "configmaps", ops, false),
+        ("update", "configmaps", ops, false),
+        ("patch", "configmaps", ops, false),
         ("get", "configmaps", apps, false),
         ("update", "configmaps", apps, false),
         ("update", "configmaps", "kube-system", false),
         ("get", "configmaps", "", false),
-        // The operator namespace: get projected Secrets by name, never enumerate.
-        ("get", "secrets", ops, true),
-        ("list", "secrets", ops, false),
-        ("watch", "secrets", ops, false),
-        ("create", "secrets", ops, false),
-        ("update", "secrets", ops, false),
-        ("patch", "secrets", ops, false),
-        ("delete", "secrets", ops, false),
-        // Cursors: read and commit; the heartbeats ConfigMap: patch, no other.
-        ("get", "configmaps", ops, true),
-        ("update", "configmaps", ops, true),
-        ("create", "configmaps", ops, false),
-        ("delete", "configmaps", ops, false),
-        ("list", "configmaps", ops, false),
-        (
-            "patch",
-            "configmaps/dropbox-webhook-ingress-heartbeats",
-            ops,
-            true,
-        ),
-        ("patch", "configmaps/kube-root-ca.crt", ops, false),
+        // The data namespace: read the projections, never write them.
+        ("get", "secrets", data, true),
+        ("list", "secrets", data, true),
+        ("watch", "secrets", data, true),
+        ("create", "secrets", data, false),
+        ("update", "secrets", data, false),
+        ("patch", "secrets", data, false),
+        ("delete", "secrets", data, false),
+        // Cursors, delivery states, heartbeats; never deleted.
+        ("get", "configmaps", data, true),
+        ("list", "configmaps", data, true),
+        ("watch", "configmaps", data, true),
+        ("update", "configmaps", data, true),
+        ("create", "configmaps", data, true),
+        ("patch", "configmaps", data, true),
+        ("delete", "configmaps", data, false),
         // No Lease at all: the controller's leader Lease is out of reach.
         ("get", LEADER_LEASE_REF, ops, false),
         ("patch", LEADER_LEASE_REF, ops, false),
         ("delete", LEADER_LEASE_REF, ops, false),
         ("create", "leases.coordination.k8s.io", ops, false),
         ("list", "leases.coordination.k8s.io", ops, false),
+        ("create", "leases.coordination.k8s.io", data, false),
         ("create", "leases.coordination.k8s.io", apps, false),
         // Nothing of the controller's.
         ("create", "events.events.k8s.io", apps, false),
@@ -857,7 +899,68 @@ fn ingress_questions<'a>(ops: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
             false,
         ),
         ("get", "pods", apps, false),
+        ("get", "pods", data, false),
     ]
+}
+
+/// `kubectl auth can-i --list` for `sa` of release `ops` in namespace `ns`: the
+/// rows (resource, resource names, verbs), printed.
+fn can_i_list(ops: &str, sa: &str, ns: &str) -> Result<Vec<String>> {
+    let user = format!("--as=system:serviceaccount:{ops}:{sa}");
+    let (ok, out, err) = support::kubectl(&["auth", "can-i", "--list", "-n", ns, &user]);
+    ensure!(ok, "kubectl auth can-i --list: {err}");
+    let table = format!("\nkubectl auth can-i --list -n {ns} {user}\n{out}");
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), table.as_bytes());
+    let mut rows: Vec<String> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    rows.sort();
+    Ok(rows)
+}
+
+/// Everything the ingress ServiceAccount may do, as `kubectl auth can-i --list`
+/// shows it in three namespaces: the release namespace, the data namespace and
+/// a tenant's. Outside the data namespace it may do exactly what a
+/// ServiceAccount without any grant may (ask the API server about itself,
+/// read the discovery URLs); in the data namespace, that and the Role's rules.
+fn ingress_can_i_list_is_confined(ops: &str, data: &str, apps: &str) -> Result<()> {
+    // A ServiceAccount nobody granted anything: the cluster's baseline.
+    let nobody: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "nobody"}}))?;
+    let (ok, _, err) = support::kubectl_stdin(
+        &["apply", "-n", ops, "-f", "-"],
+        &serde_json::to_string(&nobody)?,
+    );
+    ensure!(ok, "{err}");
+    let mut outside = Vec::new();
+    for ns in [ops, apps, data] {
+        let baseline = can_i_list(ops, "nobody", ns)?;
+        let granted: Vec<String> = can_i_list(ops, INGRESS_SA, ns)?
+            .into_iter()
+            .filter(|row| !baseline.contains(row))
+            .collect();
+        if ns == data {
+            let expected = [
+                "configmaps [] [] [get list watch create update patch]",
+                "secrets [] [] [get list watch]",
+            ];
+            ensure!(
+                granted == expected,
+                "in the data namespace the ingress may: {granted:?}"
+            );
+        } else if !granted.is_empty() {
+            outside.push(format!("{ns}: {granted:?}"));
+        }
+    }
+    ensure!(
+        outside.is_empty(),
+        "the ingress has rights outside its data namespace: {}",
+        outside.join("; ")
+    );
+    Ok(())
 }
 
 /// Fails with the controller's log when a Kubernetes request was forbidden.
@@ -896,13 +999,15 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
     let ops = support::namespace(&admin, "chart-rbac").await;
     let apps = support::namespace(&admin, "chart-rbac-apps").await;
     let (controller_kubeconfig, ingress_kubeconfig) = chart_install(&ops, &[]).await?;
+    let data = data_namespace(&ops);
 
     check_can_i(
         &ops,
         &controller_sa(&ops),
-        &controller_questions(&ops, &apps),
+        &controller_questions(&ops, &data, &apps),
     )?;
-    check_can_i(&ops, INGRESS_SA, &ingress_questions(&ops, &apps))?;
+    check_can_i(&ops, INGRESS_SA, &ingress_questions(&ops, &data, &apps))?;
+    ingress_can_i_list_is_confined(&ops, &data, &apps)?;
 
     let emu = Emulator::start().await;
     emu.add_app(APP_KEY, APP_SECRET);
@@ -925,6 +1030,7 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
         .env_remove("WATCH_NAMESPACE")
         // As the chart's Deployment runs it: the ingress Service is the chart's.
         .env("INGRESS_MANAGE_SERVICE", "false")
+        .env("DATA_NAMESPACE", &data)
         .name("chart-controller")
         .start()
         .await;
@@ -958,8 +1064,8 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
         ready.finalizers()
     );
 
-    // Events enabled: cursor ConfigMap in the instance's namespace, ingress
-    // Deployment and Service in the operator's namespace.
+    // Events enabled: cursor ConfigMap and projection in the data namespace,
+    // ingress Deployment and Service in the operator's namespace.
     instances
         .create(
             &PostParams::default(),
@@ -993,13 +1099,13 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
     )
     .await?;
 
-    // The cursor and the projected Secret: in the operator namespace, by uid.
+    // The cursor and the projected Secret: in the data namespace, by uid.
     let eventful_uid = instances.get("eventful").await?.uid().context("uid")?;
     let cursor_name = contract::cursor_configmap_name(&eventful_uid);
-    let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), &ops);
+    let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), &data);
     ensure!(configmaps.get_opt(&cursor_name).await?.is_some());
     ensure!(
-        Api::<Secret>::namespaced(admin.clone(), &ops)
+        Api::<Secret>::namespaced(admin.clone(), &data)
             .get_opt(&contract::instance_secret_name(&eventful_uid))
             .await?
             .is_some()
@@ -1022,13 +1128,18 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
     // An ingress heartbeat (as an ingress replica would renew it; the ingress's
     // own RBAC is exercised elsewhere): the controller reads the heartbeats
     // ConfigMap it created.
-    let expires = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(600)).to_string();
+    let entry = contract::Heartbeat {
+        expires: jiff::Timestamp::now() + jiff::SignedDuration::from_secs(600),
+        view: vec![],
+        addr: None,
+    }
+    .to_value();
     support::eventually(
         "a heartbeat to be accepted",
         Duration::from_secs(30),
         || {
             let configmaps = configmaps.clone();
-            let patch = json!({"data": {"test": expires}});
+            let patch = json!({"data": {"test": entry}});
             async move {
                 Ok(configmaps
                     .patch(
@@ -1099,8 +1210,16 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
     ensure!(leases.get_opt(LEADER_LEASE).await?.is_some());
 
     // The whole events flow with the ingress's own token.
-    events_flow_with_the_ingress_token(&admin, &ops, &apps, &emu, &ingress_kubeconfig, &controller)
-        .await?;
+    events_flow_with_the_ingress_token(
+        &admin,
+        &ops,
+        &data,
+        &apps,
+        &emu,
+        &ingress_kubeconfig,
+        &controller,
+    )
+    .await?;
 
     controller.terminate(Duration::from_secs(10));
     assert_nothing_forbidden(&controller.log_text());
@@ -1108,15 +1227,17 @@ async fn chart_rbac_is_enough_for_the_controller_and_no_more() -> Result<()> {
 }
 
 /// The chart's RBAC is enough for the whole events flow: the ingress runs with
-/// its own chart ServiceAccount token (TokenRequest) — it watches instances,
-/// reads the app secret, the access token and the signature key by name, fetches
-/// the changes, delivers a signed event, commits the cursor, writes
-/// EventsDelivering and renews (and finally removes) its heartbeat — with
-/// nothing forbidden. Runs inside the controller test above: two cluster-wide
-/// controllers in one cluster would manage each other's instances.
+/// its own chart ServiceAccount token (TokenRequest) — it watches the
+/// projections in its data namespace, fetches the changes, delivers a signed
+/// event, commits the cursor, reports its delivery state (which the controller
+/// mirrors into EventsDelivering) and renews (and finally removes) its
+/// heartbeat — with nothing forbidden. Runs inside the controller test above:
+/// two cluster-wide controllers in one cluster would manage each other's
+/// instances.
 async fn events_flow_with_the_ingress_token(
     admin: &Client,
     ops: &str,
+    data: &str,
     apps: &str,
     emu: &Emulator,
     ingress_kubeconfig: &Path,
@@ -1135,6 +1256,7 @@ async fn events_flow_with_the_ingress_token(
     let mut ingress = OperatorProcess::ingress(ops, &emu.url)
         .env("KUBECONFIG", &ingress_kubeconfig.display().to_string())
         .env_remove("WATCH_NAMESPACE")
+        .env("DATA_NAMESPACE", data)
         .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8")
         .env("HEARTBEAT_INTERVAL", "1s")
         .name("chart-ingress")
@@ -1192,7 +1314,7 @@ async fn events_flow_with_the_ingress_token(
     .await?;
 
     // It renews its heartbeat with its own token.
-    let heartbeats: Api<ConfigMap> = Api::namespaced(admin.clone(), ops);
+    let heartbeats: Api<ConfigMap> = Api::namespaced(admin.clone(), data);
     support::eventually(
         "the ingress to renew its heartbeat",
         Duration::from_secs(15),
@@ -1214,7 +1336,10 @@ async fn events_flow_with_the_ingress_token(
         .await?
         .data
         .unwrap_or_default();
-    ensure!(left.is_empty(), "heartbeat left behind: {left:?}");
+    ensure!(
+        left.keys().all(|k| k == "test"),
+        "heartbeat left behind: {left:?}"
+    );
     // Leave nothing that wants events behind.
     instances.delete("flow", &DeleteParams::default()).await?;
     support::eventually(
@@ -1251,28 +1376,48 @@ async fn chart_rbac_refuses_what_it_does_not_grant() -> Result<()> {
         }
     }
 
-    // Ingress: reads a Secret of the operator namespace by name, but nothing
-    // elsewhere, and cannot enumerate or write Secrets.
+    // Ingress: reads the Secrets of its data namespace, and no other: not one
+    // placed in the release namespace, not a tenant's.
+    let data = data_namespace(&ops);
     put_secret(
-        &Api::namespaced(admin.clone(), &ops),
+        &Api::namespaced(admin.clone(), &data),
         "projected",
         &[("k", "v")],
     )
     .await?;
+    put_secret(
+        &Api::namespaced(admin.clone(), &ops),
+        "release-secret",
+        &[("k", "v")],
+    )
+    .await?;
     ensure!(
-        Api::<Secret>::namespaced(ingress.clone(), &ops)
+        Api::<Secret>::namespaced(ingress.clone(), &data)
             .get("projected")
             .await
             .is_ok(),
-        "the ingress token works (get by name in the operator namespace)"
+        "the ingress token works (get in the data namespace)"
     );
+    ensure!(
+        Api::<Secret>::namespaced(ingress.clone(), &data)
+            .list(&ListParams::default())
+            .await
+            .is_ok(),
+        "the ingress lists its data namespace"
+    );
+    forbidden(
+        "ingress reads a Secret in the release namespace",
+        Api::<Secret>::namespaced(ingress.clone(), &ops)
+            .get("release-secret")
+            .await,
+    )?;
     let ingress_secrets: Api<Secret> = Api::namespaced(ingress.clone(), &apps);
     forbidden(
         "ingress reads a Secret in an instance namespace",
         ingress_secrets.get("dropbox-app").await,
     )?;
     forbidden(
-        "ingress lists Secrets in the operator namespace",
+        "ingress lists Secrets in the release namespace",
         Api::<Secret>::namespaced(ingress.clone(), &ops)
             .list(&ListParams::default())
             .await,
@@ -1284,13 +1429,25 @@ async fn chart_rbac_refuses_what_it_does_not_grant() -> Result<()> {
             .await,
     )?;
     forbidden(
-        "ingress patches a ConfigMap other than the heartbeats",
+        "ingress patches a ConfigMap of the release namespace",
         Api::<ConfigMap>::namespaced(ingress.clone(), &ops)
             .patch(
                 "kube-root-ca.crt",
                 &PatchParams::default(),
                 &Patch::Merge(json!({"data": {"x": "y"}})),
             )
+            .await,
+    )?;
+    forbidden(
+        "ingress reads an instance",
+        Api::<DropboxElementInstance>::namespaced(ingress.clone(), &apps)
+            .list(&ListParams::default())
+            .await,
+    )?;
+    forbidden(
+        "ingress writes a Secret of its data namespace",
+        Api::<Secret>::namespaced(ingress.clone(), &data)
+            .delete("projected", &DeleteParams::default())
             .await,
     )?;
     forbidden(
@@ -1434,7 +1591,9 @@ async fn watch_namespace_confines_the_grants() -> Result<()> {
             ("get", "secrets", &other, false),
             ("watch", "secrets", "", false),
             ("create", "configmaps", &other, false),
-            ("create", "configmaps", &ops, true),
+            ("create", "configmaps", &ops, false),
+            ("create", "configmaps", &data_namespace(&ops), true),
+            ("get", "secrets", &ops, false),
             ("create", "leases.coordination.k8s.io", &ops, true),
             (
                 "patch",
@@ -1444,13 +1603,16 @@ async fn watch_namespace_confines_the_grants() -> Result<()> {
             ),
         ],
     )?;
+    let data = data_namespace(&ops);
     check_can_i(
         &ops,
         INGRESS_SA,
         &[
-            ("get", "secrets", &ops, true),
-            ("update", "configmaps", &ops, true),
-            ("list", DBXI, &apps, true),
+            ("get", "secrets", &data, true),
+            ("update", "configmaps", &data, true),
+            ("get", "secrets", &ops, false),
+            ("update", "configmaps", &ops, false),
+            ("list", DBXI, &apps, false),
             ("get", "secrets", &apps, false),
             ("get", "secrets", &other, false),
             ("list", DBXI, "", false),

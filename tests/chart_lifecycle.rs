@@ -341,7 +341,7 @@ fn rendered_ingress_settings_are_accepted_by_both_subcommands() -> Result<()> {
         delivery_base_backoff,
         delivery_max_backoff,
         heartbeat_interval,
-        namespace,
+        data_namespace,
         ..
     } = *ingress_args;
     assert_eq!(max_concurrent_webhooks, 64);
@@ -358,7 +358,7 @@ fn rendered_ingress_settings_are_accepted_by_both_subcommands() -> Result<()> {
     assert_eq!(delivery_base_backoff, Duration::from_secs(2));
     assert_eq!(delivery_max_backoff, Duration::from_secs(120));
     assert_eq!(heartbeat_interval, Duration::from_secs(3));
-    assert_eq!(namespace.as_deref(), Some("apps,billing"));
+    assert_eq!(data_namespace.as_deref(), Some("ops-ingress-data"));
     let env: BTreeMap<String, String> = literal_env(&ingress).into_iter().collect();
     assert_eq!(env["LOG_LEVEL"], "debug");
     assert_eq!(env["LOG_FORMAT"], "text");
@@ -573,9 +573,6 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
         })
         .collect();
     let w = &values["webhookIngress"];
-    let mut watched = [apps.clone(), billing.clone()];
-    watched.sort();
-    let watched = watched.join(",");
     let mut wrong = Vec::new();
     let mut check = |what: &str, got: &Value, want: &Value| {
         if got != want {
@@ -687,7 +684,7 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
         ("HEARTBEAT_INTERVAL", json!("3s")),
         ("HTTPS_PROXY", json!("http://proxy.example.com:3128")),
         ("SSL_CERT_FILE", json!("/etc/corporate-ca/ca.crt")),
-        ("WATCH_NAMESPACE", json!(watched)),
+        ("DATA_NAMESPACE", json!(format!("{ops}-ingress-data"))),
     ] {
         check(
             &format!("env {name}"),
@@ -722,11 +719,16 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
     {
         wrong.push(format!("Service not the chart's: {:?}", service.metadata));
     }
-    let heartbeats = Api::<ConfigMap>::namespaced(admin.clone(), &ops)
-        .get(dropbox_operator::contract::HEARTBEATS_CONFIGMAP)
-        .await?;
-    if !owned_by(&serde_json::to_value(&heartbeats.metadata)?["ownerReferences"]) {
-        wrong.push("heartbeats ConfigMap not owned".into());
+    // The heartbeats are in the data namespace (no ownerReference can cross
+    // namespaces); it goes with the release.
+    let data = format!("{ops}-ingress-data");
+    let data_configmaps = Api::<ConfigMap>::namespaced(admin.clone(), &data);
+    if data_configmaps
+        .get_opt(dropbox_operator::contract::HEARTBEATS_CONFIGMAP)
+        .await?
+        .is_none()
+    {
+        wrong.push("no heartbeats ConfigMap in the data namespace".into());
     }
     ensure!(
         wrong.is_empty(),
@@ -756,18 +758,18 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ops);
     // The Service is the chart's: helm removes it.
     let services: Api<Service> = Api::namespaced(admin.clone(), &ops);
-    let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), &ops);
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
     support::eventually(
-        "helm and the garbage collector to remove the ingress objects",
+        "helm and the garbage collector to remove the ingress objects, and the data namespace to go",
         Duration::from_secs(60),
         || async {
             Ok((
                 deployments.get_opt(INGRESS_NAME).await?.is_some(),
                 services.get_opt(INGRESS_NAME).await?.is_some(),
-                configmaps
-                    .get_opt(dropbox_operator::contract::HEARTBEATS_CONFIGMAP)
+                namespaces
+                    .get_opt(&data)
                     .await?
-                    .is_some(),
+                    .is_some_and(|n| n.metadata.deletion_timestamp.is_none()),
             ))
         },
         |left: &(bool, bool, bool)| *left == (false, false, false),
@@ -817,7 +819,6 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
 /// With autoscaling, the controller applies no replicas: a `kubectl scale` (as
 /// the HPA does through the scale subresource) survives the controller's next
 /// apply, and the controller's field manager does not own `spec.replicas`.
-/// (Also: a heartbeats ConfigMap from an earlier version gets its owner.)
 #[tokio::test]
 async fn with_autoscaling_the_controller_leaves_the_replicas_alone() -> Result<()> {
     let admin = support::client().await;
@@ -835,19 +836,6 @@ async fn with_autoscaling_the_controller_leaves_the_replicas_alone() -> Result<(
     // No HPA before the ingress exists (it would report FailedGetScale).
     let (ok, out, err) = support::kubectl(&["get", "hpa", "-n", &ops, "-o", "name"]);
     ensure!(ok && out.trim().is_empty(), "HPA: {out} {err}");
-    // A heartbeats ConfigMap left by an earlier version (no owner): the
-    // controller adds the owner and keeps the replicas' data.
-    let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), &ops);
-    configmaps
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": dropbox_operator::contract::HEARTBEATS_CONFIGMAP,
-                             "labels": {"app.kubernetes.io/managed-by": "dropbox-operator"}},
-                "data": {"old-replica": "2000-01-01T00:00:00Z"}
-            }))?,
-        )
-        .await?;
     let emu = Emulator::start().await;
     emulator_account(&emu);
     let mut controller = start_controller(&ops, &admin, &emu, "lc-hpa").await?;
@@ -864,39 +852,6 @@ async fn with_autoscaling_the_controller_leaves_the_replicas_alone() -> Result<(
         "jsonpath={.spec.scaleTargetRef.name}",
     ]);
     ensure!(ok && out == INGRESS_NAME, "HPA: {out} {err}");
-    let owner_uid = Api::<Deployment>::namespaced(admin.clone(), &ops)
-        .get(&format!("{ops}-dropbox-operator"))
-        .await?
-        .metadata
-        .uid;
-    let heartbeats = support::eventually(
-        "the old heartbeats ConfigMap to get its owner",
-        Duration::from_secs(30),
-        || {
-            support::get_opt(
-                &configmaps,
-                dropbox_operator::contract::HEARTBEATS_CONFIGMAP,
-            )
-        },
-        |c: &Option<ConfigMap>| {
-            c.as_ref().is_some_and(|c| {
-                c.metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .any(|o| Some(&o.uid) == owner_uid.as_ref())
-            })
-        },
-    )
-    .await?
-    .context("heartbeats")?;
-    ensure!(
-        heartbeats
-            .data
-            .unwrap_or_default()
-            .contains_key("old-replica"),
-        "the data stays"
-    );
     let owns_replicas = |d: &Deployment| {
         d.metadata.managed_fields.iter().flatten().any(|m| {
             m.manager.as_deref() == Some(dropbox_operator::contract::CONTROLLER_FIELD_MANAGER)
@@ -954,6 +909,7 @@ async fn watch_namespaces_confine_both_service_accounts() -> Result<()> {
     ensure!(ok, "{err}");
     ensure!(!manifest.contains("kind: ClusterRole"), "{manifest}");
     let controller = format!("{ops}-dropbox-operator");
+    let data = format!("{ops}-ingress-data");
     let own_deployment = format!("deployments.apps/{controller}");
     let mut wrong = Vec::new();
     let mut table = String::from(
@@ -978,12 +934,14 @@ async fn watch_namespaces_confine_both_service_accounts() -> Result<()> {
         ),
         (&controller, "get", &own_deployment, &ops, true),
         (&controller, "patch", &own_deployment, &ops, false),
-        (INGRESS_SA, "watch", DBXI, &a, true),
-        (INGRESS_SA, "watch", DBXI, &b, true),
+        (INGRESS_SA, "watch", DBXI, &a, false),
+        (INGRESS_SA, "watch", DBXI, &b, false),
         (INGRESS_SA, "watch", DBXI, &other, false),
         (INGRESS_SA, "list", DBXI, "", false),
         (INGRESS_SA, "get", "secrets", &a, false),
-        (INGRESS_SA, "get", "secrets", &ops, true),
+        (INGRESS_SA, "get", "secrets", &ops, false),
+        (INGRESS_SA, "watch", "secrets", &data, true),
+        (INGRESS_SA, "update", "configmaps", &data, true),
     ];
     for (sa, verb, resource, namespace, expected) in &questions {
         let user = format!("--as=system:serviceaccount:{ops}:{sa}");
@@ -1102,6 +1060,14 @@ async fn exposure_and_egress_pass_a_server_side_dry_run() -> Result<()> {
     let admin = support::client().await;
     support::install_crd(&admin).await?;
     let ops = support::namespace(&admin, "lc-expose").await;
+    // A dry run creates nothing: the data namespace must exist for its objects.
+    let (ok, _, err) = support::kubectl(&[
+        "create",
+        "namespace",
+        &format!("{ops}-ingress-data"),
+        "--save-config",
+    ]);
+    ensure!(ok, "{err}");
     let file = values_file(
         "expose",
         &json!({
@@ -1213,10 +1179,11 @@ async fn admission_policy_denies_writes_to_foreign_objects() -> Result<()> {
         &controller,
     ]);
     ensure!(!ok && err.contains("may write only"), "{err}");
-    // The ingress may update ConfigMaps in the release namespace (RBAC cannot
+    // The ingress may update ConfigMaps in its data namespace (RBAC cannot
     // narrow that to the cursors); the policy can.
     let configmap = json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "someone-elses", "namespace": ops}, "data": {"k": "v"}});
+        "metadata": {"name": "someone-elses", "namespace": format!("{ops}-ingress-data")},
+        "data": {"k": "v"}});
     let (ok, _, err) = support::kubectl_stdin(&["create", "-f", "-"], &configmap.to_string());
     ensure!(ok, "{err}");
     let mut changed = configmap.clone();
@@ -1252,7 +1219,11 @@ async fn start_ingress_from(
     for (key, value) in literal_env(deployment) {
         if !matches!(
             key.as_str(),
-            "LISTEN_ADDR" | "METRICS_ADDR" | "DROPBOX_API_URL" | "HEARTBEAT_INTERVAL"
+            "LISTEN_ADDR"
+                | "METRICS_ADDR"
+                | "PEER_LISTEN_ADDR"
+                | "DROPBOX_API_URL"
+                | "HEARTBEAT_INTERVAL"
         ) {
             process = process.env(&key, &value);
         }

@@ -16,7 +16,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use support::condition;
 use support::dropbox::Emulator;
@@ -35,7 +35,7 @@ struct Fixture {
     ns: String,
     emu: Emulator,
     instances: Api<DropboxElementInstance>,
-    controller: Process,
+    _controller: Process,
 }
 
 /// The controller as every test here runs it.
@@ -64,7 +64,7 @@ async fn fixture(test: &str) -> Fixture {
         client,
         ns,
         emu,
-        controller,
+        _controller: controller,
     };
     f.put_secret(
         "dropbox-app",
@@ -983,98 +983,6 @@ async fn callbacks_to_internal_addresses_are_refused_unless_allowed() -> Result<
     Ok(())
 }
 
-/// An upgrade from a version that kept the cursor in `<name>-dropbox-events` in
-/// the instance's namespace keeps its position: changes made after that cursor
-/// are delivered, changes before it are not replayed, and the old ConfigMap goes.
-#[tokio::test]
-async fn a_cursor_in_the_pre_0_2_configmap_keeps_its_position_after_upgrade() -> Result<()> {
-    let mut f = fixture("cursor-migration").await;
-    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
-    let mut ingress = f.ingress().start().await;
-    f.instance("legacy", ACCOUNT, &receiver.url, "elements")
-        .await;
-    f.wait_condition("legacy", "Ready", "True", None).await?;
-    let uid = f.uid("legacy").await;
-
-    // The old version stops.
-    f.controller.kill();
-    ingress.kill();
-
-    // What it left: a cursor in the instance's namespace, taken after one change
-    // and before two others.
-    f.emu.upload(ACCOUNT, "/before-the-cursor.txt", b"old");
-    let token = Api::<Secret>::namespaced(f.client.clone(), &f.ns)
-        .get("legacy-dropbox-token")
-        .await?
-        .data
-        .and_then(|d| d.get("access_token").cloned())
-        .context("access token")?;
-    let old_cursor: Value = support::dropbox::http_client()
-        .post(format!(
-            "{}/2/files/list_folder/get_latest_cursor",
-            f.emu.url
-        ))
-        .bearer_auth(String::from_utf8(token.0)?)
-        .json(&json!({"path": "", "recursive": true}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let old_cursor = old_cursor["cursor"].as_str().context("cursor")?.to_owned();
-    f.emu.upload(ACCOUNT, "/after-1.txt", b"new");
-    f.emu.upload(ACCOUNT, "/after-2.txt", b"new");
-    let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
-    configmaps
-        .delete(&contract::cursor_configmap_name(&uid), &Default::default())
-        .await?;
-    let instance = f.instances.get("legacy").await?;
-    let legacy: ConfigMap = serde_json::from_value(json!({
-        "metadata": {
-            "name": "legacy-dropbox-events",
-            "labels": {"app.kubernetes.io/managed-by": "dropbox-operator",
-                       "elements.dropbox-operator.dev/instance": "legacy"},
-            "ownerReferences": [instance.controller_owner_ref(&())]
-        },
-        "data": {"cursor": old_cursor, "accountId": ACCOUNT}
-    }))?;
-    configmaps.create(&PostParams::default(), &legacy).await?;
-
-    // The new version starts: the controller first, since the ingress's start
-    // resync would move the cursor on at once.
-    f.controller = controller_process(&f.ns, &f.emu).start().await;
-    let moved = support::eventually(
-        "the cursor to move to the operator namespace",
-        Duration::from_secs(30),
-        || async { Ok(f.cursor("legacy").await) },
-        Option::is_some,
-    )
-    .await?;
-    assert_eq!(
-        moved.as_deref(),
-        Some(old_cursor.as_str()),
-        "the position is kept"
-    );
-    support::eventually(
-        "the old ConfigMap to be removed",
-        Duration::from_secs(30),
-        || support::get_opt(&configmaps, "legacy-dropbox-events"),
-        Option::is_none,
-    )
-    .await?;
-
-    let ingress = f.ingress().start().await;
-    f.webhook(&ingress, &[ACCOUNT]).await;
-    let events = wait_events(&receiver, 2, Duration::from_secs(30)).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let paths: Vec<String> = receiver
-        .accepted_events()
-        .iter()
-        .filter_map(|e| e["data"]["path_display"].as_str().map(str::to_owned))
-        .collect();
-    assert_eq!(paths, ["/after-1.txt", "/after-2.txt"], "{events:?}");
-    Ok(())
-}
-
 /// A Secret or ConfigMap the operator would write but did not make is never
 /// overwritten or adopted: the condition names it, and no code is spent.
 #[tokio::test]
@@ -1269,6 +1177,302 @@ async fn events_can_be_limited_to_a_folder_and_a_new_folder_re_baselines() -> Re
     assert!(
         refused.is_err(),
         "an invalid folder is refused at admission"
+    );
+    Ok(())
+}
+
+/// Dropbox may answer with small pages (here three entries each); the events of
+/// several pages are gathered into notifications of up to 20, and the cursor
+/// committed is the one after the last page delivered.
+#[tokio::test]
+async fn small_pages_are_gathered_into_notifications_of_up_to_20_events() -> Result<()> {
+    let f = fixture("small-pages").await;
+    f.emu.set_list_limit(3);
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    let ingress = f.ingress().start().await;
+    f.instance("small", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("small", "Ready", "True", None).await?;
+    let made: Vec<String> = (0..45).map(|i| format!("/small-{i:02}.txt")).collect();
+    for path in &made {
+        f.emu.upload(ACCOUNT, path, path.as_bytes());
+    }
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    let events = wait_events(&receiver, made.len(), Duration::from_secs(30)).await?;
+    let paths: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["data"]["path_display"].as_str())
+        .collect();
+    assert_eq!(paths, made, "every change once, in order");
+    let sizes: Vec<usize> = receiver
+        .accepted()
+        .iter()
+        .map(|d| d.events().len())
+        .collect();
+    // Fifteen pages of three: notifications of 18, 18 and 9 events, not fifteen of 3.
+    assert_eq!(sizes, [18, 18, 9], "events per notification");
+    // The cursor after the last page: nothing is left to list.
+    let end = f.emu.change_log(ACCOUNT).len();
+    support::eventually(
+        "the committed cursor to be the one after the last page",
+        Duration::from_secs(10),
+        || async {
+            Ok(f.cursor("small")
+                .await
+                .and_then(|c| f.emu.cursor_position(&c)))
+        },
+        |pos: &Option<usize>| *pos == Some(end),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Another tenant creates 100 instances that claim this app key with wrong app
+/// secrets: genuine notifications are still accepted (every distinct secret is
+/// tried, the one that verified last first), whether they name this tenant's
+/// account or only accounts no instance has; forged ones are still refused.
+#[tokio::test]
+async fn claims_with_wrong_secrets_cannot_get_genuine_notifications_refused() -> Result<()> {
+    let f = fixture("claims").await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    // The claims: apiKey instances (their own accounts) with this app key.
+    let claimer = support::namespace(&f.client, "claims-tenant").await;
+    // (WATCH_NAMESPACE: ignored by this ingress, which reads only its data
+    // namespace; an ingress that watched instances would need both.)
+    let ingress = f
+        .ingress()
+        .env("WATCH_NAMESPACE", &format!("{},{claimer}", f.ns))
+        .start()
+        .await;
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &claimer);
+    let claims: Api<DropboxElementInstance> = Api::namespaced(f.client.clone(), &claimer);
+    const CLAIMS: usize = 100;
+    for i in 0..CLAIMS {
+        let account = format!("dbid:AAB-claimer-{i:03}");
+        f.emu
+            .add_account(&account, &format!("claimer{i}@example.com"), "Claimer");
+        let token = f.emu.issue_long_lived_token(APP_KEY, &account);
+        support::put_secret(
+            &secrets,
+            &format!("claim-{i}"),
+            &[
+                ("oauth.api.key", APP_KEY),
+                ("oauth.api.secret", &format!("WRONG-SECRET-{i}")),
+                ("apiKey", &token),
+            ],
+        )
+        .await?;
+        let instance: DropboxElementInstance = serde_json::from_value(json!({
+            "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+            "kind": "DropboxElementInstance",
+            "metadata": {"name": format!("claim-{i}")},
+            "spec": {
+                "element": {"key": "dropbox"},
+                "authentication": {
+                    "type": "apiKey",
+                    "apiKeySecretRef": {"name": format!("claim-{i}")},
+                    "appSecretRef": {"name": format!("claim-{i}")}
+                },
+                "events": {"enabled": true, "callbackUrl": "https://claims.example.com/hook"}
+            }
+        }))?;
+        claims.create(&PostParams::default(), &instance).await?;
+    }
+    // The controller watches this namespace too.
+    let _claims_controller = controller_process(&claimer, &f.emu)
+        .env("DATA_NAMESPACE", &f.ns)
+        .name("claims-controller")
+        .start()
+        .await;
+    f.instance("genuine", ACCOUNT, &receiver.url, "elements")
+        .await;
+    f.wait_condition("genuine", "Ready", "True", None).await?;
+    // Every claim is projected (so the ingress knows it) before the webhooks.
+    let data: Api<Secret> = Api::namespaced(f.client.clone(), &f.ns);
+    support::eventually(
+        "the claims to be projected",
+        Duration::from_secs(90),
+        || async {
+            Ok(data
+                .list(
+                    &kube::api::ListParams::default()
+                        .labels(&contract::role_selector(contract::ROLE_PROJECTION)),
+                )
+                .await?
+                .items
+                .len())
+        },
+        |n: &usize| *n > CLAIMS,
+    )
+    .await?;
+    let url = format!("{}/webhooks/dropbox/{APP_KEY}", ingress.url());
+    let mut answers = BTreeMap::new();
+    for round in 0..10 {
+        f.emu
+            .upload(ACCOUNT, &format!("/genuine-{round}.txt"), b"x");
+        // Naming this tenant's account; naming only an account no instance has.
+        for accounts in [&[ACCOUNT][..], &[OTHER_ACCOUNT][..]] {
+            let status = f.emu.send_webhook(&url, APP_KEY, accounts).await.status();
+            *answers
+                .entry(format!("genuine {accounts:?}: {status}"))
+                .or_insert(0) += 1;
+        }
+        let (body, _) = f.emu.webhook_body(APP_KEY, &[OTHER_ACCOUNT]);
+        let forged = reqwest::Client::new()
+            .post(&url)
+            .header("X-Dropbox-Signature", "ab".repeat(32))
+            .body(body)
+            .send()
+            .await?
+            .status();
+        *answers.entry(format!("forged: {forged}")).or_insert(0) += 1;
+    }
+    println!("claims: {answers:?}");
+    let mut expected = vec![
+        "forged: 403 Forbidden".to_owned(),
+        format!("genuine [\"{OTHER_ACCOUNT}\"]: 200 OK"),
+        format!("genuine [\"{ACCOUNT}\"]: 200 OK"),
+    ];
+    expected.sort();
+    assert_eq!(
+        answers.keys().cloned().collect::<Vec<_>>(),
+        expected,
+        "{answers:?}"
+    );
+    wait_events(&receiver, 10, Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// Every stall is visible: a Dropbox failure (5xx), the watched folder removed
+/// (`path/not_found`), the cursor ConfigMap deleted, and cursor commits refused
+/// by the API server each turn EventsDelivering False with their own reason
+/// within one retry, and the next delivery turns it True again.
+#[tokio::test]
+async fn every_stall_is_visible_and_the_next_delivery_clears_it() -> Result<()> {
+    let f = fixture("stalls").await;
+    let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
+    let ingress = f.ingress().start().await;
+    f.emu.create_folder(ACCOUNT, "/Watched");
+    f.instance_with(
+        "stalls",
+        ACCOUNT,
+        &receiver.url,
+        "elements",
+        json!({"path": "/Watched"}),
+    )
+    .await;
+    f.wait_condition("stalls", "Ready", "True", None).await?;
+    let mut n = 0;
+    let mut change = |emu: &Emulator| {
+        n += 1;
+        emu.upload(ACCOUNT, &format!("/Watched/file-{n}.txt"), b"x");
+    };
+    let mut table = Vec::new();
+    let mut expect = async |what: &str, reason: &str| -> Result<()> {
+        let t = Instant::now();
+        let i = f
+            .wait_condition("stalls", "EventsDelivering", "False", Some(reason))
+            .await
+            .with_context(|| format!("{what}: EventsDelivering=False/{reason}"))?;
+        let message = condition(&i, "EventsDelivering")
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        table.push(format!(
+            "| {what} | False/{reason} after {:.1}s | {message} |",
+            t.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    };
+
+    // Dropbox answers 503.
+    f.emu
+        .fail_for("/2/files/list_folder/continue", Duration::from_secs(4), 503);
+    change(&f.emu);
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    expect("Dropbox 503", "DropboxUnavailable").await?;
+    f.wait_condition("stalls", "EventsDelivering", "True", Some("Delivered"))
+        .await?;
+
+    // The watched folder is removed.
+    f.emu.delete(ACCOUNT, "/Watched");
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    expect("events.path removed", "DropboxRejected").await?;
+    f.emu.create_folder(ACCOUNT, "/Watched");
+    change(&f.emu);
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    f.wait_condition("stalls", "EventsDelivering", "True", Some("Delivered"))
+        .await?;
+
+    // The cursor ConfigMap is deleted: the controller makes a new one, and the
+    // receiver is told (UNKNOWN) that it may have missed changes.
+    let uid = f.uid("stalls").await;
+    let cursor_name = contract::cursor_configmap_name(&uid);
+    let configmaps: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.ns);
+    // Deleted again whenever the controller makes it, until the stall was seen.
+    let deleting = tokio::spawn({
+        let (configmaps, cursor_name) = (configmaps.clone(), cursor_name.clone());
+        async move {
+            loop {
+                let _ = configmaps
+                    .delete(&cursor_name, &kube::api::DeleteParams::default())
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    change(&f.emu);
+    f.webhook(&ingress, &[ACCOUNT]).await;
+    let seen = expect("cursor ConfigMap deleted", "CursorMissing").await;
+    deleting.abort();
+    seen?;
+    f.wait_condition("stalls", "EventsDelivering", "True", Some("Delivered"))
+        .await?;
+    support::eventually(
+        "an UNKNOWN event after the new cursor",
+        Duration::from_secs(20),
+        || async { Ok(receiver.accepted_events()) },
+        |events: &Vec<Value>| events.iter().any(|e| e["eventType"] == "UNKNOWN"),
+    )
+    .await?;
+
+    // The API server refuses every commit of the cursor (an admission policy).
+    let policy = format!("deny-cursor-{}", f.ns);
+    let manifest = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": policy},
+         "spec": {"failurePolicy": "Fail",
+                  "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                      "resources": ["configmaps"], "operations": ["UPDATE"]}]},
+                  "validations": [{"expression": format!("object.metadata.name != '{cursor_name}'"),
+                                   "message": "cursor commits are refused (test)"}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+         "metadata": {"name": policy},
+         "spec": {"policyName": policy, "validationActions": ["Deny"],
+                  "matchResources": {"namespaceSelector": {"matchLabels":
+                      {"kubernetes.io/metadata.name": f.ns}}}}}
+    ]});
+    let (ok, _, err) = support::kubectl_stdin(&["apply", "-f", "-"], &manifest.to_string());
+    anyhow::ensure!(ok, "{err}");
+    let mut refused = false;
+    for _ in 0..20 {
+        change(&f.emu);
+        f.webhook(&ingress, &[ACCOUNT]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let i = f.instances.get("stalls").await?;
+        if support::condition_is(&i, "EventsDelivering", "False", Some("CursorCommitFailed")) {
+            refused = true;
+            break;
+        }
+    }
+    anyhow::ensure!(refused, "CursorCommitFailed not reported");
+    expect("cursor commits refused", "CursorCommitFailed").await?;
+    let (ok, _, err) = support::kubectl_stdin(&["delete", "-f", "-"], &manifest.to_string());
+    anyhow::ensure!(ok, "{err}");
+    f.wait_condition("stalls", "EventsDelivering", "True", Some("Delivered"))
+        .await?;
+    println!(
+        "\nstall | reported | message\n|---|---|---|\n{}",
+        table.join("\n")
     );
     Ok(())
 }

@@ -139,7 +139,7 @@ pub async fn cleanup(instance: &DropboxElementInstance, ctx: &Context) -> Result
         client: &ctx.client,
         dropbox: &ctx.dropbox,
         memo: &ctx.projections,
-        namespace: &ctx.ingress.settings.namespace,
+        namespace: &ctx.ingress.settings.data_namespace,
     })
     .remove(instance)
     .await

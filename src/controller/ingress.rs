@@ -2,9 +2,9 @@
 //!
 //! - keeps the `dropbox-webhook-ingress` Deployment (with its Service unless
 //!   that is someone else's, and its HPA when configured, see
-//!   [`super::autoscaler`]) and the heartbeats ConfigMap in the operator's
-//!   namespace while at least one instance has events enabled, and removes them
-//!   when none has;
+//!   [`super::autoscaler`]) in the operator's namespace, and the heartbeats
+//!   ConfigMap in the data namespace, while at least one instance has events
+//!   enabled, and removes them when none has;
 //! - knows whether an ingress replica is alive from the heartbeats ConfigMap, in
 //!   which every ingress process renews its own key (this also covers ingress
 //!   processes run outside the Deployment, e.g. in tests or local development);
@@ -29,16 +29,18 @@ use tokio_util::sync::CancellationToken;
 use crate::api::DropboxElementInstance;
 use crate::contract::{
     self, CONTROLLER_FIELD_MANAGER, HEARTBEATS_CONFIGMAP, INGRESS_COMPONENT, INGRESS_METRICS_PORT,
-    INGRESS_NAME, INGRESS_PORT, INSTANCE_NAMESPACE_LABEL, INSTANCE_UID_LABEL, MANAGED_BY,
-    MANAGED_BY_LABEL,
+    INGRESS_NAME, INGRESS_PEER_PORT, INGRESS_PORT, INSTANCE_NAMESPACE_LABEL, INSTANCE_UID_LABEL,
+    MANAGED_BY, MANAGED_BY_LABEL, ROLE_HEARTBEATS, ROLE_LABEL,
 };
 
 /// How the controller runs the ingress (from its command line / Helm values).
 #[derive(Clone, Debug)]
 pub struct IngressSettings {
-    /// The operator's namespace, where the Deployment, Service, heartbeats and
-    /// projected objects live.
+    /// The operator's namespace, where the Deployment and Service live.
     pub namespace: String,
+    /// The ingress's data namespace: projected objects, cursors, delivery
+    /// states and heartbeats; the ingress has rights nowhere else.
+    pub data_namespace: String,
     pub image: String,
     pub image_pull_policy: String,
     pub replicas: i32,
@@ -55,7 +57,7 @@ pub struct IngressSettings {
     /// How long one long-poll of the ingress waits for changes.
     pub longpoll_timeout: Duration,
     /// Instances' namespaces (comma-separated), when the operator does not
-    /// watch all namespaces.
+    /// watch all namespaces (the sweep leaves other namespaces' objects alone).
     pub watch_namespace: Option<String>,
     pub log_format: String,
     /// A pod template (`PodTemplateSpec` as JSON) merged into the one the
@@ -84,6 +86,11 @@ impl IngressSettings {
         log_format: &str,
     ) -> Self {
         IngressSettings {
+            data_namespace: args
+                .data_namespace
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| namespace.clone()),
             namespace,
             image: args.ingress.ingress_image.clone(),
             image_pull_policy: args.ingress.ingress_image_pull_policy.clone(),
@@ -125,15 +132,17 @@ impl IngressSettings {
 /// Environment variables of the ingress container that the controller sets and
 /// a pod template cannot change: addresses, scope, where Dropbox is, the
 /// callback address policy.
-pub const ESSENTIAL_ENV: [&str; 8] = [
+pub const ESSENTIAL_ENV: [&str; 10] = [
     "LISTEN_ADDR",
     "METRICS_ADDR",
+    "PEER_LISTEN_ADDR",
     "DROPBOX_API_URL",
     "ALLOWED_CALLBACK_CIDRS",
     "DENIED_CALLBACK_CIDRS",
     "POD_NAMESPACE",
     "POD_NAME",
-    "WATCH_NAMESPACE",
+    "POD_IP",
+    "DATA_NAMESPACE",
 ];
 
 /// Fields of the ingress container the controller owns: the pod template's
@@ -253,6 +262,12 @@ fn labels() -> BTreeMap<String, String> {
     labels
 }
 
+fn heartbeat_labels() -> BTreeMap<String, String> {
+    let mut labels = labels();
+    labels.insert(ROLE_LABEL.to_owned(), ROLE_HEARTBEATS.to_owned());
+    labels
+}
+
 fn selector() -> BTreeMap<String, String> {
     BTreeMap::from([
         (
@@ -273,10 +288,11 @@ pub fn ingress_deployment(s: &IngressSettings) -> Deployment {
 }
 
 fn deployment_value(s: &IngressSettings) -> Value {
-    let mut env = vec![
+    let env = vec![
         // Dual-stack: `[::]` also accepts IPv4 (IPV6_V6ONLY is off on Linux).
         json!({"name": "LISTEN_ADDR", "value": format!("[::]:{INGRESS_PORT}")}),
         json!({"name": "METRICS_ADDR", "value": format!("[::]:{INGRESS_METRICS_PORT}")}),
+        json!({"name": "PEER_LISTEN_ADDR", "value": format!("[::]:{INGRESS_PEER_PORT}")}),
         json!({"name": "DROPBOX_API_URL", "value": s.dropbox_api_url}),
         json!({"name": "DROPBOX_NOTIFY_URL", "value": s.dropbox_notify_url}),
         json!({"name": "LONGPOLL_TIMEOUT", "value": format!("{}s", s.longpoll_timeout.as_secs())}),
@@ -285,10 +301,9 @@ fn deployment_value(s: &IngressSettings) -> Value {
         json!({"name": "LOG_FORMAT", "value": s.log_format}),
         json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
         json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+        json!({"name": "DATA_NAMESPACE", "value": s.data_namespace}),
     ];
-    if let Some(ns) = &s.watch_namespace {
-        env.push(json!({"name": "WATCH_NAMESPACE", "value": ns}));
-    }
     let probe = |path: &str| json!({"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3});
     let mut value = json!({
         "apiVersion": "apps/v1",
@@ -311,7 +326,8 @@ fn deployment_value(s: &IngressSettings) -> Value {
                         "env": env,
                         "ports": [
                             {"name": "http", "containerPort": INGRESS_PORT, "protocol": "TCP"},
-                            {"name": "metrics", "containerPort": INGRESS_METRICS_PORT, "protocol": "TCP"}
+                            {"name": "metrics", "containerPort": INGRESS_METRICS_PORT, "protocol": "TCP"},
+                            {"name": "peer", "containerPort": INGRESS_PEER_PORT, "protocol": "TCP"}
                         ],
                         "readinessProbe": probe("/readyz"),
                         "livenessProbe": probe("/healthz"),
@@ -450,7 +466,8 @@ impl IngressManager {
         let ns = &self.settings.namespace;
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
         let services: Api<Service> = Api::namespaced(client.clone(), ns);
-        let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        let configmaps: Api<ConfigMap> =
+            Api::namespaced(client.clone(), &self.settings.data_namespace);
         if needed {
             let owners = self.owner(&deployments).await?;
             let pp = PatchParams::apply(CONTROLLER_FIELD_MANAGER).force();
@@ -475,34 +492,20 @@ impl IngressManager {
                 }
                 None => super::autoscaler::remove(client, ns).await?,
             }
-            // Created, never applied: the data belongs to the replicas.
+            // Created, never applied: the data belongs to the replicas. It is in
+            // the data namespace, where no ownerReference can reach the
+            // controller's Deployment: removed below when no instance has events.
             let heartbeats = ConfigMap {
                 metadata: kube::api::ObjectMeta {
                     name: Some(HEARTBEATS_CONFIGMAP.to_owned()),
-                    labels: Some(labels()),
-                    owner_references: owners.clone(),
+                    labels: Some(heartbeat_labels()),
                     ..Default::default()
                 },
                 ..Default::default()
             };
             match configmaps.create(&PostParams::default(), &heartbeats).await {
                 Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    // Made by an earlier version without the owner: add it
-                    // (update with the read resourceVersion; the data stays).
-                    if let Some(owners) = &owners
-                        && let Some(mut existing) = configmaps.get_opt(HEARTBEATS_CONFIGMAP).await?
-                        && contract::is_managed(existing.metadata.labels.as_ref())
-                    {
-                        let refs = existing.metadata.owner_references.get_or_insert_default();
-                        if !refs.iter().any(|r| r.uid == owners[0].uid) {
-                            refs.extend(owners.iter().cloned());
-                            configmaps
-                                .replace(HEARTBEATS_CONFIGMAP, &PostParams::default(), &existing)
-                                .await?;
-                        }
-                    }
-                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(e) => return Err(e),
             }
             tracing::info!(namespace = %ns, "webhook ingress Deployment and Service applied");
@@ -560,7 +563,8 @@ impl IngressManager {
     /// Reads the heartbeats ConfigMap; a replica is alive while its expiry is in
     /// the future. A failed read keeps the last verdict.
     async fn any_heartbeat(&self, client: &Client) -> bool {
-        let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &self.settings.namespace);
+        let configmaps: Api<ConfigMap> =
+            Api::namespaced(client.clone(), &self.settings.data_namespace);
         match configmaps.get_opt(HEARTBEATS_CONFIGMAP).await {
             Ok(Some(cm)) => {
                 !contract::live_replicas(&cm.data.unwrap_or_default(), jiff::Timestamp::now())
@@ -574,8 +578,9 @@ impl IngressManager {
         }
     }
 
-    /// Deletes projected Secrets and cursor ConfigMaps whose instance no longer
-    /// exists or no longer has events (e.g. deleted while the controller was down).
+    /// Deletes projected Secrets, cursors and delivery states whose instance no
+    /// longer exists or no longer has events (e.g. deleted while the controller
+    /// was down).
     async fn sweep(
         &self,
         client: &Client,
@@ -590,7 +595,7 @@ impl IngressManager {
         let lp = ListParams::default().labels(&format!(
             "{MANAGED_BY_LABEL}={MANAGED_BY},{INSTANCE_UID_LABEL}"
         ));
-        let ns = &self.settings.namespace;
+        let ns = &self.settings.data_namespace;
         let in_scope = |meta: &kube::api::ObjectMeta| {
             let labels = meta.labels.as_ref();
             let uid = labels.and_then(|l| l.get(INSTANCE_UID_LABEL));
@@ -622,7 +627,7 @@ impl IngressManager {
                     &c.name_any(),
                 )
                 .await?;
-                tracing::info!(configmap = %c.name_any(), "removed the cursor of a deleted instance");
+                tracing::info!(configmap = %c.name_any(), "removed the cursor or delivery state of a deleted instance");
             }
         }
         Ok(())
@@ -648,6 +653,7 @@ mod tests {
     fn settings() -> IngressSettings {
         IngressSettings {
             namespace: "dropbox-system".into(),
+            data_namespace: "dropbox-system-ingress-data".into(),
             image: "ghcr.io/example/dropbox-operator:1.0".into(),
             image_pull_policy: "IfNotPresent".into(),
             replicas: 2,

@@ -3,7 +3,7 @@
 //! - [`inputs`]: reads the referenced Secrets and the token Secret.
 //! - [`reconcile`]: the OAuth lifecycle, status, events and the deletion finalizer.
 //! - [`token`]: the token Secret the controller owns.
-//! - [`projection`]: what the ingress needs of an instance, in the operator namespace.
+//! - [`projection`]: what the ingress needs of an instance, in the ingress's data namespace.
 //! - [`ingress`]: the ingress Deployment/Service, its liveness, orphan sweeps.
 //!
 //! This module wires them into a kube-runtime controller with leader election,
@@ -72,8 +72,14 @@ pub struct Context {
     pub backoff: Backoff,
     /// The webhook ingress objects and liveness.
     pub ingress: Arc<ingress::IngressManager>,
-    /// What was projected into the operator namespace, per instance.
+    /// What was projected into the data namespace, per instance.
     pub projections: projection::Projections,
+    /// The delivery states the ingress reports (`dropbox-delivery-<uid>` in the
+    /// data namespace), mirrored into the instances' status.
+    pub deliveries: Store<k8s_openapi::api::core::v1::ConfigMap>,
+    /// Whether `deliveries` holds its first listing (until then an events
+    /// reconcile waits, so a restart drops no EventsDelivering).
+    pub deliveries_ready: Arc<std::sync::atomic::AtomicBool>,
     /// Tokens Dropbox issued that the API server has not stored yet, by instance
     /// uid (the code that gave them is spent: they are all there is).
     pub unstored: Mutex<HashMap<String, token::StoredToken>>,
@@ -109,6 +115,17 @@ pub struct LeaderElection {
     pub lease_duration: Duration,
     pub renew_grace: Duration,
     pub renew_deadline: Duration,
+}
+
+impl Context {
+    /// What the ingress last reported about the deliveries of instance `uid`.
+    pub fn delivery(&self, uid: &str) -> Option<crate::contract::DeliveryState> {
+        let name = crate::contract::delivery_configmap_name(uid);
+        let cm = self
+            .deliveries
+            .get(&ObjectRef::new(&name).within(&self.ingress.settings.data_namespace))?;
+        crate::contract::DeliveryState::from_data(cm.data.as_ref()?)
+    }
 }
 
 impl LeaderElection {
@@ -147,7 +164,7 @@ pub enum RunError {
 /// Runs the controller until SIGTERM/SIGINT (or, with leader election, until the
 /// lease is lost).
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
-    let client = Client::try_default().await?;
+    let client = crate::store::client().await?;
     let mut registry = Registry::default();
     let metrics = ControllerMetrics::register(&mut registry);
     let ready = Arc::new(Readiness::default());
@@ -358,12 +375,16 @@ async fn run_controller(
     let instances: Vec<Api<DropboxElementInstance>> = crate::store::apis(&client, &namespaces);
     let secrets: Vec<Api<PartialObjectMeta<Secret>>> = crate::store::apis(&client, &namespaces);
     let (store, instance_writer) = kube::runtime::reflector::store();
+    // Consistent lists, not "any": after an API server restart a list served
+    // from its fresh cache can be older than the watch window, and every watch
+    // then fails "too old resource version" again and again; the controller was
+    // blind for minutes (tests/faults.rs, row 13).
     let instance_events = kube::runtime::reflector(
         instance_writer,
-        crate::store::namespaces_watcher(instances, watcher::Config::default().any_semantic())
+        crate::store::namespaces_watcher(instances, crate::store::watch_config())
             .modify(crate::store::slim_instance),
     )
-    .default_backoff()
+    .backoff(crate::store::watch_backoff())
     .applied_objects();
     let controller = Controller::for_stream(instance_events, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(options.concurrency));
@@ -373,7 +394,7 @@ async fn run_controller(
     let (secret_versions, secret_writer) = kube::runtime::reflector::store();
     let secret_events = kube::runtime::reflector(
         secret_writer,
-        crate::store::namespaces_watcher(secrets, watcher::Config::default().any_semantic())
+        crate::store::namespaces_watcher(secrets, crate::store::watch_config())
             // Names and versions are all the cache needs: drop the rest early.
             .modify(|s| {
                 s.types = None;
@@ -384,7 +405,7 @@ async fn run_controller(
                 s.metadata.creation_timestamp = None;
             }),
     )
-    .default_backoff()
+    .backoff(crate::store::watch_backoff())
     .touched_objects();
     let mapper_store = store.clone();
     let own_secret_writes = Arc::new(OwnSecretWrites::default());
@@ -416,6 +437,53 @@ async fn run_controller(
     .flat_map(move |()| futures::stream::iter(events_enabled(&liveness_store)));
     let controller = controller.reconcile_on(liveness);
 
+    // Delivery states the ingress reports: an instance whose state changed is
+    // reconciled (its status mirrors it).
+    let (deliveries, delivery_writer) = kube::runtime::reflector::store();
+    let delivery_events = kube::runtime::reflector(
+        delivery_writer,
+        watcher(
+            Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(
+                client.clone(),
+                &options.ingress.data_namespace,
+            ),
+            // A consistent list, not "any": after an API server restart a list
+            // served from its cache can be older than the watch window, and
+            // every watch then fails "too old resource version" (seen for
+            // minutes in tests/faults.rs row 13). The delivery states are few
+            // and small.
+            crate::store::watch_config().labels(&crate::contract::role_selector(
+                crate::contract::ROLE_DELIVERY,
+            )),
+        )
+        .modify(|cm| {
+            cm.metadata.managed_fields = None;
+            cm.metadata.annotations = None;
+        }),
+    )
+    .backoff(crate::store::watch_backoff())
+    .touched_objects();
+    let delivery_store = store.clone();
+    let controller = controller.watches_stream(delivery_events, move |cm| {
+        let uid = cm
+            .labels()
+            .get(crate::contract::INSTANCE_UID_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        delivery_store
+            .find(|i| i.metadata.uid.as_deref() == Some(uid.as_str()))
+            .map(|i| ObjectRef::from_obj(i.as_ref()))
+    });
+    let deliveries_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn({
+        let deliveries = deliveries.clone();
+        let ready = deliveries_ready.clone();
+        async move {
+            crate::store::wait_until_ready(&deliveries).await;
+            ready.store(true, std::sync::atomic::Ordering::Release);
+        }
+    });
+
     let ingress = ingress::IngressManager::new(options.ingress.clone());
     tokio::spawn(ingress.clone().run(
         client.clone(),
@@ -441,6 +509,8 @@ async fn run_controller(
         backoff: Backoff::new(Duration::from_secs(1), options.config.max_backoff),
         ingress,
         projections: projection::Projections::default(),
+        deliveries,
+        deliveries_ready,
         unstored: Mutex::default(),
         code_markers: Mutex::default(),
         revoked: Mutex::default(),

@@ -1,17 +1,22 @@
 //! The events step of a reconcile: everything the webhook ingress needs about an
-//! events-enabled instance, projected into the operator's namespace
-//! (docs/architecture.md, "Who reads and writes what"):
+//! events-enabled instance, projected into the ingress's data namespace
+//! (docs/architecture.md, "Who reads and writes what"), so the ingress reads no
+//! instance and no other namespace:
 //!
-//! - the Secret `dropbox-instance-<uid>` (app secret, access token, signature
-//!   key), re-applied whenever one of them changes (rotation, refresh);
 //! - the cursor ConfigMap `dropbox-cursor-<uid>` with the first cursor
-//!   (`get_latest_cursor`), or the cursor of the pre-0.2 ConfigMap
-//!   `<name>-dropbox-events` in the instance's namespace, which is then removed;
+//!   (`get_latest_cursor`), made again (with an `UNKNOWN` event due) when the
+//!   ingress reports it missing;
+//! - the Secret `dropbox-instance-<uid>`: the instance's settings (callback
+//!   URL, format, folder, source, account, app key, identity, generation,
+//!   resume annotation) and secrets (app secret, access token, signature key),
+//!   re-applied whenever one of them changes (rotation, refresh, a spec
+//!   change), after the cursor, so the ingress never sees an instance without
+//!   its cursor;
 //! - EventsReady.
 //!
 //! Objects of those names that the operator did not make are never overwritten:
-//! EventsReady says `ResourceConflict` instead. Both are deleted when events are
-//! turned off or the instance goes.
+//! EventsReady says `ResourceConflict` instead. They are deleted, with the
+//! instance's delivery state, when events are turned off or the instance goes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -30,15 +35,11 @@ use crate::api::{DropboxElementInstance, EventSource};
 use crate::conditions::{Desired, EVENTS_READY, Reason};
 use crate::contract::{
     self, ACCESS_TOKEN_KEY, ACCOUNT_KEY, APP_SECRET_KEY, COMMITTED_AT_KEY,
-    CONTROLLER_FIELD_MANAGER, CURSOR_KEY, INGRESS_NAME, INSTANCE_UID_LABEL, PATH_KEY,
-    RESET_PENDING_KEY, SIGNATURE_KEY_KEY,
+    CONTROLLER_FIELD_MANAGER, CURSOR_KEY, INGRESS_NAME, INSTANCE_KEY, INSTANCE_UID_LABEL, PATH_KEY,
+    ProjectedInstance, RESET_PENDING_KEY, RESUME_ANNOTATION, ROLE_CURSOR, ROLE_PROJECTION,
+    SIGNATURE_KEY_KEY,
 };
 use crate::dropbox::{DropboxClient, DropboxError};
-
-/// Name of the cursor ConfigMap before 0.2, in the instance's namespace.
-pub fn legacy_events_configmap_name(instance: &str) -> String {
-    format!("{instance}-dropbox-events")
-}
 
 /// The outcome of the events step of a reconcile.
 #[derive(Clone, Debug)]
@@ -62,6 +63,13 @@ pub struct EventsInputs<'a> {
     pub ingress_alive: Option<bool>,
     /// EventsReady as the status has it now.
     pub previous: Option<&'a Condition>,
+    /// The ingress reported the instance's cursor missing: make a new one,
+    /// with an `UNKNOWN` event due.
+    pub cursor_missing: bool,
+    /// The status shows deliveries happened: a cursor that is not there was
+    /// lost (e.g. the data namespace was deleted with the release), and a new
+    /// one gets an `UNKNOWN` event due.
+    pub delivered_before: bool,
 }
 
 /// What was last projected for each instance uid, so a settled instance makes
@@ -108,7 +116,7 @@ pub struct Projector<'a> {
     pub client: &'a Client,
     pub dropbox: &'a DropboxClient,
     pub memo: &'a Projections,
-    /// The operator's namespace.
+    /// The ingress's data namespace.
     pub namespace: &'a str,
 }
 
@@ -124,7 +132,7 @@ fn conflict(kind: &str, namespace: &str, name: &str) -> Desired {
     )
 }
 
-/// Whether an object in the operator namespace is ours for this instance.
+/// Whether an object in the data namespace is ours for this instance.
 fn ours_for(meta: &ObjectMeta, uid: &str) -> bool {
     contract::is_managed(meta.labels.as_ref())
         && meta
@@ -187,9 +195,68 @@ impl Projector<'_> {
         let uid = instance.uid().unwrap_or_default();
         let namespace = instance.namespace().unwrap_or_default();
         let name = instance.name_any();
+        let Some(events) = instance.spec.events.clone() else {
+            return Ok(step(
+                false,
+                Reason::IngressUnavailable,
+                "Events are not enabled".into(),
+            ));
+        };
 
-        // 1. The projected Secret.
-        let mut data = BTreeMap::from([(ACCESS_TOKEN_KEY.to_owned(), access_token.to_owned())]);
+        // 1. The cursor, for this account and folder (before the projection:
+        // the ingress never knows an instance without its cursor).
+        let folder = events.path.clone().unwrap_or_default();
+        let scope = (account_id.to_owned(), folder);
+        if input.cursor_missing || self.memo.get(&uid).cursor_scope.as_ref() != Some(&scope) {
+            match self
+                .ensure_cursor(
+                    instance,
+                    &uid,
+                    account_id,
+                    &scope.1,
+                    access_token,
+                    input.cursor_missing || input.delivered_before,
+                )
+                .await?
+            {
+                Ok(()) => self.memo.update(&uid, |m| m.cursor_scope = Some(scope)),
+                Err(problem) => {
+                    return Ok(EventsStep {
+                        webhook_path: webhook,
+                        ..problem
+                    });
+                }
+            }
+        }
+
+        // 2. The projected Secret: the instance's settings and secrets.
+        let settings = ProjectedInstance {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            uid: uid.clone(),
+            generation: instance.metadata.generation.unwrap_or_default(),
+            display_name: instance.spec.name.clone().unwrap_or_else(|| name.clone()),
+            tags: instance.spec.tags.clone().unwrap_or_default(),
+            account_id: account_id.to_owned(),
+            app_key: input.app_key.unwrap_or_default().to_owned(),
+            source: events.source,
+            format: events.format,
+            folder: events.path.clone().unwrap_or_default(),
+            callback_url: events.callback_url.clone().unwrap_or_default(),
+            resume: instance
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(RESUME_ANNOTATION))
+                .cloned(),
+        };
+        let mut data = BTreeMap::from([
+            (ACCESS_TOKEN_KEY.to_owned(), access_token.to_owned()),
+            (
+                INSTANCE_KEY.to_owned(),
+                serde_json::to_string(&settings).expect("the settings serialize"),
+            ),
+        ]);
         if let Some(app_secret) = app_secret {
             data.insert(APP_SECRET_KEY.to_owned(), app_secret.to_owned());
         }
@@ -213,7 +280,12 @@ impl Projector<'_> {
                 metadata: ObjectMeta {
                     name: Some(secret_name.clone()),
                     namespace: Some(self.namespace.to_owned()),
-                    labels: Some(contract::instance_labels(&namespace, &name, &uid)),
+                    labels: Some(contract::instance_labels(
+                        &namespace,
+                        &name,
+                        &uid,
+                        ROLE_PROJECTION,
+                    )),
                     ..Default::default()
                 },
                 type_: Some("Opaque".into()),
@@ -232,29 +304,6 @@ impl Projector<'_> {
                 )
                 .await?;
             self.memo.update(&uid, |m| m.secret = Some(digest));
-        }
-
-        // 2. The cursor, for this account and folder.
-        let folder = instance
-            .spec
-            .events
-            .as_ref()
-            .and_then(|e| e.path.clone())
-            .unwrap_or_default();
-        let scope = (account_id.to_owned(), folder);
-        if self.memo.get(&uid).cursor_scope.as_ref() != Some(&scope) {
-            match self
-                .ensure_cursor(instance, &uid, account_id, &scope.1, access_token)
-                .await?
-            {
-                Ok(()) => self.memo.update(&uid, |m| m.cursor_scope = Some(scope)),
-                Err(problem) => {
-                    return Ok(EventsStep {
-                        webhook_path: webhook,
-                        ..problem
-                    });
-                }
-            }
         }
 
         // 3. Liveness. Unknown (a controller that just started) keeps what the
@@ -302,7 +351,9 @@ impl Projector<'_> {
     /// `folder` (`""`: the whole account); an Err is the EventsReady verdict
     /// when it cannot. A new folder for the same account re-baselines: the
     /// cursor starts at the folder's present and the ingress is told to send
-    /// one `UNKNOWN` event.
+    /// one `UNKNOWN` event; so is a cursor made where one was `missing` (the
+    /// ingress found it gone, or deliveries happened before: changes since the
+    /// lost one may be missing).
     async fn ensure_cursor(
         &self,
         instance: &DropboxElementInstance,
@@ -310,6 +361,7 @@ impl Projector<'_> {
         account_id: &str,
         folder: &str,
         access_token: &str,
+        missing: bool,
     ) -> Result<Result<(), EventsStep>, kube::Error> {
         let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
         let cm_name = contract::cursor_configmap_name(uid);
@@ -348,49 +400,39 @@ impl Projector<'_> {
         });
         let namespace = instance.namespace().unwrap_or_default();
         let name = instance.name_any();
-        let legacy_api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &namespace);
-        let legacy_name = legacy_events_configmap_name(&name);
-        let legacy = legacy_api
-            .get_opt(&legacy_name)
-            .await?
-            .filter(|cm| contract::is_managed(cm.metadata.labels.as_ref()))
-            // Before 0.2 every cursor was for the whole account.
-            .filter(|_| folder.is_empty())
-            .and_then(|cm| {
-                let data = cm.data?;
-                (data.get(ACCOUNT_KEY).map(String::as_str) == Some(account_id))
-                    .then(|| data.get(CURSOR_KEY).cloned())
-                    .flatten()
-                    .filter(|c| !c.is_empty())
-            });
-        let (cursor, migrated) = match legacy {
-            Some(cursor) => (cursor, true),
-            None => match self.dropbox.latest_cursor(access_token, folder).await {
-                Ok(c) => (c, false),
-                Err(e) => {
-                    let reason = match &e {
-                        DropboxError::RateLimited { .. } => Reason::RateLimited,
-                        DropboxError::MissingScope { .. } => Reason::MissingScope,
-                        _ => Reason::DropboxUnavailable,
-                    };
-                    return Ok(Err(EventsStep {
-                        ready: Desired::new(
-                            EVENTS_READY,
-                            Some(false),
-                            reason,
-                            format!("Reading the first cursor failed: {e}; retrying with backoff"),
-                        ),
-                        webhook_path: None,
-                        retry: Some(e.retry_after()),
-                    }));
-                }
-            },
+        // Lost (deleted, or never committed after a reported loss): the
+        // receiver is told it may have missed changes.
+        let reset = refolder || (missing && existing.is_none());
+        let cursor = match self.dropbox.latest_cursor(access_token, folder).await {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = match &e {
+                    DropboxError::RateLimited { .. } => Reason::RateLimited,
+                    DropboxError::MissingScope { .. } => Reason::MissingScope,
+                    _ => Reason::DropboxUnavailable,
+                };
+                return Ok(Err(EventsStep {
+                    ready: Desired::new(
+                        EVENTS_READY,
+                        Some(false),
+                        reason,
+                        format!("Reading the first cursor failed: {e}; retrying with backoff"),
+                    ),
+                    webhook_path: None,
+                    retry: Some(e.retry_after()),
+                }));
+            }
         };
         let mut cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(cm_name.clone()),
                 namespace: Some(self.namespace.to_owned()),
-                labels: Some(contract::instance_labels(&namespace, &name, uid)),
+                labels: Some(contract::instance_labels(
+                    &namespace,
+                    &name,
+                    uid,
+                    ROLE_CURSOR,
+                )),
                 ..Default::default()
             },
             data: Some(
@@ -401,7 +443,7 @@ impl Projector<'_> {
                     (COMMITTED_AT_KEY, jiff::Timestamp::now().to_string()),
                 ]
                 .into_iter()
-                .chain(refolder.then(|| (RESET_PENDING_KEY, "true".to_owned())))
+                .chain(reset.then(|| (RESET_PENDING_KEY, "true".to_owned())))
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
             ),
@@ -419,17 +461,17 @@ impl Projector<'_> {
                 configmaps.create(&PostParams::default(), &cm).await?;
             }
         }
-        if migrated {
-            delete_ignoring_missing(&legacy_api, &legacy_name).await?;
-            tracing::info!(instance = %format!("{namespace}/{name}"), "events cursor moved to the operator namespace");
+        if reset && !refolder {
+            tracing::warn!(instance = %format!("{namespace}/{name}"), "events cursor was missing; made a new one (the receiver gets an UNKNOWN event)");
         } else {
             tracing::info!(instance = %format!("{namespace}/{name}"), "first events cursor set");
         }
         Ok(Ok(()))
     }
 
-    /// Removes the projected Secret and the cursor (events turned off or the
-    /// instance deleted), so turning events on again reports only later changes.
+    /// Removes the projected Secret, the cursor and the delivery state (events
+    /// turned off or the instance deleted), so turning events on again reports
+    /// only later changes.
     pub async fn remove(&self, instance: &DropboxElementInstance) -> Result<(), kube::Error> {
         let uid = instance.uid().unwrap_or_default();
         self.memo.forget(&uid);
@@ -441,21 +483,15 @@ impl Projector<'_> {
             delete_ignoring_missing(&secrets, &secret_name).await?;
         }
         let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), self.namespace);
-        let cm_name = contract::cursor_configmap_name(&uid);
-        if let Some(c) = configmaps.get_opt(&cm_name).await?
-            && ours_for(&c.metadata, &uid)
-        {
-            delete_ignoring_missing(&configmaps, &cm_name).await?;
-        }
-        let legacy_api: Api<ConfigMap> = Api::namespaced(
-            self.client.clone(),
-            &instance.namespace().unwrap_or_default(),
-        );
-        let legacy_name = legacy_events_configmap_name(&instance.name_any());
-        if let Some(c) = legacy_api.get_opt(&legacy_name).await?
-            && contract::is_managed(c.metadata.labels.as_ref())
-        {
-            delete_ignoring_missing(&legacy_api, &legacy_name).await?;
+        for cm_name in [
+            contract::cursor_configmap_name(&uid),
+            contract::delivery_configmap_name(&uid),
+        ] {
+            if let Some(c) = configmaps.get_opt(&cm_name).await?
+                && ours_for(&c.metadata, &uid)
+            {
+                delete_ignoring_missing(&configmaps, &cm_name).await?;
+            }
         }
         Ok(())
     }

@@ -32,6 +32,9 @@ use crate::api::{DropboxElementInstance, DropboxElementInstanceStatus};
 use crate::conditions::{self, AUTHORIZED, Desired, EVENTS_READY, Reason};
 use crate::metrics::{ReasonLabels, ResultLabels};
 
+/// How soon an instance whose cursor the ingress reports missing is looked at again.
+const CURSOR_RECHECK: Duration = Duration::from_secs(5);
+
 /// Field manager of everything the controller applies.
 pub const FIELD_MANAGER: &str = crate::contract::CONTROLLER_FIELD_MANAGER;
 
@@ -174,6 +177,15 @@ pub fn error_policy(
 async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Action, Error> {
     let prev = instance.status.clone().unwrap_or_default();
     let key = object_key(instance);
+    let events_enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled);
+    if events_enabled
+        && !ctx
+            .deliveries_ready
+            .load(std::sync::atomic::Ordering::Acquire)
+    {
+        // Status mirrors the delivery states: wait for their first listing.
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     if ctx.written.is_stale(instance) {
         // The watch has not delivered our own status write yet; it will wake us
         // (and the requeue our write's reconcile asked for stays scheduled).
@@ -255,13 +267,15 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
         client: &ctx.client,
         dropbox: &ctx.dropbox,
         memo: &ctx.projections,
-        namespace: &ctx.ingress.settings.namespace,
+        namespace: &ctx.ingress.settings.data_namespace,
     };
-    let events_enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled);
     // Whether the ingress is needed can change only through an instance that
     // has or had events; the others do not wake its manager (which then looks
     // at every instance).
     let ingress_concerned = events_enabled || prev.events.is_some();
+    let delivery = events_enabled
+        .then(|| ctx.delivery(&instance.uid().unwrap_or_default()))
+        .flatten();
     let events = if events_enabled {
         let authorized = step.authorized.is_true();
         let input = EventsInputs {
@@ -276,12 +290,27 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
             signature_key,
             ingress_alive: ctx.ingress.alive(),
             previous: conditions::find(&prev.conditions, EVENTS_READY),
+            cursor_missing: delivery
+                .as_ref()
+                .is_some_and(|d| !d.delivering && d.reason == Reason::CursorMissing.as_str()),
+            delivered_before: conditions::find(&prev.conditions, conditions::EVENTS_DELIVERING)
+                .is_some(),
         };
+        let cursor_missing = input.cursor_missing;
         let events = projector.events_step(instance, input).await?;
         if let Some(at_least) = events.retry
             && !matches!(step.next, Next::Backoff { .. })
         {
             step.next = Next::Backoff { at_least };
+        }
+        // Until the ingress says delivery works again, look again soon: the
+        // cursor may have gone again (nothing else wakes this instance).
+        if cursor_missing {
+            step.next = match step.next {
+                Next::After(d) => Next::After(d.min(CURSOR_RECHECK)),
+                Next::WaitForChange => Next::After(CURSOR_RECHECK),
+                backoff => backoff,
+            };
         }
         Some(events)
     } else {
@@ -314,7 +343,13 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
         ),
     }
 
-    let desired = desired_status(instance, &step, events.as_ref(), &Time(now()));
+    let desired = desired_status(
+        instance,
+        &step,
+        events.as_ref(),
+        delivery.as_ref(),
+        &Time(now()),
+    );
     if conditions::status_differs(instance.status.as_ref(), &desired) {
         tracing::debug!(
             instance = %key,

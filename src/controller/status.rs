@@ -1,6 +1,8 @@
 //! Step 3 and 4 of a reconcile: the desired status (pure), written with
 //! server-side apply only when it differs, and the Kubernetes Events a person
-//! should see for its transitions.
+//! should see for its transitions. EventsDelivering and
+//! `events.lastDeliveryTime` mirror the delivery state the ingress reports in
+//! its data namespace (the ingress writes no instance).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -14,21 +16,34 @@ use super::projection::EventsStep;
 use super::reconcile::{Error, FIELD_MANAGER};
 use crate::api::{DropboxElementInstance, DropboxElementInstanceStatus, EventsStatus};
 use crate::conditions::{self, AUTHORIZED, Desired, EVENTS_DELIVERING, READY, Reason};
+use crate::contract::DeliveryState;
 
-/// The full desired status (pure). Fields written by the ingress
-/// (EventsDelivering, events.lastDeliveryTime) are carried over from the current
-/// status so the comparison sees them; [`write_status`] does not send them.
+/// The full desired status (pure). `delivery` is what the ingress last reported
+/// about the instance's deliveries (None: nothing delivered yet).
 pub fn desired_status(
     instance: &DropboxElementInstance,
     step: &AuthStep,
     events: Option<&EventsStep>,
+    delivery: Option<&DeliveryState>,
     now: &Time,
 ) -> DropboxElementInstanceStatus {
     let prev = instance.status.clone().unwrap_or_default();
     let generation = instance.metadata.generation;
     let existing = &prev.conditions;
 
-    let delivering = events.and_then(|_| conditions::find(existing, EVENTS_DELIVERING));
+    let delivering = events.and(delivery).map(|d| {
+        Desired::new(
+            EVENTS_DELIVERING,
+            Some(d.delivering),
+            Reason::parse(&d.reason).unwrap_or(if d.delivering {
+                Reason::Delivered
+            } else {
+                Reason::CallbackUnreachable
+            }),
+            d.message.clone(),
+        )
+        .to_condition(existing, generation, now)
+    });
     let ready = if !step.authorized.is_true() {
         Desired::new(
             READY,
@@ -38,11 +53,11 @@ pub fn desired_status(
         )
     } else if let Some(e) = events.filter(|e| !e.ready.is_true()) {
         Desired::new(READY, Some(false), e.ready.reason, e.ready.message.clone())
-    } else if let Some(d) = delivering.filter(|d| d.status == "False") {
+    } else if let Some(d) = delivering.as_ref().filter(|d| d.status == "False") {
         Desired::new(
             READY,
             Some(false),
-            delivery_reason(&d.reason),
+            Reason::parse(&d.reason).unwrap_or(Reason::CallbackUnreachable),
             format!("Event delivery is failing: {}", d.message),
         )
     } else {
@@ -61,7 +76,7 @@ pub fn desired_status(
         conditions.push(e.ready.to_condition(existing, generation, now));
     }
     if let Some(d) = delivering {
-        conditions.push(d.clone());
+        conditions.push(d);
     }
     DropboxElementInstanceStatus {
         observed_generation: generation,
@@ -73,38 +88,24 @@ pub fn desired_status(
         authorize_url: step.authorize_url.clone(),
         events: events.map(|e| EventsStatus {
             webhook_path: e.webhook_path.clone(),
-            last_delivery_time: prev
-                .events
-                .as_ref()
-                .and_then(|p| p.last_delivery_time.clone()),
+            last_delivery_time: delivery
+                .and_then(|d| d.last_delivery_time)
+                .map(|t| Time(jiff::Timestamp::from_second(t.as_second()).unwrap_or(t))),
         }),
     }
 }
 
-fn delivery_reason(reason: &str) -> Reason {
-    match reason {
-        "CallbackRejected" => Reason::CallbackRejected,
-        "CallbackForbidden" => Reason::CallbackForbidden,
-        _ => Reason::CallbackUnreachable,
-    }
-}
-
 /// Server-side apply of the status subresource with the controller's field
-/// manager; ingress-owned fields are left out so the two never fight.
+/// manager.
 pub async fn write_status(
     instance: &DropboxElementInstance,
     desired: &DropboxElementInstanceStatus,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let mut owned = desired.clone();
-    owned.conditions.retain(|c| c.type_ != EVENTS_DELIVERING);
-    if let Some(events) = owned.events.as_mut() {
-        events.last_delivery_time = None;
-    }
     let patch = json!({
         "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
         "kind": "DropboxElementInstance",
-        "status": owned,
+        "status": desired,
     });
     let api: Api<DropboxElementInstance> = Api::namespaced(
         ctx.client.clone(),

@@ -2,7 +2,7 @@
 //! changes without any webhook (README, "Behind a firewall").
 //!
 //! The replica responsible for an instance (the same rendezvous hashing over
-//! the live replicas that decides its resyncs, [`super::Membership`]) holds one
+//! the live replicas that decides who delivers it, [`super::membership`]) holds one
 //! `files/list_folder/longpoll` open with the instance's committed cursor. When
 //! Dropbox answers `changes: true`, the instance is synced exactly as a webhook
 //! would have it synced ([`Syncer::sync_now`]: list, deliver, commit), and the
@@ -31,14 +31,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::runtime::reflector::Store;
-use kube::{Resource, ResourceExt};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::Membership;
+use super::membership::Membership;
+use super::projections::{Projection, Projections};
 use super::sync::Syncer;
-use crate::api::{DropboxElementInstance, EventSource};
+use crate::api::EventSource;
 use crate::metrics::ResultLabels;
 use crate::retry::backoff_delay;
 
@@ -59,29 +58,24 @@ const RECHECK: Duration = Duration::from_secs(30);
 const CURSOR_READS: usize = 32;
 
 /// Whether `instance` wants its changes long-polled.
-pub fn wants_longpoll(instance: &DropboxElementInstance) -> bool {
-    instance.meta().deletion_timestamp.is_none()
-        && instance
-            .spec
-            .events
-            .as_ref()
-            .is_some_and(|e| e.enabled && e.source == EventSource::LongPoll)
+pub fn wants_longpoll(p: &Projection) -> bool {
+    p.instance.source == EventSource::LongPoll
 }
 
 /// Keeps one long-poll running for every long-polled instance this replica is
 /// responsible for, until `draining`.
 pub async fn run(
     syncer: Arc<Syncer>,
-    store: Store<DropboxElementInstance>,
+    projections: Arc<Projections>,
     membership: Arc<Membership>,
-    instances_changed: Arc<Notify>,
     config: LongPollConfig,
     draining: CancellationToken,
 ) {
     tokio::select! {
-        _ = crate::store::wait_until_ready(&store) => {}
+        _ = projections.wait_ready() => {}
         _ = draining.cancelled() => return,
     }
+    let mut instances_changed = projections.subscribe();
     // Wait (briefly) for the live set, so replicas that start together do not
     // each poll everything for a moment.
     let mut members = membership.subscribe();
@@ -93,11 +87,11 @@ pub async fn run(
     // Bounds the cursor reads of many long-polls starting at once.
     let reads = Arc::new(Semaphore::new(CURSOR_READS));
     loop {
-        let wanted: HashSet<String> = store
-            .state()
+        let wanted: HashSet<String> = projections
+            .all()
             .iter()
-            .filter(|i| wants_longpoll(i))
-            .filter_map(|i| i.uid())
+            .filter(|p| wants_longpoll(p))
+            .map(|p| p.uid().to_owned())
             .filter(|uid| membership.owns(uid))
             .collect();
         polls.retain(|uid, stop| {
@@ -128,7 +122,7 @@ pub async fn run(
             tracing::debug!(started, total = polls.len(), "long-polls started");
         }
         tokio::select! {
-            _ = instances_changed.notified() => {}
+            _ = instances_changed.changed() => {}
             _ = members.changed() => {}
             _ = tokio::time::sleep(RECHECK) => {}
             _ = draining.cancelled() => break,
@@ -250,7 +244,7 @@ async fn poll(
             },
         };
         let answer = tokio::select! {
-            answer = syncer.dropbox.list_folder_longpoll(&current, config.timeout) => Ok(answer),
+            answer = syncer.deliverer.dropbox.list_folder_longpoll(&current, config.timeout) => Ok(answer),
             // Someone else started a sync: poll again from the cursor it commits.
             busy = idle.wait_for(|idle| !*idle) => Err(busy.is_ok()),
             _ = stop.cancelled() => return,

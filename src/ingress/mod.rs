@@ -4,46 +4,57 @@
 //! - [`listener`]: the public port's server: connection cap, header and idle
 //!   deadlines, HTTP/1.1 only, bounded shutdown.
 //! - [`budget`]: the process-wide memory budget of webhook bodies in flight.
-//! - [`sync`]: per-instance syncs, delivery with retries, cursor commits.
+//! - [`verify`]: which instances a notification concerns and proves itself for.
+//! - [`handoff`]: webhooks go to the replica that delivers each instance.
+//! - [`membership`], [`heartbeat`]: the live replicas, who delivers which
+//!   instance, and the fence that keeps it to one at a time.
+//! - [`sync`]: per-instance workers: scheduling, retries, parking; [`slots`]:
+//!   the work slots they share fairly between tenants.
+//! - [`delivery`]: listing changes into notifications, one POST and its outcome.
+//! - [`cursors`], [`reports`]: committed cursors and delivery states.
 //! - [`longpoll`]: long-polls for instances with `events.source: longpoll`,
 //!   which get no webhook.
 //! - [`payload`]: standardized events, batches and signatures.
 //! - [`ssrf`]: the callback address policy and the HTTP client that enforces it.
-//! - [`secrets`]: get-only, read-through access to the instances' projected Secrets.
+//! - [`projections`]: what the controller projected of each instance.
 //!
-//! The ingress learns instances (app key, account, callback, format) by watching
-//! them; everything else it reads from the operator namespace, where the
-//! controller projects it (docs/architecture.md). It answers Dropbox within
-//! milliseconds and does the work in the background. Webhooks are served on the
-//! public port; metrics and probes on a separate one.
+//! The ingress reads and writes only its data namespace (docs/architecture.md,
+//! "Who reads and writes what"): the projections of the instances, their
+//! cursors and delivery states, and the heartbeats. It answers Dropbox within
+//! milliseconds and does the work in the background. Webhooks are served on
+//! the public port, hand-offs between replicas on the peer port, metrics and
+//! probes on a third.
 
 pub mod budget;
+pub mod cursors;
+pub mod delivery;
+pub mod handoff;
+pub mod heartbeat;
 pub mod listener;
 pub mod longpoll;
+pub mod membership;
 pub mod payload;
-pub mod secrets;
+pub mod projections;
+pub mod reports;
+pub mod slots;
 pub mod ssrf;
 pub mod sync;
+pub mod verify;
 pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Client, Resource, ResourceExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::Api;
 use prometheus_client::registry::Registry;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::DropboxElementInstance;
-use crate::contract::{self, HEARTBEATS_CONFIGMAP};
-use crate::dropbox::DropboxClient;
 use crate::metrics::IngressMetrics;
 use crate::server::{self, Readiness};
+use membership::Membership;
+use projections::{Change, Projections};
 
 /// Settings of `dropbox-operator ingress`.
 #[derive(Clone, Debug)]
@@ -52,15 +63,19 @@ pub struct RunOptions {
     pub listen_addr: SocketAddr,
     /// Metrics and probes.
     pub metrics_addr: SocketAddr,
-    pub dropbox: DropboxClient,
-    pub namespace: Option<String>,
-    pub operator_namespace: String,
+    /// Hand-offs from the other replicas (never public).
+    pub peer_listen_addr: SocketAddr,
+    /// `host:port` the other replicas reach the peer endpoint at.
+    pub peer_advertise_addr: Option<String>,
+    pub dropbox: crate::dropbox::DropboxClient,
+    /// The data namespace: all the ingress reads and writes.
+    pub data_namespace: String,
     pub identity: String,
     pub policy: ssrf::AddressPolicy,
     pub delivery: sync::DeliveryConfig,
     pub heartbeat_interval: Duration,
     pub limits: Limits,
-    /// Sync every instance this replica is responsible for this often (and at start).
+    /// Sync every instance this replica delivers this often (and at start).
     pub resync_interval: Duration,
     /// Bound on finishing in-flight deliveries after SIGTERM.
     pub drain_timeout: Duration,
@@ -75,7 +90,7 @@ pub struct Limits {
     pub concurrent_webhooks: usize,
     /// Time a client has to send a webhook's body.
     pub body_timeout: Duration,
-    /// Instance syncs running at once.
+    /// Instance syncs at work at once.
     pub concurrent_syncs: usize,
     /// Bytes of webhook bodies in flight across the process (larger bodies
     /// are charged before they are read; over it: 503).
@@ -92,16 +107,17 @@ pub struct Limits {
 pub enum RunError {
     #[error("cannot connect to Kubernetes: {0}")]
     Kube(#[from] kube::Error),
-    #[error("cannot build the callback HTTP client: {0}")]
+    #[error("cannot build an HTTP client: {0}")]
     Http(#[from] reqwest::Error),
     #[error("the HTTP server failed: {0}")]
     Server(#[from] std::io::Error),
 }
 
-/// Runs the ingress until SIGTERM/SIGINT, then drains: no new webhook or sync,
-/// in-flight deliveries finish and commit within the drain timeout.
+/// Runs the ingress until SIGTERM/SIGINT, then drains: no new webhook, sync or
+/// POST; POSTs in flight end, the heartbeat entry is removed so the other
+/// replicas take over at once, all within the drain timeout.
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
-    let client = Client::try_default().await?;
+    let client = crate::store::client().await?;
     let mut registry = Registry::default();
     let metrics = IngressMetrics::register(&mut registry);
     let ready = Arc::new(Readiness::default());
@@ -116,76 +132,76 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         }
     });
 
-    let namespaces = crate::store::split_namespaces(options.namespace.as_deref());
-    let instances: Vec<Api<DropboxElementInstance>> = crate::store::apis(&client, &namespaces);
-    let (store, writer) = reflector::store();
-    // Wakes the long-poll manager when an instance comes, goes or changes.
-    let instances_changed = Arc::new(tokio::sync::Notify::new());
-    let watch = reflector(
-        writer,
-        crate::store::namespaces_watcher(instances, watcher::Config::default().any_semantic())
-            .modify(crate::store::slim_instance),
-    )
-    .default_backoff()
-    .touched_objects()
-    .for_each({
-        let instances_changed = instances_changed.clone();
-        move |_| {
-            instances_changed.notify_one();
-            async {}
-        }
-    });
-    let watch_stop = stop.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = watch => {}
-            _ = watch_stop.cancelled() => {}
-        }
-    });
+    let ns = &options.data_namespace;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let (projections, changes) = Projections::new();
+    tokio::spawn(projections.clone().run(
+        Api::<Secret>::namespaced(client.clone(), ns),
+        metrics.secret_reads.clone(),
+        stop.clone(),
+    ));
+    let reports = reports::Reports::new(configmaps.clone());
+    tokio::spawn(reports.clone().run(stop.clone()));
+
+    let fence = membership::FenceConfig::new(options.heartbeat_interval, options.delivery.timeout);
+    let membership = Arc::new(Membership::new(
+        &options.identity,
+        options.peer_advertise_addr.clone(),
+        fence,
+    ));
+    let heartbeat_wake = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(heartbeat::watch(
+        configmaps.clone(),
+        membership.clone(),
+        heartbeat_wake.clone(),
+        stop.clone(),
+    ));
 
     let callbacks = ssrf::callback_client(options.policy.clone(), options.delivery.timeout)?;
     let syncer = sync::Syncer::new(
-        client.clone(),
-        &options.operator_namespace,
-        options.dropbox.clone(),
-        options.policy.clone(),
-        callbacks,
+        delivery::Deliverer {
+            dropbox: options.dropbox.clone(),
+            policy: options.policy.clone(),
+            callbacks,
+        },
+        projections.clone(),
+        membership.clone(),
+        cursors::Cursors::new(configmaps.clone()),
+        reports.clone(),
         metrics.clone(),
         options.delivery.clone(),
-        store.clone(),
         options.limits.concurrent_syncs,
         draining.clone(),
         stop.clone(),
     );
-    let membership = Arc::new(Membership::new(&options.identity));
 
     tokio::spawn({
-        let store = store.clone();
         let ready = ready.clone();
         let syncer = syncer.clone();
-        let membership = membership.clone();
         let draining = draining.clone();
         let interval = options.resync_interval;
         async move {
-            crate::store::wait_until_ready(&store).await;
+            tokio::select! {
+                _ = syncer.projections.wait_ready() => {}
+                _ = draining.cancelled() => return,
+            }
             ready.set(true);
-            tracing::info!("instances cache synced; ready");
-            resync(&store, &syncer, &membership, interval, &draining).await;
+            tracing::info!("instances known; ready");
+            resync(&syncer, interval, changes, &draining).await;
         }
     });
     tokio::spawn(longpoll::run(
         syncer.clone(),
-        store.clone(),
+        projections.clone(),
         membership.clone(),
-        instances_changed,
         options.longpoll.clone(),
         draining.clone(),
     ));
-    let heartbeat = tokio::spawn(heartbeat(
-        client.clone(),
-        options.operator_namespace.clone(),
+    let heartbeat = tokio::spawn(heartbeat::run(
+        configmaps,
         membership.clone(),
         options.heartbeat_interval,
+        heartbeat_wake,
         draining.clone(),
     ));
 
@@ -195,9 +211,11 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         webhook::MAX_BODY as u64,
         metrics.body_bytes_in_flight.clone(),
     );
+    let verifier = Arc::new(verify::Verifier::default());
     let webhooks = webhook::routes(webhook::State {
         syncer: syncer.clone(),
-        store,
+        handoff: handoff::Handoff::new()?,
+        verifier: verifier.clone(),
         metrics,
         permits: Arc::new(tokio::sync::Semaphore::new(
             options.limits.concurrent_webhooks,
@@ -212,9 +230,10 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         http2: options.limits.http2,
         drain_timeout: options.drain_timeout,
     };
+    let peers = handoff::routes(handoff::PeerState::new(syncer.clone(), verifier));
     let probes: axum::Router = server::probe_routes(Arc::new(registry), ready);
     let drain_timeout = options.drain_timeout;
-    let (served, probes_served, ()) = tokio::join!(
+    let (served, peers_served, probes_served, ()) = tokio::join!(
         async {
             let r = listener::serve(
                 options.listen_addr,
@@ -224,6 +243,11 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
                 open_connections,
             )
             .await;
+            draining.cancel();
+            r
+        },
+        async {
+            let r = server::serve(options.peer_listen_addr, peers, draining.clone()).await;
             draining.cancel();
             r
         },
@@ -245,221 +269,70 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         },
     );
     let _ = tokio::time::timeout(Duration::from_secs(5), heartbeat).await;
-    served.and(probes_served).map_err(Into::into)
+    served
+        .and(peers_served)
+        .and(probes_served)
+        .map_err(Into::into)
 }
 
-/// The live replicas, as the heartbeats ConfigMap lists them, and which of them
-/// is responsible for an instance: rendezvous hashing, so when a replica comes
-/// or goes only its share of instances moves. Webhooks are served by whichever
-/// replica receives them; responsibility decides the syncs a replica starts by
-/// itself (at start and on the resync interval).
-pub struct Membership {
-    me: String,
-    live: std::sync::Mutex<Vec<String>>,
-    /// Woken when the live set changes (and once it is first known): a replica
-    /// that took over instances syncs them at once, not at the next interval.
-    changed: tokio::sync::Notify,
-    /// Counts changes of the live set (0: not known yet), for the long-polls.
-    version: tokio::sync::watch::Sender<u64>,
-}
-
-impl Membership {
-    pub fn new(identity: &str) -> Self {
-        let me = contract::heartbeat_key(identity);
-        Membership {
-            live: std::sync::Mutex::new(Vec::new()),
-            me,
-            changed: tokio::sync::Notify::new(),
-            version: tokio::sync::watch::Sender::new(0),
-        }
-    }
-
-    /// Sees the live set change (the value counts the changes; 0: not known yet).
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.version.subscribe()
-    }
-
-    /// Replaces the live set (this replica always counts as live).
-    pub fn set_live(&self, mut replicas: Vec<String>) {
-        if !replicas.contains(&self.me) {
-            replicas.push(self.me.clone());
-        }
-        replicas.sort();
-        let mut live = self.live.lock().expect("membership lock");
-        if *live != replicas {
-            *live = replicas;
-            self.changed.notify_one();
-            self.version.send_modify(|v| *v += 1);
-        }
-    }
-
-    /// Whether this replica is responsible for instance `uid`.
-    pub fn owns(&self, uid: &str) -> bool {
-        let live = self.live.lock().expect("membership lock");
-        let score = |replica: &str| {
-            use sha2::{Digest, Sha256};
-            let digest = Sha256::new()
-                .chain_update(replica.as_bytes())
-                .chain_update([0u8])
-                .chain_update(uid.as_bytes())
-                .finalize();
-            u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
-        };
-        live.iter()
-            .max_by_key(|r| (score(r), r.as_str()))
-            .is_none_or(|owner| *owner == self.me)
-    }
-}
-
-/// Syncs every events-enabled instance this replica is responsible for, now and
-/// then on a jittered interval, so delivery resumes without a webhook after a
-/// restart, a crash or a failed delivery whose retries were lost.
+/// Syncs every instance this replica delivers: at once when it starts, when it
+/// takes instances over, when a parked delivery is resumed or a cursor
+/// re-baselined, and every `interval` (jittered), so delivery resumes without a
+/// webhook after a restart, a crash, a hand-over or retries that were lost.
 async fn resync(
-    store: &reflector::Store<DropboxElementInstance>,
     syncer: &Arc<sync::Syncer>,
-    membership: &Membership,
     interval: Duration,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
     draining: &CancellationToken,
 ) {
+    let membership = &syncer.membership;
+    let mut fences = membership.subscribe();
     // The first round waits (briefly) for the live set, so replicas that start
     // together do not each sync everything.
-    let _ = tokio::time::timeout(Duration::from_secs(5), membership.changed.notified()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), fences.wait_for(|v| *v > 0)).await;
+    let owned_now = || {
+        let all = syncer.projections.all();
+        membership.owned(all.iter().map(|p| p.uid()))
+    };
+    let mut owned: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut full = true;
+    let mut next_full = tokio::time::Instant::now();
     loop {
-        let mut started = 0;
-        for instance in store.state() {
-            let enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled)
-                && instance.meta().deletion_timestamp.is_none();
-            if let Some(uid) = instance.uid().filter(|u| enabled && membership.owns(u)) {
-                syncer.trigger(&uid);
-                started += 1;
-            }
+        let now_owned: std::collections::HashSet<String> = owned_now().into_iter().collect();
+        let to_sync: Vec<&String> = if full {
+            now_owned.iter().collect()
+        } else {
+            // Taken over since the last look.
+            now_owned.difference(&owned).collect()
+        };
+        for uid in &to_sync {
+            syncer.trigger(uid);
         }
-        tracing::debug!(instances = started, "periodic sync started");
-        // Up to a fifth earlier, so replicas started together spread out.
-        let jitter = interval.mul_f64(rand::random::<f64>() / 5.0);
+        if !to_sync.is_empty() {
+            tracing::debug!(
+                instances = to_sync.len(),
+                full,
+                "sync started without a webhook"
+            );
+        }
+        owned = now_owned;
+        if full {
+            // Up to a fifth earlier, so replicas started together spread out.
+            let jitter = interval.mul_f64(rand::random::<f64>() / 5.0);
+            next_full = tokio::time::Instant::now() + interval - jitter;
+        }
+        full = false;
         tokio::select! {
-            _ = tokio::time::sleep(interval - jitter) => {}
-            // A replica came or went: sync what this one is responsible for now.
-            _ = membership.changed.notified() => {}
+            _ = tokio::time::sleep_until(next_full) => full = true,
+            // A replica came or went: sync what this one took over.
+            _ = fences.changed() => {}
+            change = changes.recv() => match change {
+                Some(Change::Updated { uid, resync: true }) if membership.owns(&uid) => syncer.trigger(&uid),
+                Some(Change::Removed(uid)) => syncer.reports.forget(&uid),
+                Some(_) => {}
+                None => return,
+            },
             _ = draining.cancelled() => return,
         }
-    }
-}
-
-/// Renews this replica's key in the heartbeats ConfigMap (an RFC 3339 expiry
-/// time; the controller turns it into EventsReady) and removes it on shutdown.
-/// A JSON merge patch of one key: replicas never overwrite each other, and the
-/// ingress needs no right on any Lease. The answer lists every replica's key,
-/// which is how this replica learns who else is live.
-async fn heartbeat(
-    client: Client,
-    namespace: String,
-    membership: Arc<Membership>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    let configmaps: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let key = membership.me.clone();
-    let validity = jiff::SignedDuration::try_from(interval * 3)
-        .unwrap_or(jiff::SignedDuration::from_secs(15))
-        .max(jiff::SignedDuration::from_secs(3));
-    let mut tick = tokio::time::interval(interval);
-    let mut warned = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => break,
-        }
-        let now = jiff::Timestamp::now();
-        let expires = now.checked_add(validity).unwrap_or(jiff::Timestamp::MAX);
-        let patch = json!({"data": {key.as_str(): expires.to_string()}});
-        match configmaps
-            .patch(
-                HEARTBEATS_CONFIGMAP,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-        {
-            Ok(cm) => {
-                warned = false;
-                membership.set_live(contract::live_replicas(&cm.data.unwrap_or_default(), now));
-            }
-            // The controller creates it with the Deployment; until then, wait.
-            Err(e) if !warned => {
-                warned = true;
-                tracing::warn!(error = %e, "could not renew the ingress heartbeat; retrying");
-            }
-            Err(e) => tracing::debug!(error = %e, "could not renew the ingress heartbeat"),
-        }
-    }
-    let patch = json!({"data": {key.as_str(): null}});
-    match configmaps
-        .patch(
-            HEARTBEATS_CONFIGMAP,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => tracing::info!("ingress heartbeat removed"),
-        Err(e) => tracing::warn!(error = %e, "could not remove the ingress heartbeat"),
-    }
-}
-
-/// Instances of app `app_key` connected to `account_id`.
-pub fn instances_for(
-    store: &reflector::Store<DropboxElementInstance>,
-    app_key: &str,
-    account_id: Option<&str>,
-) -> Vec<Arc<DropboxElementInstance>> {
-    let path = contract::webhook_path(app_key);
-    store
-        .state()
-        .into_iter()
-        .filter(|i| i.meta().deletion_timestamp.is_none())
-        .filter(|i| i.spec.events.as_ref().is_some_and(|e| e.enabled))
-        .filter(|i| {
-            let status = i.status.as_ref();
-            status
-                .and_then(|s| s.events.as_ref())
-                .and_then(|e| e.webhook_path.as_deref())
-                == Some(path.as_str())
-                && account_id.is_none_or(|a| {
-                    status
-                        .and_then(|s| s.account.as_ref())
-                        .and_then(|acc| acc.account_id.as_deref())
-                        == Some(a)
-                })
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_instance_has_exactly_one_responsible_replica() {
-        let replicas = ["ingress-a", "ingress-b", "ingress-c"];
-        let members: Vec<Membership> = replicas
-            .iter()
-            .map(|r| {
-                let m = Membership::new(r);
-                m.set_live(replicas.iter().map(|s| s.to_string()).collect());
-                m
-            })
-            .collect();
-        let mut per_replica = [0usize; 3];
-        for i in 0..300 {
-            let uid = format!("uid-{i}");
-            let owners: Vec<usize> = (0..3).filter(|&r| members[r].owns(&uid)).collect();
-            assert_eq!(owners.len(), 1, "{uid}: {owners:?}");
-            per_replica[owners[0]] += 1;
-        }
-        assert!(per_replica.iter().all(|&n| n > 50), "{per_replica:?}");
-        // A replica that is alone owns everything.
-        let alone = Membership::new("solo");
-        assert!((0..10).all(|i| alone.owns(&format!("uid-{i}"))));
     }
 }

@@ -34,6 +34,9 @@ type HmacSha256 = Hmac<Sha256>;
 /// README, "Events": "at most 20 events per request".
 pub const MAX_EVENTS_PER_NOTIFICATION: usize = 20;
 
+/// The header Dropbox signs its webhook notifications with.
+pub const DROPBOX_SIGNATURE_HEADER: &str = "x-dropbox-signature";
+
 /// `message.elementKey` of every notification (the CR's `spec.element.key`).
 pub const ELEMENT_KEY: &str = "dropbox";
 

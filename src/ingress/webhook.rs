@@ -11,13 +11,15 @@
 //!      503 with `Retry-After`; the body not read;
 //!   4. the body (at most 1 MiB, within a deadline): 413 / 408 / 400;
 //!   5. the signature (hex HMAC-SHA256 of the raw body, constant-time) under the
-//!      app secret of each instance concerned, one HMAC pass per distinct secret.
+//!      app secret of each instance concerned, one HMAC pass per distinct
+//!      secret ([`super::verify`]).
 //!
-//!   Only instances whose OWN app secret verified the body are triggered, each
-//!   with a copy of the notification that lists only its own account. A valid
-//!   notification is answered 200 at once; the syncs run in the background.
+//!   Only instances whose OWN app secret verified the body are synced, each
+//!   with a copy of the notification that lists only its own account, by the
+//!   replica that delivers it ([`super::handoff`]). A valid notification is
+//!   answered 200 at once; the syncs run in the background.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,42 +29,26 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use kube::ResourceExt;
-use kube::runtime::reflector::Store;
 use tokio::sync::Semaphore;
 
 use super::budget::BodyBudget;
-use super::payload::{dropbox_signature_matches, parse_dropbox_signature};
+use super::handoff::Handoff;
+use super::payload::parse_dropbox_signature;
+use super::projections::Projection;
 use super::sync::Syncer;
-use crate::api::DropboxElementInstance;
+use super::verify::{self, Verifier};
 use crate::metrics::{IngressMetrics, ResultLabels};
-
-/// The part of a notification that routes it: `{"list_folder": {"accounts": [...]}}`.
-#[derive(serde::Deserialize)]
-struct Notice<'a> {
-    #[serde(borrow, default)]
-    list_folder: Option<ListFolder<'a>>,
-}
-
-#[derive(serde::Deserialize)]
-struct ListFolder<'a> {
-    #[serde(borrow, default)]
-    accounts: Vec<std::borrow::Cow<'a, str>>,
-}
 
 /// Largest notification body accepted (Dropbox's are tiny).
 pub const MAX_BODY: usize = 1024 * 1024;
 /// The header Dropbox signs notifications with.
-pub const SIGNATURE_HEADER: &str = "x-dropbox-signature";
-/// Instances whose secrets are tried for a notification that names none of the
-/// app's accounts (it is answered 200 when one verifies it, so Dropbox keeps the
-/// webhook enabled): bounded, so such requests cost little.
-const UNLISTED_CANDIDATES: usize = 16;
+pub const SIGNATURE_HEADER: &str = super::payload::DROPBOX_SIGNATURE_HEADER;
 
 #[derive(Clone)]
 pub struct State {
     pub syncer: Arc<Syncer>,
-    pub store: Store<DropboxElementInstance>,
+    pub handoff: Arc<Handoff>,
+    pub verifier: Arc<Verifier>,
     pub metrics: IngressMetrics,
     pub permits: Arc<Semaphore>,
     pub body_timeout: Duration,
@@ -123,16 +109,14 @@ async fn notification(
     // The request is taken apart rather than extracted piecewise, so the headers
     // are not copied for every webhook.
     let (parts, body) = request.into_parts();
-    let candidates = super::instances_for(&state.store, &app_key, None);
-    if candidates.is_empty() {
+    if !state.syncer.projections.knows_app_key(&app_key) {
         return refuse(m, "not_found", StatusCode::NOT_FOUND, "unknown app key");
     }
-    let Some(tag) = parts
+    let signature = parts
         .headers
         .get(SIGNATURE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_dropbox_signature)
-    else {
+        .and_then(|v| v.to_str().ok());
+    let Some(tag) = signature.and_then(parse_dropbox_signature) else {
         return refuse(
             m,
             "forbidden",
@@ -206,19 +190,20 @@ async fn notification(
     };
 
     // Only the account list decides where the work goes.
-    let notice = serde_json::from_slice::<Notice>(&body).ok();
-    let accounts: BTreeSet<&str> = notice
+    let accounts = verify::accounts(&body);
+    let candidates = state.syncer.projections.for_app_key(&app_key);
+    let listed: Vec<Arc<Projection>> = candidates
         .iter()
-        .flat_map(|n| n.list_folder.iter())
-        .flat_map(|l| l.accounts.iter().map(|a| a.as_ref()))
-        .collect();
-    let listed: Vec<&Arc<DropboxElementInstance>> = candidates
-        .iter()
-        .filter(|i| account_of(i).is_some_and(|a| accounts.contains(a)))
+        .filter(|p| {
+            accounts
+                .as_ref()
+                .is_some_and(|a| a.contains(&p.instance.account_id))
+        })
+        .cloned()
         .collect();
 
     if !listed.is_empty() {
-        let verified = verified(&state, &listed, &body, &tag).await;
+        let verified = state.verifier.verified(&app_key, &listed, &body, &tag);
         if verified.is_empty() {
             // Signed with no secret of an instance it names: forged, or signed
             // with another tenant's secret. Nobody is triggered.
@@ -226,22 +211,30 @@ async fn notification(
         }
         // Each sync forwards, as `raw`, a notification that lists only that
         // instance's own account: Dropbox batches many users' accounts into one.
-        for uid in verified.iter().filter_map(|i| i.uid()) {
-            state.syncer.trigger(&uid);
-        }
+        state.handoff.dispatch(
+            &state.syncer,
+            &app_key,
+            body,
+            signature.unwrap_or_default(),
+            &verified,
+        );
         count(m, "accepted");
-        tracing::debug!(app_key = %app_key, accounts = accounts.len(), triggered = verified.len(), "webhook accepted");
+        tracing::debug!(app_key = %app_key, triggered = verified.len(), "webhook accepted");
         return StatusCode::OK.into_response();
     }
 
     // Names none of our accounts (e.g. an instance deleted since): answer 200 to
-    // a genuine one so Dropbox keeps the webhook enabled; nothing to do.
-    let some: Vec<&Arc<DropboxElementInstance>> =
-        candidates.iter().take(UNLISTED_CANDIDATES).collect();
-    if verified(&state, &some, &body, &tag).await.is_empty() {
+    // a genuine one so Dropbox keeps the webhook enabled; nothing to do. Every
+    // distinct secret claiming the app key is tried, so claims with wrong
+    // secrets cannot get genuine notifications refused.
+    if state
+        .verifier
+        .verified(&app_key, &candidates, &body, &tag)
+        .is_empty()
+    {
         return refuse(m, "forbidden", StatusCode::FORBIDDEN, "invalid signature");
     }
-    if notice.is_none() {
+    if accounts.is_none() {
         return refuse(
             m,
             "malformed",
@@ -251,55 +244,4 @@ async fn notification(
     }
     count(m, "accepted");
     StatusCode::OK.into_response()
-}
-
-fn account_of(instance: &DropboxElementInstance) -> Option<&str> {
-    instance
-        .status
-        .as_ref()
-        .and_then(|s| s.account.as_ref())
-        .and_then(|a| a.account_id.as_deref())
-}
-
-/// The instances among `instances` whose own app secret signed `body`. Each
-/// distinct secret costs one HMAC pass; when none verifies, the secrets are read
-/// again (single-flight, rate-limited, in case one was rotated) and only the
-/// secrets that changed are tried again.
-async fn verified<'a>(
-    state: &State,
-    instances: &[&'a Arc<DropboxElementInstance>],
-    body: &[u8],
-    tag: &[u8; 32],
-) -> Vec<&'a Arc<DropboxElementInstance>> {
-    let mut tried: Vec<(Vec<u8>, bool)> = Vec::with_capacity(1);
-    for force in [false, true] {
-        let mut matched = Vec::new();
-        for instance in instances {
-            let Some(uid) = instance.uid() else { continue };
-            let secret = match state.syncer.secrets.get(&uid, force).await {
-                Ok(Some(p)) => p.app_secret.clone(),
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!(error = %e, instance_uid = %uid, "could not read an instance's projected Secret");
-                    None
-                }
-            };
-            let Some(secret) = secret else { continue };
-            let ok = match tried.iter().find(|(s, _)| *s == secret) {
-                Some((_, ok)) => *ok,
-                None => {
-                    let ok = dropbox_signature_matches(&secret, body, tag);
-                    tried.push((secret, ok));
-                    ok
-                }
-            };
-            if ok {
-                matched.push(*instance);
-            }
-        }
-        if !matched.is_empty() || force {
-            return matched;
-        }
-    }
-    Vec::new()
 }

@@ -497,6 +497,30 @@ impl Emulator {
             .collect()
     }
 
+    /// What is at every path the account's change log mentions, now: the file
+    /// or folder metadata list_folder/continue reports for it, or a `deleted`
+    /// entry for a path that is gone. Keyed by `path_lower`. The record a
+    /// receiver's last event per path must match.
+    pub fn final_states(&self, account_id: &str) -> BTreeMap<String, Value> {
+        let st = self.st();
+        let files = &st
+            .accounts
+            .get(account_id)
+            .expect("final_states: unknown account")
+            .files;
+        files
+            .journal
+            .iter()
+            .map(|(path, meta)| {
+                let now = match files.nodes.get(path) {
+                    Some(node) => node.metadata(),
+                    None => deleted_metadata(meta["path_display"].as_str().unwrap_or(path)),
+                };
+                (path.clone(), now)
+            })
+            .collect()
+    }
+
     /// Max entries per list_folder(/continue) page; default 2000.
     pub fn set_list_limit(&self, limit: usize) {
         assert!(limit >= 1, "list limit must be at least 1");
@@ -2324,6 +2348,20 @@ fn list_folder_continue(st: &mut State, route_name: &str, account_id: &str, args
     }
     if state.epoch != st.accounts[account_id].epoch {
         return Reply::route_error(&["reset"], json!({".tag": "reset"}));
+    }
+    // `ListFolderContinueError.path`: the listed folder is gone (deleted or
+    // moved away), e.g. an instance's `events.path` after the user removed it.
+    let files = &st.accounts[account_id].files;
+    if !state.root.is_empty()
+        && !matches!(
+            files.nodes.get(&state.root),
+            Some(Node {
+                kind: NodeKind::Folder,
+                ..
+            })
+        )
+    {
+        return Reply::lookup_error("not_found");
     }
     Reply::json(200, &next_page(st, state))
 }

@@ -23,6 +23,8 @@ pub struct Process {
     pub metrics_port: u16,
     /// The ingress's public webhook port (unused by the controller).
     pub listen_port: u16,
+    /// The ingress's peer port (hand-offs between replicas).
+    pub peer_port: u16,
     pub name: String,
 }
 
@@ -131,6 +133,9 @@ impl OperatorProcess {
         let listen_port = std::iter::repeat_with(free_port)
             .find(|p| *p != port)
             .expect("a second free port");
+        let peer_port = std::iter::repeat_with(free_port)
+            .find(|p| *p != port && *p != listen_port)
+            .expect("a third free port");
         let cluster = super::cluster();
         let log = cluster
             .dir
@@ -155,6 +160,7 @@ impl OperatorProcess {
             .env("POD_NAMESPACE", &self.namespace)
             .env("METRICS_ADDR", format!("{}:{port}", self.bind))
             .env("LISTEN_ADDR", format!("{}:{listen_port}", self.bind))
+            .env("PEER_LISTEN_ADDR", format!("{}:{peer_port}", self.bind))
             .env("LOG_LEVEL", "info,dropbox_operator=debug")
             .env("DROPBOX_TIMEOUT", "3s")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -169,6 +175,7 @@ impl OperatorProcess {
             log,
             metrics_port: port,
             listen_port,
+            peer_port,
             name: self.name.clone(),
         }
     }

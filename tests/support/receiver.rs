@@ -2,12 +2,19 @@
 //! and verifies both signature schemes (Elements-Webhook-Signature and Standard
 //! Webhooks). It can fail, rate-limit, redirect, stall or go down on demand.
 //!
+//! [`Receiver::ledger`] is what an application would conclude from what it
+//! accepted, checked against an independent record of the account (the
+//! emulator's change log and final state): a repeated id always carried the
+//! same body, per path the states arrived in the order they happened, and the
+//! last event per path is the path's final state.
+//!
 //! The signatures are checked with this file's own HMAC code, written from the
 //! README's rule ("Events": `sha256=` + base64(HMAC-SHA256(key, raw body)), and
 //! `v1,` + base64(HMAC-SHA256(key, "<webhook-id>.<webhook-timestamp>.<body>"))),
 //! not with the crate's verifiers: a mistake shared by the ingress's signer and
 //! its verifier cannot make a test pass.
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -529,6 +536,154 @@ async fn receive(
         }
     }
     response
+}
+
+/// The state a Dropbox entry describes, as far as order goes: a file version,
+/// a folder, or a deletion.
+pub fn state_of(entry: &Value) -> String {
+    match entry[".tag"].as_str() {
+        Some("file") => format!("file {}", entry["rev"].as_str().unwrap_or_default()),
+        Some("folder") => format!("folder {}", entry["id"].as_str().unwrap_or_default()),
+        Some("deleted") => "deleted".to_owned(),
+        other => format!("unknown {other:?}"),
+    }
+}
+
+/// What the accepted events add up to, against the account's record.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Distinct event ids accepted (UNKNOWN events not counted).
+    pub distinct: usize,
+    /// Accepted events whose id was accepted before.
+    pub duplicates: usize,
+    /// Distinct UNKNOWN events.
+    pub unknown: usize,
+    /// Paths changed whose final state never arrived.
+    pub lost: Vec<String>,
+    /// Paths whose states arrived out of the order they happened in, or whose
+    /// last event is not their final state although that arrived.
+    pub out_of_order: Vec<String>,
+    /// Events for paths the record never changed.
+    pub unexpected: Vec<String>,
+    /// Ids (notification or event) seen with different bodies.
+    pub id_conflicts: Vec<String>,
+}
+
+/// Whether `delivered` (states of one path, in arrival order) could have come
+/// from `journal` (the path's states in the order they happened): each one at
+/// or after the one before it (a repeat is a duplicate; skipped states were
+/// folded by Dropbox).
+fn in_order(journal: &[String], delivered: &[String]) -> bool {
+    let mut at = 0;
+    for d in delivered {
+        match journal[at..].iter().position(|j| j == d) {
+            Some(i) => at += i,
+            None => return false,
+        }
+    }
+    true
+}
+
+impl Receiver {
+    /// The states of each path (`path_lower`) accepted so far, in arrival
+    /// order, each event id once.
+    pub fn delivered_states(&self) -> HashMap<String, Vec<String>> {
+        let mut seen = std::collections::HashSet::new();
+        let mut states: HashMap<String, Vec<String>> = HashMap::new();
+        for event in self.accepted_events() {
+            if event["eventType"] == "UNKNOWN" {
+                continue;
+            }
+            let id = event["eventId"].as_str().unwrap_or_default().to_owned();
+            if !seen.insert(id) {
+                continue;
+            }
+            let path = event["data"]["path_lower"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            states
+                .entry(path)
+                .or_default()
+                .push(state_of(&event["data"]));
+        }
+        states
+    }
+
+    /// Checks what was accepted against the account's change log (`journal`,
+    /// in commit order) and `finals` (what is at each path now, by
+    /// `path_lower`), for the paths changed at or after journal index `since`.
+    pub fn ledger(
+        &self,
+        journal: &[Value],
+        finals: &BTreeMap<String, Value>,
+        since: usize,
+    ) -> Ledger {
+        let mut ledger = Ledger::default();
+        // Same id, same body: notifications and events.
+        let mut bodies: BTreeMap<String, std::collections::HashSet<Vec<u8>>> = BTreeMap::new();
+        for d in self.all() {
+            bodies
+                .entry(format!("notification {}", d.event_id))
+                .or_default()
+                .insert(d.raw.clone());
+            for e in d.events() {
+                if let Some(id) = e["eventId"].as_str() {
+                    bodies
+                        .entry(format!("event {id}"))
+                        .or_default()
+                        .insert(e.to_string().into_bytes());
+                }
+            }
+        }
+        ledger.id_conflicts = bodies
+            .into_iter()
+            .filter(|(_, b)| b.len() > 1)
+            .map(|(id, _)| id)
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut unknown = std::collections::HashSet::new();
+        for event in self.accepted_events() {
+            let id = event["eventId"].as_str().unwrap_or_default().to_owned();
+            if event["eventType"] == "UNKNOWN" {
+                unknown.insert(id);
+            } else if seen.insert(id) {
+                ledger.distinct += 1;
+            } else {
+                ledger.duplicates += 1;
+            }
+        }
+        ledger.unknown = unknown.len();
+        let delivered = self.delivered_states();
+        let mut history: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut in_scope = std::collections::BTreeSet::new();
+        for (i, entry) in journal.iter().enumerate() {
+            let path = entry["path_lower"].as_str().unwrap_or_default();
+            history.entry(path).or_default().push(state_of(entry));
+            if i >= since {
+                in_scope.insert(path);
+            }
+        }
+        for path in delivered.keys() {
+            if !history.contains_key(path.as_str()) {
+                ledger.unexpected.push(path.clone());
+            }
+        }
+        for path in in_scope {
+            let states = delivered.get(path).map(Vec::as_slice).unwrap_or_default();
+            let final_state = finals.get(path).map(state_of).unwrap_or_default();
+            if !in_order(&history[path], states) {
+                ledger.out_of_order.push(path.to_owned());
+            } else if states.last() != Some(&final_state) {
+                if states.contains(&final_state) {
+                    ledger.out_of_order.push(path.to_owned());
+                } else {
+                    ledger.lost.push(path.to_owned());
+                }
+            }
+        }
+        ledger
+    }
 }
 
 /// Waits until `receiver` has accepted at least `count` events; all accepted so far.

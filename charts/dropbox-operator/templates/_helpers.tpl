@@ -149,6 +149,19 @@ separated; empty: all namespaces.
 {{- end }}
 
 {{/*
+The ingress's data namespace: webhookIngress.dataNamespace.name, else
+"<release namespace>-ingress-data" (within the 63 characters of a name).
+*/}}
+{{- define "dropbox-operator.dataNamespace" -}}
+{{- $name := .Values.webhookIngress.dataNamespace.name | default "" }}
+{{- if $name }}
+{{- $name }}
+{{- else }}
+{{- printf "%s-ingress-data" (.Release.Namespace | trunc 50 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{/*
 Replicas of the ingress as far as the chart knows them (for the PDB).
 */}}
 {{- define "dropbox-operator.ingressMinReplicas" -}}
@@ -183,6 +196,7 @@ security contexts from webhookIngress.*.
   (dict "name" "DELIVERY_TIMEOUT" "value" $w.delivery.timeout)
   (dict "name" "DELIVERY_BASE_BACKOFF" "value" $w.delivery.baseBackoff)
   (dict "name" "DELIVERY_MAX_BACKOFF" "value" $w.delivery.maxBackoff)
+  (dict "name" "DELIVERY_PARK_AFTER" "value" $w.parkAfter)
   (dict "name" "HEARTBEAT_INTERVAL" "value" $w.heartbeatInterval)
 }}
 {{- $container := dict "name" "ingress" "env" (concat $env ($w.extraEnv | default list)) }}
