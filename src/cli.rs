@@ -352,6 +352,12 @@ pub struct ControllerArgs {
     #[arg(long, env = "MAX_BACKOFF", default_value = "5m", value_parser = parse_duration)]
     pub max_backoff: Duration,
 
+    /// Bound of every Kubernetes API request (for a watch, of the start of its
+    /// answer). Without one, a request on a connection that stopped answering
+    /// would wait forever.
+    #[arg(long, env = "API_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub api_timeout: Duration,
+
     /// How many instances are reconciled at the same time.
     #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,

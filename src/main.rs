@@ -48,6 +48,7 @@ fn controller_options(
             revoke_timeout: args.revoke_timeout,
             resync_interval: args.resync_interval,
             max_backoff: args.max_backoff,
+            api_timeout: args.api_timeout,
         },
         dropbox: dropbox_client(&args.dropbox)?,
         namespace: args.namespace.clone(),

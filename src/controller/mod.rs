@@ -1,22 +1,34 @@
 //! `dropbox-operator controller`: reconciles DropboxElementInstances.
 //!
-//! - [`inputs`]: reads the referenced Secrets and the token Secret.
-//! - [`reconcile`]: the OAuth lifecycle, status, events and the deletion finalizer.
-//! - [`token`]: the token Secret the controller owns.
+//! - [`reconcile`]: one reconcile, as a pipeline of the files below.
+//! - [`lifecycle`]: the OAuth lifecycle as one pure state machine: states,
+//!   observations, transitions (docs/architecture.md, "The credential state machine").
+//! - [`gather`]: what the machine decides from, read once; [`inputs`] reads the
+//!   referenced Secrets and the token Secret.
+//! - [`execute`]: carries out the machine's effects with fenced writes.
+//! - [`token`]: the token Secret and the set of spent codes; [`revoke`] revokes
+//!   a token family; [`finalizer`]: the revoke finalizer and the orphan sweep.
+//! - [`status`]: the desired status and the Events of its transitions.
+//! - [`leader`]: leadership as a fence, by the replica's own clocks.
 //! - [`projection`]: what the ingress needs of an instance, in the operator namespace.
 //! - [`ingress`]: the ingress Deployment/Service, its liveness, orphan sweeps.
+//! - [`common`]: the error, `Next`, the clock: a leaf every file may import.
 //!
 //! This module wires them into a kube-runtime controller with leader election,
 //! metrics, probes and graceful shutdown.
 
-pub mod exchange;
+pub mod common;
+pub mod execute;
 pub mod finalizer;
+pub mod gather;
 pub mod ingress;
 pub mod inputs;
+pub mod leader;
+pub mod lifecycle;
 pub mod memo;
-pub mod oauth;
 pub mod projection;
 pub mod reconcile;
+pub mod revoke;
 pub mod status;
 pub mod token;
 
@@ -56,6 +68,8 @@ pub struct Config {
     pub resync_interval: Duration,
     /// Upper bound of the retry backoff.
     pub max_backoff: Duration,
+    /// Bound of every Kubernetes API request (watches: of their answer's start).
+    pub api_timeout: Duration,
 }
 
 /// Everything reconciles share.
@@ -75,10 +89,9 @@ pub struct Context {
     pub projections: projection::Projections,
     /// Tokens Dropbox issued that the API server has not stored yet, by instance
     /// uid (the code that gave them is spent: they are all there is).
-    pub unstored: Mutex<HashMap<String, token::StoredToken>>,
-    /// The code marker (`finalizer::CODE_SENT_ANNOTATION`) this process last
-    /// wrote per instance uid: newer than any cached copy of the instance.
-    pub code_markers: Mutex<HashMap<String, Option<String>>>,
+    pub unstored: Mutex<HashMap<String, lifecycle::Kept>>,
+    /// Until when this replica may act (the leader lease, by its own clocks).
+    pub leadership: Arc<leader::Leadership>,
     /// Instances (uid) whose token this process revoked on deletion.
     pub revoked: Mutex<std::collections::HashSet<String>>,
     pub written: WrittenStatus,
@@ -146,7 +159,16 @@ pub enum RunError {
 /// Runs the controller until SIGTERM/SIGINT (or, with leader election, until the
 /// lease is lost).
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
-    let client = Client::try_default().await?;
+    let identity = options
+        .leader_election
+        .as_ref()
+        .map(|e| e.identity.clone())
+        .unwrap_or_else(|| "controller".into());
+    let client = api_client(
+        options.config.api_timeout,
+        &format!("controller; {identity}"),
+    )
+    .await?;
     let mut registry = Registry::default();
     let metrics = ControllerMetrics::register(&mut registry);
     let ready = Arc::new(Readiness::default());
@@ -168,7 +190,15 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let result = match options.leader_election.clone() {
         None => {
             ready.set(true);
-            run_controller(client, &options, metrics, shutdown.clone()).await;
+            let leadership = Arc::new(leader::Leadership::unconditional());
+            run_controller(
+                client,
+                options.clone(),
+                metrics,
+                leadership,
+                shutdown.clone(),
+            )
+            .await;
             Ok(())
         }
         Some(election) => {
@@ -180,6 +210,25 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         return Err(RunError::Server(e));
     }
     result
+}
+
+/// A Kubernetes client whose every request is bounded by `timeout` (kube sets
+/// no read timeout, so a request on a black-holed connection would wait
+/// forever; for a watch the bound is on the start of its answer) and whose
+/// User-Agent names the process (`dropbox-operator/<version> (<who>)`), so the
+/// API server's audit log tells which replica wrote what.
+pub async fn api_client(timeout: Duration, who: &str) -> Result<Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.connect_timeout = Some(timeout);
+    let agent = format!("dropbox-operator/{} ({who})", env!("CARGO_PKG_VERSION"));
+    if let Ok(value) = reqwest::header::HeaderValue::from_str(&agent) {
+        config.headers.push((reqwest::header::USER_AGENT, value));
+    }
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::timeout::TimeoutLayer::new(timeout))
+        .build())
 }
 
 async fn run_as_leader(
@@ -213,33 +262,16 @@ async fn run_as_leader(
         }
     };
     let result = if became_leader {
-        tracing::info!(identity = %election.identity, "acquired the leader lease; starting the controller");
-        metrics.leader.set(1);
-        let controller_stop = shutdown.child_token();
-        let lost = async {
-            loop {
-                if leader.changed().await.is_err() || !*leader.borrow() {
-                    break;
-                }
-            }
-        };
-        let leases: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
-        let watchdog = renew_watchdog(&leases, &election, renew_deadline);
-        tokio::select! {
-            _ = run_controller(client, options, metrics.clone(), controller_stop.clone()) => Ok(()),
-            _ = lost => {
-                controller_stop.cancel();
-                metrics.leader.set(0);
-                Err(RunError::LostLease)
-            }
-            why = watchdog => {
-                // Stop reconciling at once: a standby may take the lease soon.
-                controller_stop.cancel();
-                metrics.leader.set(0);
-                tracing::error!(reason = %why, "stepping down as leader");
-                Err(RunError::LostLease)
-            }
-        }
+        lead(
+            client,
+            options,
+            &election,
+            renew_deadline,
+            &mut leader,
+            &metrics,
+            &shutdown,
+        )
+        .await
     } else {
         Ok(())
     };
@@ -254,20 +286,87 @@ async fn run_as_leader(
     result
 }
 
-/// Resolves when this replica must stop acting as the leader: the lease names
-/// another holder or is gone, or it was not renewed within `deadline` (as
-/// client-go's renewDeadline: a leader cut off from the API server stops before
-/// its lease can expire and be taken).
-async fn renew_watchdog(
-    leases: &Api<Lease>,
+/// Acts as the leader until shutdown, or until this replica must stop: the
+/// lease names another holder or is gone, or it was not renewed within the
+/// renew deadline (as client-go's renewDeadline). The last is decided by this
+/// replica's own clocks ([`leader::Leadership`]): a leader cut off from the API
+/// server, or paused, stops before its lease can expire and be taken, without
+/// waiting for any answer.
+async fn lead(
+    client: Client,
+    options: &RunOptions,
     election: &LeaderElection,
+    renew_deadline: Duration,
+    leader: &mut tokio::sync::watch::Receiver<bool>,
+    metrics: &ControllerMetrics,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
+    let leadership = Arc::new(leader::Leadership::elected());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
+    let watch = tokio::spawn(watch_lease(
+        leases,
+        election.clone(),
+        renew_deadline,
+        leadership.clone(),
+    ));
+    tracing::info!(identity = %election.identity, "acquired the leader lease; starting the controller");
+    metrics.leader.set(1);
+    let stop = shutdown.child_token();
+    let mut controller = tokio::spawn(run_controller(
+        client,
+        options.clone(),
+        metrics.clone(),
+        leadership.clone(),
+        stop.clone(),
+    ));
+    let lost = async {
+        loop {
+            if leader.changed().await.is_err() || !*leader.borrow() {
+                break;
+            }
+        }
+    };
+    // Renewals seen before the first reconcile's checks: give the lease watch
+    // its first look (bounded by the deadline itself).
+    let _ = tokio::time::timeout(renew_deadline, async {
+        while leadership.check().is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let why = tokio::select! {
+        _ = &mut controller => None,
+        _ = lost => Some("the lease manager lost the lease".to_owned()),
+        _ = leadership.lapsed() => Some(format!("the lease was not renewed within {renew_deadline:?}")),
+        why = watch => Some(why.unwrap_or_else(|e| format!("the lease watch failed: {e}"))),
+    };
+    leadership.step_down();
+    stop.cancel();
+    metrics.leader.set(0);
+    let Some(why) = why else {
+        return Ok(());
+    };
+    tracing::error!(reason = %why, "stepping down as leader");
+    // In-flight reconciles end at their next fenced step; tokens they hold that
+    // could not be stored are revoked on the way out (run_controller).
+    let bound =
+        options.dropbox.timeout() + options.config.revoke_timeout + options.config.api_timeout;
+    if tokio::time::timeout(bound, controller).await.is_err() {
+        tracing::warn!("the controller did not stop within {bound:?}");
+    }
+    Err(RunError::LostLease)
+}
+
+/// Reads the leader lease every second (each read bounded by the client's
+/// timeout) and turns every renewal of this replica's lease into validity.
+/// Returns why this replica must stop: another holder, or no lease.
+async fn watch_lease(
+    leases: Api<Lease>,
+    election: LeaderElection,
     deadline: Duration,
+    leadership: Arc<leader::Leadership>,
 ) -> String {
-    let deadline =
-        jiff::SignedDuration::try_from(deadline).unwrap_or(jiff::SignedDuration::from_secs(10));
-    let mut last_renew = jiff::Timestamp::now();
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
         match leases.get_opt(&election.lease_name).await {
             Ok(Some(lease)) => {
                 let spec = lease.spec.unwrap_or_default();
@@ -275,16 +374,14 @@ async fn renew_watchdog(
                     return "the lease names another holder".into();
                 }
                 if let Some(renewed) = spec.renew_time.or(spec.acquire_time) {
-                    last_renew = last_renew.max(renewed.0);
+                    leadership.renewed(renewed.0, deadline);
                 }
             }
             Ok(None) => return "the lease is gone".into(),
-            // Cut off from the API server: what counts is the last renewal seen.
+            // Cut off from the API server: the validity runs out on its own.
             Err(e) => tracing::warn!(error = %e, "cannot read the leader lease"),
         }
-        if jiff::Timestamp::now().duration_since(last_renew) > deadline {
-            return format!("the lease was not renewed within {deadline:#}");
-        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -347,8 +444,9 @@ fn events_enabled(store: &Store<DropboxElementInstance>) -> Vec<ObjectRef<Dropbo
 
 async fn run_controller(
     client: Client,
-    options: &RunOptions,
+    options: RunOptions,
     metrics: ControllerMetrics,
+    leadership: Arc<leader::Leadership>,
     stop: CancellationToken,
 ) {
     // One watch per namespace when several are given (Roles there, no
@@ -441,7 +539,7 @@ async fn run_controller(
         ingress,
         projections: projection::Projections::default(),
         unstored: Mutex::default(),
-        code_markers: Mutex::default(),
+        leadership,
         revoked: Mutex::default(),
         written: WrittenStatus::default(),
         own_secret_writes,
@@ -460,8 +558,7 @@ async fn run_controller(
                     _ = tick.tick() => {}
                     _ = stop.cancelled() => return,
                 }
-                let bound = ctx.config.revoke_timeout;
-                if let Err(e) = finalizer::release_orphaned_token_secrets(&ctx, bound).await {
+                if let Err(e) = finalizer::release_orphaned_token_secrets(&ctx).await {
                     tracing::warn!(error = %e, "releasing orphaned token Secrets failed; retrying later");
                 }
             }
@@ -469,7 +566,7 @@ async fn run_controller(
     });
     controller
         .graceful_shutdown_on(async move { stop.cancelled().await })
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 // Object-level failures are already logged by the error policy;
@@ -478,7 +575,34 @@ async fn run_controller(
             }
         })
         .await;
+    revoke_unstorable(&ctx).await;
     tracing::info!("controller stopped");
+}
+
+/// Tokens a code gave that the API server never stored exist only in this
+/// process: on the way out they are revoked, so they do not stay valid where
+/// nobody can reach them (the instance asks for a new approval instead).
+/// Refreshed tokens are left alone: they share their grant with the stored
+/// ones, which revoking them would kill.
+async fn revoke_unstorable(ctx: &Context) {
+    let kept: Vec<(String, lifecycle::Kept)> = ctx
+        .unstored
+        .lock()
+        .expect("unstored lock")
+        .drain()
+        .filter(|(_, k)| k.origin == lifecycle::Origin::Code)
+        .collect();
+    for (uid, kept) in kept {
+        let outcome =
+            revoke::revoke(&ctx.dropbox, &kept.tokens, None, ctx.config.revoke_timeout).await;
+        ctx.metrics
+            .revocations
+            .get_or_create(&crate::metrics::ResultLabels {
+                result: outcome.label(),
+            })
+            .inc();
+        tracing::warn!(instance_uid = %uid, result = outcome.label(), "revoked tokens that could not be stored before stopping");
+    }
 }
 
 #[cfg(test)]
