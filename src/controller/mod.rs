@@ -275,6 +275,13 @@ async fn run_as_leader(
     } else {
         Ok(())
     };
+    if result.is_err() {
+        // Stepped down: this replica cannot know whether it still holds the
+        // lease (a standby may have taken it), so it writes nothing, not even a
+        // release, which would clear the new holder's lease. The lease expires.
+        lease_task.abort();
+        return result;
+    }
     // Closing the channel makes the lease task release the lease, so a standby
     // takes over at once instead of waiting for expiry.
     drop(leader);

@@ -114,7 +114,10 @@ async fn reconcile_once(instance: &DropboxElementInstance, ctx: &Context) -> Res
         gathered.token_secret_version.clone(),
     );
     let mut verdict = match executor.run().await? {
-        Outcome::Released => return Ok(Action::await_change()),
+        Outcome::Released => {
+            ctx.backoff.reset(&key);
+            return Ok(Action::await_change());
+        }
         Outcome::Verdict(verdict) => *verdict,
     };
 
@@ -203,16 +206,16 @@ async fn reconcile_once(instance: &DropboxElementInstance, ctx: &Context) -> Res
     Ok(next_action(&key, verdict.next, gathered.inputs_hash, ctx))
 }
 
-/// A deleted instance: what the controller remembers of it goes, and so do its
-/// projected objects (best effort: the orphan sweep removes what is left,
-/// deletion never waits on it).
+/// A deleted instance: what the controller remembers of it goes (its backoff
+/// once it is released: a refused release backs off), and so do its projected
+/// objects (best effort: the orphan sweep removes what is left, deletion never
+/// waits on it).
 async fn forget(instance: &DropboxElementInstance, ctx: &Context) {
     let key = object_key(instance);
     ctx.metrics.token_expiry.remove(
         &instance.namespace().unwrap_or_default(),
         &instance.name_any(),
     );
-    ctx.backoff.reset(&key);
     ctx.written.forget(instance);
     if ctx.leadership.check().is_err() {
         return;
