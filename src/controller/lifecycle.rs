@@ -1304,6 +1304,9 @@ mod tests {
         })
     }
 
+    /// A row's expectation: the next state's name, the effect's, the verdict's reason.
+    type Want = (&'static str, Option<&'static str>, Option<&'static str>);
+
     /// What a step came to: the state's name, the effect's name, and the
     /// verdict's reason (for Finished and Finishing).
     fn outcome(step: &Step) -> (String, Option<&'static str>, Option<&'static str>) {
@@ -1379,7 +1382,7 @@ mod tests {
         )));
 
         #[rustfmt::skip]
-        let rows: Vec<(&str, &Facts, State, Observation, (&str, Option<&str>, Option<&str>))> = vec![
+        let rows: Vec<(&str, &Facts, State, Observation, Want)> = vec![
             // the start
             ("a new instance gets the finalizer first", &new_instance, S::Start(Progress::default()), O::Begin, ("AddingFinalizer", Some("Record"), None)),
             ("then waits for a code", &new_instance, S::AddingFinalizer(Progress::default()), O::Done, ("Finished", None, Some("AwaitingAuthorization"))),

@@ -2180,7 +2180,7 @@ fn check_app(st: &State, headers: &HeaderMap, body: &[u8]) -> Reply {
             "Must provide HTTP header \"Authorization\" or URL parameter \"authorization\".",
         );
     };
-    if !st.apps.get(&key).is_some_and(|a| a.secret == secret) {
+    if st.apps.get(&key).is_none_or(|a| a.secret != secret) {
         return Reply::auth_error("invalid_access_token");
     }
     let args = match rpc_args(name, headers, body) {
