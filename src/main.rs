@@ -151,6 +151,7 @@ fn main() -> ExitCode {
         // Prints its own errors: a CLI user wants `error: <field> ...`, not a log line.
         Command::Import(args) => return dropbox_operator::import::run(args),
         Command::Connect(args) => return dropbox_operator::connect::run(args),
+        Command::ReleaseFinalizers(args) => return dropbox_operator::release::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -748,7 +748,7 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
     );
 
     // The controller is gone: the instance keeps its finalizer until it is
-    // removed by hand, with the command NOTES gives.
+    // released by hand, with the command NOTES gives.
     let eventful: Api<DropboxElementInstance> = Api::namespaced(admin.clone(), &apps);
     let (ok, _, err) =
         support::kubectl(&["delete", "dbxi", "eventful", "-n", &apps, "--wait=false"]);
@@ -758,17 +758,17 @@ async fn ingress_settings_reach_the_deployment_and_uninstall_collects_it() -> Re
         eventful.get_opt("eventful").await?.is_some(),
         "the finalizer holds the instance"
     );
-    let (ok, _, err) = support::kubectl(&[
-        "patch",
-        "dbxi",
-        "eventful",
-        "-n",
-        &apps,
-        "--type=json",
-        "-p",
-        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
-    ]);
-    ensure!(ok, "{err}");
+    let release = std::process::Command::new(support::operator::binary())
+        .args(["release-finalizers", "-n", &apps])
+        .env("KUBECONFIG", support::kubeconfig())
+        .env("DROPBOX_API_URL", &emu.url)
+        .output()?;
+    ensure!(
+        release.status.success(),
+        "release-finalizers: {} {}",
+        String::from_utf8_lossy(&release.stdout),
+        String::from_utf8_lossy(&release.stderr)
+    );
     support::eventually(
         "eventful to be deleted",
         Duration::from_secs(30),

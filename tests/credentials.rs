@@ -92,7 +92,7 @@ fn credential_lifecycle_survives_faults() {
     support::run_blocking(run());
 }
 
-const ROWS: [(&str, &str); 25] = [
+const ROWS: [(&str, &str); 26] = [
     ("long-names", "70-character instance names"),
     ("name-253", "a 253-character instance name"),
     (
@@ -149,6 +149,10 @@ const ROWS: [(&str, &str); 25] = [
     ),
     ("foreground", "foreground-cascade deletion of an instance"),
     (
+        "release",
+        "controller removed, namespace stuck; release-finalizers by hand",
+    ),
+    (
         "expiry",
         "token Secret expires_at -9999-01-01 / +9999-12-31",
     ),
@@ -184,6 +188,7 @@ async fn run_row(tag: &str, c: &mut Ctx) -> Result<Outcome> {
         "finalizer-refused" => finalizer_refused(c).await,
         "apikey-429" => api_key_rate_limited(c).await,
         "panic" => panic_contained(c).await,
+        "release" => released_by_hand(c).await,
         "quota" => quota(c).await,
         "vap" => admission_policy(c).await,
         "hang" => hang_after_consuming(c).await,
@@ -2260,6 +2265,67 @@ async fn panic_contained(c: &mut Ctx) -> Result<Outcome> {
         .await?;
     Ok(Outcome {
         not_ready: c.not_ready(&names, READY_TIMEOUT).await,
+        notes,
+        ..Outcome::default()
+    })
+}
+
+/// The controller is removed (killed) with instances Ready; their access
+/// tokens expire; the app Secret, then the namespace, are deleted: the
+/// namespace hangs on the finalizers. `dropbox-operator release-finalizers -n
+/// NS` (the escape hatch README documents) revokes every token family,
+/// refreshing the expired tokens with the app credentials the token Secrets
+/// keep, and releases the finalizers: the namespace goes away.
+async fn released_by_hand(c: &mut Ctx) -> Result<Outcome> {
+    c.emu.set_access_token_ttl(Duration::from_secs(4));
+    let mut controller = c.start_controller("controller").await;
+    let names = c.many("r", 2, false).await?;
+    c.all_ready(&names).await?;
+    controller.kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    c.secrets
+        .delete("dropbox-app", &DeleteParams::default())
+        .await?;
+    let namespaces: Api<Namespace> = Api::all(c.client.clone());
+    namespaces.delete(&c.ns, &DeleteParams::default()).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut notes = Vec::new();
+    if namespaces.get_opt(&c.ns).await?.is_none() {
+        notes.push("nothing held the namespace (the finalizers were not there)".into());
+    }
+    let (ns, api) = (c.ns.clone(), c.emu.url.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(support::operator::binary())
+            .args(["release-finalizers", "--namespace", &ns])
+            .env("KUBECONFIG", support::kubeconfig())
+            .env("DROPBOX_API_URL", &api)
+            .env("DROPBOX_TIMEOUT", "2s")
+            .env("RELEASE_REVOKE_TIMEOUT", "5s")
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!(
+        "release-finalizers ({}): {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if !output.status.success() {
+        notes.push(format!("release-finalizers exited with {}", output.status));
+    }
+    if !stdout.contains("2 instances and 2 token Secrets released; 2 token families revoked") {
+        notes.push(format!("the report does not say what was done: {stdout}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while namespaces.get_opt(&c.ns).await?.is_some() {
+        if Instant::now() > deadline {
+            notes.push("the namespace is still there 30 s after the release".into());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(Outcome {
+        not_revoked: c.not_revoked(),
         notes,
         ..Outcome::default()
     })
