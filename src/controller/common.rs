@@ -73,11 +73,6 @@ pub fn now() -> jiff::Timestamp {
         .unwrap_or_else(|_| jiff::Timestamp::now())
 }
 
-/// How long from now until `t` (zero when it has passed).
-pub fn until(t: jiff::Timestamp) -> Duration {
-    Duration::try_from(t.duration_since(now())).unwrap_or(Duration::ZERO)
-}
-
 /// `namespace/name` of an instance, for logs and messages.
 pub fn object_key(instance: &DropboxElementInstance) -> String {
     format!(

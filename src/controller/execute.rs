@@ -193,7 +193,14 @@ impl<'a> Executor<'a> {
                 {
                     Ok(()) => Ok(Observation::Done),
                     Err(e) if e.refuses_app() => Ok(Observation::Refused(e.to_string())),
-                    Err(e) => Ok(Observation::Failed(e)),
+                    Err(e) if e.is_transient() => Ok(Observation::Failed(e)),
+                    // An answer the check does not expect (the route is a
+                    // preview in Dropbox's spec): the exchange itself still
+                    // checks the credentials, so it goes on.
+                    Err(e) => {
+                        tracing::warn!(instance = %object_key(self.instance), error = %e, "check/app gave no verdict on the app credentials; exchanging the code anyway");
+                        Ok(Observation::Done)
+                    }
                 }
             }
             Effect::SendCode => {
