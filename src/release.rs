@@ -19,8 +19,7 @@ use std::process::ExitCode;
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, ListParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config, Resource, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 
 use crate::api::DropboxElementInstance;
 use crate::cli::ReleaseArgs;
@@ -116,25 +115,9 @@ pub fn run(args: &ReleaseArgs) -> ExitCode {
 }
 
 async fn kube_client(args: &ReleaseArgs) -> Result<Client, ReleaseError> {
-    let options = KubeConfigOptions {
-        context: args.context.clone(),
-        ..KubeConfigOptions::default()
-    };
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .map_err(|e| err(format!("cannot read kubeconfig {}: {e}", path.display())))?;
-            Config::from_custom_kubeconfig(kubeconfig, &options)
-                .await
-                .map_err(|e| err(format!("kubeconfig {}: {e}", path.display())))?
-        }
-        None if args.context.is_some() => Config::from_kubeconfig(&options)
-            .await
-            .map_err(|e| err(format!("kubeconfig: {e}")))?,
-        None => Config::infer()
-            .await
-            .map_err(|e| err(format!("no Kubernetes configuration found: {e}")))?,
-    };
+    let config = crate::connect::kube_config(args.kubeconfig.as_deref(), args.context.as_deref())
+        .await
+        .map_err(err)?;
     Client::try_from(config).map_err(|e| err(format!("Kubernetes client: {e}")))
 }
 

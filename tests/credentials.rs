@@ -1739,53 +1739,90 @@ async fn claims_across_restart(c: &mut Ctx) -> Result<Outcome> {
     Ok(out)
 }
 
-/// Two replicas; Dropbox holds the answer of the leader's code exchange while
-/// the leader is SIGSTOPped for twice the lease; the standby takes over, then
-/// the old leader runs again with the answer in hand. It must write nothing
-/// (audit log), stop on its own, and revoke the tokens it could not store;
-/// the code is never sent again.
-async fn sigstop_mid_exchange(c: &mut Ctx) -> Result<Outcome> {
-    let lease = Duration::from_secs(4);
-    // Answered while the leader is stopped: the answer waits for it.
-    c.emu
-        .hang_after_consuming_code(lease + Duration::from_secs(2));
+/// Two replicas and an instance whose code exchange the leader has sent:
+/// replica-a (user process-1, reaching the API server at `a_server`, else
+/// directly) leads, replica-b (process-2) stands by; Dropbox answers the
+/// exchange after `hold`.
+struct TwoLeaders {
+    stale: Process,
+    standby: Process,
+    /// The code the stale leader sent.
+    first: String,
+    name: &'static str,
+}
+
+async fn two_replicas_mid_exchange(
+    c: &mut Ctx,
+    name: &'static str,
+    hold: Duration,
+    a_server: Option<&str>,
+) -> Result<TwoLeaders> {
+    c.emu.hang_after_consuming_code(hold);
     let a = c
-        .controller_as("replica-a", "process-1", None)?
+        .controller_as("replica-a", "process-1", a_server)?
         .env("DROPBOX_TIMEOUT", "30s");
-    let mut a = c.start(a).await;
-    wait_leading(&a, Duration::from_secs(15)).await?;
+    let stale = c.start(a).await;
+    wait_leading(&stale, Duration::from_secs(15)).await?;
     let b = c
         .controller_as("replica-b", "process-2", None)?
         .env("DROPBOX_TIMEOUT", "30s");
-    let b = c.start(b).await;
-    let first = c.code("stop-code").await?;
-    c.oauth("stop", "stop-code", false).await?;
+    let standby = c.start(b).await;
+    let first = c.code(&format!("{name}-code")).await?;
+    c.oauth(name, &format!("{name}-code"), false).await?;
     c.wait_exchanges(1, Duration::from_secs(20)).await?;
-    let stopped_at = SystemTime::now();
-    signal(&a, libc::SIGSTOP);
-    tokio::time::sleep(2 * lease).await;
-    signal(&a, libc::SIGCONT);
+    Ok(TwoLeaders {
+        stale,
+        standby,
+        first,
+        name,
+    })
+}
+
+/// After the fault: the stale leader must stop on its own, the standby lead,
+/// the stale leader have written nothing since `since` (audit log) and revoked
+/// the tokens it could not store; a new code makes the instance Ready.
+async fn after_the_takeover(c: &mut Ctx, mut t: TwoLeaders, since: SystemTime) -> Result<Outcome> {
     let mut notes = Vec::new();
-    if !wait_exit(&mut a, Duration::from_secs(25)).await {
+    if !wait_exit(&mut t.stale, Duration::from_secs(25)).await {
         notes.push("the stale leader kept running".into());
-        a.kill();
+        t.stale.kill();
     }
     c.emu.hang_after_consuming_code(Duration::ZERO);
-    if wait_leading(&b, Duration::from_secs(10)).await.is_err() {
+    if wait_leading(&t.standby, Duration::from_secs(10))
+        .await
+        .is_err()
+    {
         notes.push("the standby does not lead".into());
     }
-    let stale = c.writes_by("process-1", stopped_at);
-    eprintln!("stale leader's writes after SIGSTOP: {stale:?}");
-    eprintln!("after the takeover: {}", state(&c.get("stop").await?));
-    let leaked = usize::from(c.emu.grant_of_code_alive(&first) == Some(true));
+    let stale = c.writes_by("process-1", since);
+    eprintln!(
+        "the stale leader's writes: {stale:?}; after the takeover: {}",
+        state(&c.get(t.name).await?)
+    );
+    let leaked = usize::from(c.emu.grant_of_code_alive(&t.first) == Some(true));
     if leaked > 0 {
         notes.push("the tokens of the first code were neither stored nor revoked".into());
     }
-    let mut out = new_code_then_ready(c, "stop", "stop-code").await?;
+    let mut out = new_code_then_ready(c, t.name, &format!("{}-code", t.name)).await?;
     out.notes.splice(0..0, notes);
     out.stale_writes = Some(stale.len());
     out.not_revoked = leaked;
     Ok(out)
+}
+
+/// Two replicas; Dropbox holds the answer of the leader's code exchange while
+/// the leader is SIGSTOPped for twice the lease (the answer arrives meanwhile
+/// and waits); the standby takes over, then the old leader runs again with the
+/// answer in hand. It must write nothing (audit log), stop on its own, and
+/// revoke the tokens it could not store; the code is never sent again.
+async fn sigstop_mid_exchange(c: &mut Ctx) -> Result<Outcome> {
+    let lease = Duration::from_secs(4);
+    let t = two_replicas_mid_exchange(c, "stop", lease + Duration::from_secs(2), None).await?;
+    let stopped_at = SystemTime::now();
+    signal(&t.stale, libc::SIGSTOP);
+    tokio::time::sleep(2 * lease).await;
+    signal(&t.stale, libc::SIGCONT);
+    after_the_takeover(c, t, stopped_at).await
 }
 
 /// Two replicas; the leader reaches the API server through a proxy the test
@@ -1796,55 +1833,21 @@ async fn sigstop_mid_exchange(c: &mut Ctx) -> Result<Outcome> {
 /// stopped on its own, written nothing after the cut (audit log), and revoked
 /// the tokens it could not store.
 async fn black_hole_mid_exchange(c: &mut Ctx) -> Result<Outcome> {
-    c.emu.hang_after_consuming_code(Duration::from_secs(8));
     let proxy = support::proxy::Proxy::start(support::cluster().apiserver_addr()).await;
-    let a = c
-        .controller_as(
-            "replica-a",
-            "process-1",
-            Some(&format!("https://{}", proxy.addr)),
-        )?
-        .env("DROPBOX_TIMEOUT", "30s");
-    let mut a = c.start(a).await;
-    wait_leading(&a, Duration::from_secs(15)).await?;
-    let b = c
-        .controller_as("replica-b", "process-2", None)?
-        .env("DROPBOX_TIMEOUT", "30s");
-    let b = c.start(b).await;
-    let first = c.code("cut-code").await?;
-    c.oauth("cut", "cut-code", false).await?;
-    c.wait_exchanges(1, Duration::from_secs(20)).await?;
+    let via_proxy = format!("https://{}", proxy.addr);
+    let mut t =
+        two_replicas_mid_exchange(c, "cut", Duration::from_secs(8), Some(&via_proxy)).await?;
     let cut_at = SystemTime::now();
     proxy.black_hole();
     // Past the held answer and the lease: the standby leads, the old leader has
     // the tokens.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let stepped_down = a.exited();
+    let stepped_down = t.stale.exited();
     proxy.heal();
-    let mut notes = Vec::new();
-    if !stepped_down && !wait_exit(&mut a, Duration::from_secs(15)).await {
-        notes.push("the cut-off leader kept running after the cut healed".into());
-        a.kill();
-    }
-    c.emu.hang_after_consuming_code(Duration::ZERO);
-    if wait_leading(&b, Duration::from_secs(10)).await.is_err() {
-        notes.push("the standby does not lead".into());
-    }
-    // Whatever the proxy held has reached the API server by now.
+    eprintln!("the cut-off leader stepped down before the heal: {stepped_down}");
+    // Whatever the proxy held reaches the API server now.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let stale = c.writes_by("process-1", cut_at);
-    eprintln!(
-        "cut-off leader stepped down before the heal: {stepped_down}; its writes after the cut: {stale:?}"
-    );
-    let leaked = usize::from(c.emu.grant_of_code_alive(&first) == Some(true));
-    if leaked > 0 {
-        notes.push("the tokens of the first code were neither stored nor revoked".into());
-    }
-    let mut out = new_code_then_ready(c, "cut", "cut-code").await?;
-    out.notes.splice(0..0, notes);
-    out.stale_writes = Some(stale.len());
-    out.not_revoked = leaked;
-    Ok(out)
+    after_the_takeover(c, t, cut_at).await
 }
 
 /// GitOps self-heal: an instance authorized with code A is re-authorized with

@@ -288,6 +288,11 @@ fn go(state: State, effect: Effect) -> Step {
     }
 }
 
+/// The claim on a code given back, then the verdict.
+fn unclaim_then(verdict: Verdict) -> Step {
+    go(State::Finishing(Box::new(verdict)), Effect::Unclaim)
+}
+
 fn finish(verdict: Verdict) -> Step {
     Step {
         state: State::Finished(Box::new(verdict)),
@@ -363,22 +368,19 @@ pub fn decide(state: State, observation: Observation, facts: &Facts) -> Step {
         (S::Claiming, O::Done) => go(S::ProvingStorage, Effect::ProveStorage),
         (S::Claiming, O::Refused(holder)) => finish(used_elsewhere(&holder, facts)),
         (S::ProvingStorage, O::Done) => go(S::ProvingApp, Effect::ProveApp),
-        (S::ProvingStorage, O::Refused(why)) => go(
-            S::Finishing(Box::new(verdict(
-                facts,
-                Desired::new(
-                    AUTHORIZED,
-                    Some(false),
-                    Reason::TokensNotStored,
-                    format!(
-                        "The API server would refuse the token Secret ({why}); the authorization code is \
-                         kept, unsent, until it can be stored"
-                    ),
+        (S::ProvingStorage, O::Refused(why)) => unclaim_then(verdict(
+            facts,
+            Desired::new(
+                AUTHORIZED,
+                Some(false),
+                Reason::TokensNotStored,
+                format!(
+                    "The API server would refuse the token Secret ({why}); the authorization code is \
+                     kept, unsent, until it can be stored"
                 ),
-                Next::Backoff { at_least: None },
-            ))),
-            Effect::Unclaim,
-        ),
+            ),
+            Next::Backoff { at_least: None },
+        )),
         (S::ProvingApp, O::Done) => match new_code(facts) {
             Some(code) => go(
                 S::Recording,
@@ -386,33 +388,27 @@ pub fn decide(state: State, observation: Observation, facts: &Facts) -> Step {
             ),
             None => stuck("a code to record"),
         },
-        (S::ProvingApp, O::Refused(why)) => go(
-            S::Finishing(Box::new(verdict(
-                facts,
-                Desired::new(
-                    AUTHORIZED,
-                    Some(false),
-                    Reason::InvalidClient,
-                    format!(
-                        "Dropbox refused the app key or secret in {} ({why}); the authorization code is \
-                         kept, unsent, until they are fixed",
-                        facts.texts.app_location
-                    ),
+        (S::ProvingApp, O::Refused(why)) => unclaim_then(verdict(
+            facts,
+            Desired::new(
+                AUTHORIZED,
+                Some(false),
+                Reason::InvalidClient,
+                format!(
+                    "Dropbox refused the app key or secret in {} ({why}); the authorization code is \
+                     kept, unsent, until they are fixed",
+                    facts.texts.app_location
                 ),
-                Next::WaitForChange,
-            ))),
-            Effect::Unclaim,
-        ),
-        (S::ProvingApp, O::Failed(e)) => go(
-            S::Finishing(Box::new(verdict(
-                facts,
-                dropbox_condition(&e, "Checking the app key and secret with Dropbox failed"),
-                Next::Backoff {
-                    at_least: e.retry_after(),
-                },
-            ))),
-            Effect::Unclaim,
-        ),
+            ),
+            Next::WaitForChange,
+        )),
+        (S::ProvingApp, O::Failed(e)) => unclaim_then(verdict(
+            facts,
+            dropbox_condition(&e, "Checking the app key and secret with Dropbox failed"),
+            Next::Backoff {
+                at_least: e.retry_after(),
+            },
+        )),
         (S::Recording, O::Done) => go(S::Exchanging, Effect::SendCode),
         (S::Exchanging, O::Tokens(response, issued_at)) => {
             let (Some(code), Some(app)) = (new_code(facts), facts.app.as_ref()) else {
@@ -452,7 +448,7 @@ pub fn decide(state: State, observation: Observation, facts: &Facts) -> Step {
             )
         }
         (S::Exchanging, O::Failed(e)) => finish(exchange_failed(&e, facts)),
-        (S::GivingBack(v), O::Done) => go(S::Finishing(v), Effect::Unclaim),
+        (S::GivingBack(v), O::Done) => unclaim_then(*v),
         (S::StoringIssued(tokens), O::Done) => account_or_valid(tokens, facts),
         (S::StoringIssued(tokens), O::Refused(why)) => finish(not_stored(
             &Kept {

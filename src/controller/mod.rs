@@ -47,7 +47,6 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use kube_lease_manager::LeaseManagerBuilder;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -124,23 +123,24 @@ pub struct LeaderElection {
 }
 
 impl LeaderElection {
-    /// Lease duration, renew grace and renew deadline in whole seconds, made
-    /// consistent: the lease is renewed about every 2 s (at most a third of its
-    /// duration), and a leader that has not renewed for the deadline (at most two
-    /// thirds of the duration) steps down before anyone else may take the lease.
-    pub fn timings(&self) -> (u64, u64, Duration) {
+    /// Lease duration, renew interval and renew deadline, made consistent: the
+    /// lease is renewed about every 2 s (at most a third of its duration, and at
+    /// least `renew_grace` before it expires), and a leader that has not renewed
+    /// for the deadline (at most two thirds of the duration) steps down before
+    /// anyone else may take the lease.
+    pub fn timings(&self) -> (Duration, Duration, Duration) {
         let duration = self.lease_duration.as_secs().max(3);
-        let interval = (duration / 3).clamp(1, 2);
-        let grace = self
-            .renew_grace
-            .as_secs()
-            .max(duration - interval)
-            .min(duration - 1);
+        let grace = self.renew_grace.as_secs().min(duration - 1);
+        let interval = (duration / 3).clamp(1, 2).min(duration - grace).max(1);
         let deadline = self
             .renew_deadline
             .min(Duration::from_secs(duration * 2 / 3))
             .max(Duration::from_secs(interval + 1));
-        (duration, grace, deadline)
+        (
+            Duration::from_secs(duration),
+            Duration::from_secs(interval),
+            deadline,
+        )
     }
 }
 
@@ -148,8 +148,6 @@ impl LeaderElection {
 pub enum RunError {
     #[error("cannot connect to Kubernetes: {0}")]
     Kube(#[from] kube::Error),
-    #[error("leader election failed: {0}")]
-    Lease(#[from] kube_lease_manager::LeaseManagerError),
     #[error("lost the leader lease; exiting so another replica takes over")]
     LostLease,
     #[error("the metrics server failed: {0}")]
@@ -239,83 +237,22 @@ async fn run_as_leader(
     ready: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let (duration, grace, renew_deadline) = election.timings();
-    let manager = LeaseManagerBuilder::new(client.clone(), &election.lease_name)
-        .with_namespace(&election.namespace)
-        .with_identity(&election.identity)
-        .with_duration(duration)
-        .with_grace(grace)
-        .with_field_manager(format!("dropbox-operator-leader-{}", election.identity))
-        .build()
-        .await?;
-    let (mut leader, lease_task) = manager.watch().await;
+    let (duration, interval, renew_deadline) = election.timings();
+    let elector = leader::Elector::new(
+        Api::<Lease>::namespaced(client.clone(), &election.namespace),
+        &election.lease_name,
+        &election.identity,
+        duration,
+        interval,
+        renew_deadline,
+    );
+    let leadership = Arc::new(leader::Leadership::elected());
     // A standby replica is healthy and ready: it is waiting for its turn.
     ready.set(true);
     tracing::info!(lease = %election.lease_name, identity = %election.identity, "waiting for the leader lease");
-    let became_leader = loop {
-        if *leader.borrow_and_update() {
-            break true;
-        }
-        tokio::select! {
-            changed = leader.changed() => if changed.is_err() { break false },
-            _ = shutdown.cancelled() => break false,
-        }
-    };
-    let result = if became_leader {
-        lead(
-            client,
-            options,
-            &election,
-            renew_deadline,
-            &mut leader,
-            &metrics,
-            &shutdown,
-        )
-        .await
-    } else {
-        Ok(())
-    };
-    if result.is_err() {
-        // Stepped down: this replica cannot know whether it still holds the
-        // lease (a standby may have taken it), so it writes nothing, not even a
-        // release, which would clear the new holder's lease. The lease expires.
-        lease_task.abort();
-        return result;
+    if !elector.acquire(&leadership, &shutdown).await {
+        return Ok(());
     }
-    // Closing the channel makes the lease task release the lease, so a standby
-    // takes over at once instead of waiting for expiry.
-    drop(leader);
-    match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
-        Ok(Ok(Ok(_))) => tracing::info!("released the leader lease"),
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader lease failed"),
-        _ => tracing::warn!("releasing the leader lease did not finish"),
-    }
-    result
-}
-
-/// Acts as the leader until shutdown, or until this replica must stop: the
-/// lease names another holder or is gone, or it was not renewed within the
-/// renew deadline (as client-go's renewDeadline). The last is decided by this
-/// replica's own clocks ([`leader::Leadership`]): a leader cut off from the API
-/// server, or paused, stops before its lease can expire and be taken, without
-/// waiting for any answer.
-async fn lead(
-    client: Client,
-    options: &RunOptions,
-    election: &LeaderElection,
-    renew_deadline: Duration,
-    leader: &mut tokio::sync::watch::Receiver<bool>,
-    metrics: &ControllerMetrics,
-    shutdown: &CancellationToken,
-) -> Result<(), RunError> {
-    let leadership = Arc::new(leader::Leadership::elected());
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
-    let watch = tokio::spawn(watch_lease(
-        leases,
-        election.clone(),
-        renew_deadline,
-        leadership.clone(),
-    ));
     tracing::info!(identity = %election.identity, "acquired the leader lease; starting the controller");
     metrics.leader.set(1);
     let stop = shutdown.child_token();
@@ -326,70 +263,35 @@ async fn lead(
         leadership.clone(),
         stop.clone(),
     ));
-    let lost = async {
-        loop {
-            if leader.changed().await.is_err() || !*leader.borrow() {
-                break;
-            }
-        }
-    };
-    // Renewals seen before the first reconcile's checks: give the lease watch
-    // its first look (bounded by the deadline itself).
-    let _ = tokio::time::timeout(renew_deadline, async {
-        while leadership.check().is_err() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    // Acting ends at shutdown, or when this replica must stop: the lease names
+    // another holder, or no renewal succeeded within the renew deadline (as
+    // client-go's renewDeadline). The last is decided by this replica's own
+    // clocks: a leader cut off from the API server, or paused, stops before its
+    // lease can expire and be taken, without waiting for any answer.
     let why = tokio::select! {
         _ = &mut controller => None,
-        _ = lost => Some("the lease manager lost the lease".to_owned()),
-        _ = leadership.lapsed() => Some(format!("the lease was not renewed within {renew_deadline:?}")),
-        why = watch => Some(why.unwrap_or_else(|e| format!("the lease watch failed: {e}"))),
+        _ = leadership.lapsed() => Some(format!("no renewal of the lease succeeded within {renew_deadline:?}")),
+        why = elector.hold(&leadership) => Some(why),
+    };
+    metrics.leader.set(0);
+    let Some(why) = why else {
+        // Shutdown: give the lease up, so a standby takes over at once.
+        let _ = tokio::time::timeout(Duration::from_secs(5), elector.release(&leadership)).await;
+        return Ok(());
     };
     leadership.step_down();
     stop.cancel();
-    metrics.leader.set(0);
-    let Some(why) = why else {
-        return Ok(());
-    };
     tracing::error!(reason = %why, "stepping down as leader");
     // In-flight reconciles end at their next fenced step; tokens they hold that
-    // could not be stored are revoked on the way out (run_controller).
+    // could not be stored are revoked on the way out (run_controller). Nothing
+    // is written to the lease: this replica cannot know whether it is still
+    // its own (a release would clear the new holder's record).
     let bound =
         options.dropbox.timeout() + options.config.revoke_timeout + options.config.api_timeout;
     if tokio::time::timeout(bound, controller).await.is_err() {
         tracing::warn!("the controller did not stop within {bound:?}");
     }
     Err(RunError::LostLease)
-}
-
-/// Reads the leader lease every second (each read bounded by the client's
-/// timeout) and turns every renewal of this replica's lease into validity.
-/// Returns why this replica must stop: another holder, or no lease.
-async fn watch_lease(
-    leases: Api<Lease>,
-    election: LeaderElection,
-    deadline: Duration,
-    leadership: Arc<leader::Leadership>,
-) -> String {
-    loop {
-        match leases.get_opt(&election.lease_name).await {
-            Ok(Some(lease)) => {
-                let spec = lease.spec.unwrap_or_default();
-                if spec.holder_identity.as_deref() != Some(election.identity.as_str()) {
-                    return "the lease names another holder".into();
-                }
-                if let Some(renewed) = spec.renew_time.or(spec.acquire_time) {
-                    leadership.renewed(renewed.0, deadline);
-                }
-            }
-            Ok(None) => return "the lease is gone".into(),
-            // Cut off from the API server: the validity runs out on its own.
-            Err(e) => tracing::warn!(error = %e, "cannot read the leader lease"),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }
 
 /// Instances that a Secret event concerns: the owner of a token Secret, and every
@@ -626,20 +528,38 @@ mod tests {
             renew_grace: Duration::from_secs(grace),
             renew_deadline: Duration::from_secs(deadline),
         };
-        for (d, g, dl) in [(15, 5, 10), (6, 2, 10), (4, 1, 10), (60, 5, 30), (3, 1, 1)] {
-            let (duration, grace, deadline) = election(d, g, dl).timings();
-            let interval = duration - grace;
-            assert!(grace < duration && interval >= 1, "{d}/{g}: grace {grace}");
-            assert!(interval <= 2, "{d}/{g}: renews every {interval}s");
-            assert!(deadline.as_secs() < duration, "{d}: deadline {deadline:?}");
+        for (d, g, dl) in [
+            (15, 5, 10),
+            (6, 2, 10),
+            (4, 1, 10),
+            (4, 2, 3),
+            (60, 5, 30),
+            (3, 1, 1),
+            (10, 9, 5),
+        ] {
+            let (duration, interval, deadline) = election(d, g, dl).timings();
+            let s = Duration::from_secs;
             assert!(
-                deadline.as_secs() > interval,
-                "{d}: deadline {deadline:?} vs {interval}s"
+                interval >= s(1) && interval <= s(2),
+                "{d}/{g}: renews every {interval:?}"
+            );
+            assert!(
+                interval <= duration - s(g.min(d - 1)),
+                "{d}/{g}: {interval:?} leaves the grace"
+            );
+            assert!(deadline < duration, "{d}: deadline {deadline:?}");
+            assert!(
+                deadline > interval,
+                "{d}: deadline {deadline:?} vs {interval:?}"
             );
         }
         assert_eq!(
             election(15, 5, 10).timings(),
-            (15, 13, Duration::from_secs(10))
+            (
+                Duration::from_secs(15),
+                Duration::from_secs(2),
+                Duration::from_secs(10)
+            )
         );
     }
 }

@@ -239,19 +239,7 @@ impl StoredToken {
         if !owned {
             return None;
         }
-        let data = secret.data.as_ref()?;
-        Some(StoredToken {
-            access_token: text(data, ACCESS_TOKEN)?,
-            refresh_token: text(data, REFRESH_TOKEN),
-            expires_at: text(data, EXPIRES_AT).map(|t| sane_expiry(&t)),
-            account_id: text(data, ACCOUNT_ID),
-            scope: text(data, SCOPE),
-            code_fingerprint: secret
-                .annotations()
-                .get(CODE_FINGERPRINT_ANNOTATION)
-                .cloned(),
-            app: kept_app(data),
-        })
+        Self::from_any_secret(secret)
     }
 
     /// Parses a token Secret whatever owns it (the orphan sweep and
@@ -264,7 +252,10 @@ impl StoredToken {
             expires_at: text(data, EXPIRES_AT).map(|t| sane_expiry(&t)),
             account_id: text(data, ACCOUNT_ID),
             scope: text(data, SCOPE),
-            code_fingerprint: None,
+            code_fingerprint: secret
+                .annotations()
+                .get(CODE_FINGERPRINT_ANNOTATION)
+                .cloned(),
             app: kept_app(data),
         })
     }
