@@ -690,9 +690,10 @@ fn controller_questions<'a>(ops: &'a str, apps: &'a str) -> Vec<CanI<'a>> {
         ("list", "leases.coordination.k8s.io", ops, false),
         ("create", "leases.coordination.k8s.io", ops, true),
         ("get", LEADER_LEASE_REF, ops, true),
-        ("patch", LEADER_LEASE_REF, ops, true),
+        ("update", LEADER_LEASE_REF, ops, true),
+        ("patch", LEADER_LEASE_REF, ops, false),
         (
-            "patch",
+            "update",
             "leases.coordination.k8s.io/someone-else",
             ops,
             false,
