@@ -93,6 +93,51 @@ pub enum Command {
     /// by default `http://127.0.0.1:53682/`; the instance's callbackUrl when it is
     /// a loopback URL; or --redirect-uri. Apps without one: --no-redirect.
     Connect(Box<ConnectArgs>),
+
+    /// Release what a removed controller left behind: for every instance and
+    /// token Secret being deleted (or in a namespace being deleted), revoke its
+    /// tokens and remove the operator's finalizer, namespace by namespace.
+    ///
+    /// Instances and token Secrets carry the finalizer
+    /// `elements.dropbox-operator.dev/revoke-token`; without a running
+    /// controller, a deleted instance (or a namespace being deleted) waits
+    /// forever. This does what the controller would, with your kubeconfig
+    /// (needs list on instances and Secrets, patch on both): an expired access
+    /// token is refreshed first, with the app credentials the token Secret
+    /// keeps or the instance's app Secret. Objects not being deleted are left
+    /// alone (reading namespaces tells which are being deleted). It prints what it released and every token it could not revoke;
+    /// exit code 0: all released and revoked, 2: all released, some tokens not
+    /// revoked, 1: something could not be released. Also a kubectl plugin:
+    /// `kubectl dropbox release-finalizers -n NS`.
+    ReleaseFinalizers(Box<ReleaseArgs>),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReleaseArgs {
+    /// Namespaces to release in (repeat, or comma-separate; default: every
+    /// namespace where something of the operator's is being deleted).
+    #[arg(short = 'n', long, env = "RELEASE_NAMESPACE", value_delimiter = ',')]
+    pub namespace: Vec<String>,
+
+    /// Path of the kubeconfig file (default: $KUBECONFIG, else ~/.kube/config,
+    /// else the in-cluster service account).
+    #[arg(long, env = "RELEASE_KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+
+    /// kubeconfig context to use (default: the current context).
+    #[arg(long, env = "RELEASE_CONTEXT")]
+    pub context: Option<String>,
+
+    /// Only say what would be released; revoke and change nothing.
+    #[arg(long, env = "RELEASE_DRY_RUN")]
+    pub dry_run: bool,
+
+    /// Bound on revoking one token family.
+    #[arg(long, env = "RELEASE_REVOKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub revoke_timeout: Duration,
+
+    #[command(flatten)]
+    pub dropbox: DropboxArgs,
 }
 
 /// Default port of the loopback redirect URI of `connect`.
@@ -396,6 +441,12 @@ pub struct ControllerArgs {
     /// Upper bound of the retry backoff for transient errors.
     #[arg(long, env = "MAX_BACKOFF", default_value = "5m", value_parser = parse_duration)]
     pub max_backoff: Duration,
+
+    /// Bound of every Kubernetes API request (for a watch, of the start of its
+    /// answer). Without one, a request on a connection that stopped answering
+    /// would wait forever.
+    #[arg(long, env = "API_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub api_timeout: Duration,
 
     /// How many instances are reconciled at the same time.
     #[arg(long, env = "CONCURRENCY", default_value_t = 16)]

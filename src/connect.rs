@@ -151,31 +151,43 @@ pub fn choose_redirect(
 }
 
 async fn kube_client(args: &ConnectArgs) -> Result<(Client, String), ConnectError> {
-    let options = KubeConfigOptions {
-        context: args.context.clone(),
-        ..KubeConfigOptions::default()
-    };
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .map_err(|e| err(format!("cannot read kubeconfig {}: {e}", path.display())))?;
-            Config::from_custom_kubeconfig(kubeconfig, &options)
-                .await
-                .map_err(|e| err(format!("kubeconfig {}: {e}", path.display())))?
-        }
-        None if args.context.is_some() => Config::from_kubeconfig(&options)
-            .await
-            .map_err(|e| err(format!("kubeconfig: {e}")))?,
-        None => Config::infer()
-            .await
-            .map_err(|e| err(format!("no Kubernetes configuration found: {e}")))?,
-    };
+    let config = kube_config(args.kubeconfig.as_deref(), args.context.as_deref())
+        .await
+        .map_err(err)?;
     let namespace = args
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
     let client = Client::try_from(config).map_err(|e| err(format!("Kubernetes client: {e}")))?;
     Ok((client, namespace))
+}
+
+/// The Kubernetes configuration of a command a person runs: `kubeconfig`
+/// (else $KUBECONFIG, ~/.kube/config, the in-cluster service account), with
+/// `context` (else the current one). The error is what the person reads.
+pub(crate) async fn kube_config(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> Result<Config, String> {
+    let options = KubeConfigOptions {
+        context: context.map(str::to_owned),
+        ..KubeConfigOptions::default()
+    };
+    match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .map_err(|e| format!("cannot read kubeconfig {}: {e}", path.display()))?;
+            Config::from_custom_kubeconfig(kubeconfig, &options)
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))
+        }
+        None if context.is_some() => Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| format!("kubeconfig: {e}")),
+        None => Config::infer()
+            .await
+            .map_err(|e| format!("no Kubernetes configuration found: {e}")),
+    }
 }
 
 /// What the instance says about where its credentials are.

@@ -246,14 +246,28 @@ pub const WEBHOOK_PREFIX: &str = "/webhooks/dropbox/";
 /// A value that fits a label (at most 63 characters): longer values keep a
 /// prefix and end in a hash of the whole value, so distinct values stay distinct.
 pub fn label_value(value: &str) -> String {
-    const MAX: usize = 63;
-    if value.len() <= MAX {
+    shorten(value, 63)
+}
+
+/// `value` when it has at most `max` characters; else a prefix of it and a hash
+/// of the whole value, `max` characters in all, so distinct values stay
+/// distinct. The prefix ends alphanumeric, so the result stays a valid label
+/// value, and a valid DNS subdomain name when `value` is one.
+pub fn shorten(value: &str, max: usize) -> String {
+    if value.len() <= max {
         return value.to_owned();
     }
     let hash = hex::encode(&Sha256::digest(value.as_bytes())[..5]);
     // Instance names are DNS subdomains (ASCII), so byte slicing is safe; the
-    // prefix must end alphanumeric to stay a valid label value.
-    let prefix = value[..MAX - hash.len() - 1].trim_end_matches(['-', '.', '_']);
+    // prefix must end alphanumeric.
+    let cut = max.saturating_sub(hash.len() + 1).min(value.len());
+    let prefix = value
+        .get(..cut)
+        .unwrap_or_default()
+        .trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    if prefix.is_empty() {
+        return hash;
+    }
     format!("{prefix}-{hash}")
 }
 
@@ -363,6 +377,9 @@ mod tests {
         let dashed = format!("{}-{}", "x".repeat(50), "y".repeat(20));
         let l = label_value(&dashed);
         assert!(l.len() <= 63 && !l.contains("--"), "{l}");
+        let dotted = format!("{}.{}", "x".repeat(57), "y".repeat(20));
+        let l = shorten(&dotted, 63);
+        assert!(l.len() <= 63 && !l.contains(".-"), "{l}");
     }
 
     #[test]

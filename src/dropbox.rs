@@ -1,6 +1,6 @@
 //! A small client for the parts of the Dropbox API the operator uses: the OAuth 2
-//! token endpoint, `users/get_current_account`, `auth/token/revoke` and the
-//! `files/list_folder` cursor routes.
+//! token endpoint, `check/app`, `users/get_current_account`,
+//! `auth/token/revoke` and the `files/list_folder` cursor routes.
 //!
 //! Errors are classified so callers can decide between "retry with backoff"
 //! ([`DropboxError::is_transient`]) and "wait for a person to change something".
@@ -80,6 +80,17 @@ impl DropboxError {
             DropboxError::RateLimited { .. }
                 | DropboxError::Unavailable { .. }
                 | DropboxError::NotSent(_)
+        )
+    }
+
+    /// Dropbox refused app credentials (on `check/app`, or `invalid_client`):
+    /// the app key or secret is wrong, not Dropbox in trouble.
+    pub fn refuses_app(&self) -> bool {
+        matches!(
+            self,
+            DropboxError::InvalidClient { .. }
+                | DropboxError::Unauthorized { .. }
+                | DropboxError::Api { status: 400, .. }
         )
     }
 
@@ -270,6 +281,11 @@ impl DropboxClient {
         })
     }
 
+    /// The bound of one request.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The same client with another notify host (`files/list_folder/longpoll`).
     pub fn with_notify(mut self, notify: Url) -> Self {
         self.notify = notify;
@@ -380,6 +396,24 @@ impl DropboxClient {
                 tag: None,
             }),
         }
+    }
+
+    /// `POST /2/check/app`: validates the app key and secret (app
+    /// authentication, HTTP Basic) and has no other effect. Proves the app
+    /// credentials before a single-use code is spent on them.
+    pub async fn check_app(
+        &self,
+        client_id: &str,
+        client_secret: &str,
+    ) -> Result<(), DropboxError> {
+        let path = "/2/check/app";
+        let request = self
+            .http
+            .post(self.api_url(path))
+            .basic_auth(client_id, Some(client_secret))
+            .json(&serde_json::json!({"query": "dropbox-operator"}));
+        let _: Value = self.send(request, path).await?;
+        Ok(())
     }
 
     /// `POST /2/users/get_current_account`.

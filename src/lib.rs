@@ -10,6 +10,7 @@
 //! - [`import`]: converts a Cloud Elements instance JSON into Secrets and a CR.
 //! - [`ingress`]: the webhook ingress (verification, syncs, delivery).
 //! - [`metrics`], [`server`]: Prometheus metrics and the probe/metrics HTTP server.
+//! - [`release`]: the `release-finalizers` subcommand, for a removed controller.
 //! - [`yaml`]: the YAML the `crd` and `import` subcommands write.
 
 pub mod api;
@@ -22,6 +23,7 @@ pub mod dropbox;
 pub mod import;
 pub mod ingress;
 pub mod metrics;
+pub mod release;
 pub mod retry;
 pub mod server;
 pub mod store;

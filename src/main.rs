@@ -48,6 +48,7 @@ fn controller_options(
             revoke_timeout: args.revoke_timeout,
             resync_interval: args.resync_interval,
             max_backoff: args.max_backoff,
+            api_timeout: args.api_timeout,
         },
         dropbox: dropbox_client(&args.dropbox)?,
         namespace: args.namespace.clone(),
@@ -174,6 +175,7 @@ fn main() -> ExitCode {
         // Prints its own errors: a CLI user wants `error: <field> ...`, not a log line.
         Command::Import(args) => return dropbox_operator::import::run(args),
         Command::Connect(args) => return dropbox_operator::connect::run(args),
+        Command::ReleaseFinalizers(args) => return dropbox_operator::release::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

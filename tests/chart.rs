@@ -736,9 +736,10 @@ fn controller_questions<'a>(ops: &'a str, data: &'a str, apps: &'a str) -> Vec<C
         ("list", "leases.coordination.k8s.io", ops, false),
         ("create", "leases.coordination.k8s.io", ops, true),
         ("get", LEADER_LEASE_REF, ops, true),
-        ("patch", LEADER_LEASE_REF, ops, true),
+        ("update", LEADER_LEASE_REF, ops, true),
+        ("patch", LEADER_LEASE_REF, ops, false),
         (
-            "patch",
+            "update",
             "leases.coordination.k8s.io/someone-else",
             ops,
             false,

@@ -156,9 +156,14 @@ fn binary_disagrees(binary: &Binary) -> Result<String> {
                 renew_grace: Duration::from_secs(*grace),
                 renew_deadline: Duration::from_secs(*deadline),
             };
+            // (lease duration, renew interval, renew deadline) as the elector uses
+            // them; the grace shapes the interval and is cut below the duration.
             let used = election.timings();
             let asked = (*duration, *grace, Duration::from_secs(*deadline));
-            ensure!(used != asked, "the controller uses {asked:?} as given");
+            let changed = used.0 != Duration::from_secs(*duration)
+                || used.2 != Duration::from_secs(*deadline)
+                || *grace >= used.0.as_secs();
+            ensure!(changed, "the controller uses {asked:?} as given");
             Ok(format!("changed: {asked:?} -> {used:?}"))
         }
         Binary::RefusesCidr(cidr) => match AddressPolicy::parse(cidr, "") {

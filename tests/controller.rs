@@ -375,8 +375,9 @@ async fn rotated_secrets_are_picked_up_within_seconds() -> Result<()> {
     assert_eq!(codes.len(), 2);
     assert_eq!(codes[1], new_code);
 
-    // Rotate the app secret to a wrong value, then a new code: the exchange fails
-    // with invalid_client, which does not spend the code.
+    // Rotate the app secret to a wrong value, then a new code: Dropbox refuses
+    // the app credentials at check/app, before the code is sent, so the code
+    // is kept.
     f.put_secret(
         "dropbox-app",
         &[
@@ -394,7 +395,8 @@ async fn rotated_secrets_are_picked_up_within_seconds() -> Result<()> {
         Duration::from_secs(20),
     )
     .await?;
-    // Fixing it makes the same (unspent) code work.
+    // Fixing it makes the same (unsent) code work; it was never sent with the
+    // wrong secret.
     f.put_secret(
         "dropbox-app",
         &[("oauth.api.key", APP_KEY), ("oauth.api.secret", APP_SECRET)],
@@ -406,6 +408,11 @@ async fn rotated_secrets_are_picked_up_within_seconds() -> Result<()> {
         last.last().and_then(|c| c.form.get("code")),
         Some(&newer_code)
     );
+    let sent = last
+        .iter()
+        .filter(|c| c.form.get("code") == Some(&newer_code))
+        .count();
+    assert_eq!(sent, 1, "the code was sent once, with the fixed secret");
     Ok(())
 }
 

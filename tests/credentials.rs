@@ -9,18 +9,27 @@
 //! counts are its own. At the end it prints one table:
 //!
 //! fault | instances | codes sent twice | instances not Ready at the end |
-//! tokens not revoked | panics
+//! tokens not revoked | Ready flaps | stale-leader writes | panics escaping
 //!
 //! - codes sent twice: codes the emulator saw at `/oauth2/token` more than once;
 //! - not Ready at the end: after the fault is lifted (and, where Dropbox consumed
 //!   a code without the controller storing its tokens, after a new code is put
 //!   in the code Secret), instances whose Ready is not True within a timeout;
-//! - tokens not revoked: for rows that delete instances, access tokens the
-//!   emulator minted that it still accepts afterwards;
-//! - panics: "panicked" in the logs of every operator process of the row.
+//! - tokens not revoked: for rows that delete instances (or whose controller
+//!   gives up tokens it could not store), token families (grants) the emulator
+//!   still honours afterwards: an expired access token whose refresh token
+//!   still works counts;
+//! - Ready flaps (rows where a working instance must stay Ready): Ready going
+//!   from True to False, as a watch of the instances saw it;
+//! - stale-leader writes (rows with two live leaders): writes to instances or
+//!   Secrets that the API server's audit log records as made, successfully, by
+//!   the stale leader's user after it was stopped or cut off;
+//! - panics escaping: "panicked at" in the logs of every operator process of
+//!   the row, except the one panic a row injects on purpose.
 //!
-//! Every count after `instances` must be 0; checks a row makes beyond the table
-//! (reasons, events, flaps, writes) are printed under it and must hold too.
+//! Every count after `instances` must be 0 ("-": not measured by that row);
+//! checks a row makes beyond the table (reasons, events, writes) are printed
+//! under it and must hold too.
 
 mod support;
 
@@ -28,7 +37,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 use dropbox_operator::api::DropboxElementInstance;
@@ -60,6 +69,8 @@ struct Row {
     codes_twice: usize,
     not_ready: usize,
     not_revoked: usize,
+    flaps: Option<usize>,
+    stale_writes: Option<usize>,
     panics: usize,
     /// Checks beyond the table that failed (each must be empty), and errors.
     notes: Vec<String>,
@@ -71,6 +82,8 @@ struct Row {
 struct Outcome {
     not_ready: usize,
     not_revoked: usize,
+    flaps: Option<usize>,
+    stale_writes: Option<usize>,
     notes: Vec<String>,
 }
 
@@ -79,8 +92,9 @@ fn credential_lifecycle_survives_faults() {
     support::run_blocking(run());
 }
 
-const ROWS: [(&str, &str); 15] = [
+const ROWS: [(&str, &str); 26] = [
     ("long-names", "70-character instance names"),
+    ("name-253", "a 253-character instance name"),
     (
         "quota",
         "ResourceQuota refuses the token Secret, then lifted",
@@ -97,20 +111,56 @@ const ROWS: [(&str, &str); 15] = [
         "sigkill",
         "controller SIGKILL between exchange and storage; new code",
     ),
+    (
+        "claims-restart",
+        "one code for two instances, controller killed mid-exchange",
+    ),
     ("apiserver", "kube-apiserver restarted mid-exchange"),
     (
         "apiserver-long",
         "kube-apiserver down past the renew deadline mid-exchange; new code",
     ),
-    ("failover", "leader failover with 100 instances mid-refresh"),
+    (
+        "sigstop",
+        "leader SIGSTOPped for twice the lease mid-exchange, then SIGCONT",
+    ),
+    (
+        "blackhole",
+        "leader's API server connection black-holed mid-exchange, then healed",
+    ),
+    (
+        "failover",
+        "leader SIGSTOPped mid-refresh, 100 instances, rotating refresh tokens",
+    ),
     ("spent-code", "spent code Secret deleted after Ready"),
+    ("self-heal", "GitOps puts the previous (spent) code back"),
     ("ns-delete", "namespace deleted with 20 instances"),
+    (
+        "ns-expired",
+        "namespace deleted, tokens expired, app Secret deleted first",
+    ),
+    (
+        "unstored-delete",
+        "instance deleted while its tokens are only in memory",
+    ),
+    (
+        "finalizer-refused",
+        "admission policy refuses releasing the token Secret, then removed",
+    ),
     ("foreground", "foreground-cascade deletion of an instance"),
+    (
+        "release",
+        "controller removed, namespace stuck; release-finalizers by hand",
+    ),
     (
         "expiry",
         "token Secret expires_at -9999-01-01 / +9999-12-31",
     ),
     ("apikey", "apiKey malformed (400), then fixed"),
+    (
+        "apikey-429",
+        "apiKey instances, 429 bursts across a controller restart",
+    ),
     (
         "scope",
         "app without files.metadata.read, events on; then granted",
@@ -119,11 +169,26 @@ const ROWS: [(&str, &str); 15] = [
         "restarts",
         "5 controller restarts, events-enabled instances Ready",
     ),
+    (
+        "panic",
+        "one instance's reconcile panics (test fault switch)",
+    ),
 ];
 
 async fn run_row(tag: &str, c: &mut Ctx) -> Result<Outcome> {
     match tag {
         "long-names" => long_names(c).await,
+        "name-253" => longest_name(c).await,
+        "claims-restart" => claims_across_restart(c).await,
+        "sigstop" => sigstop_mid_exchange(c).await,
+        "blackhole" => black_hole_mid_exchange(c).await,
+        "self-heal" => self_heal(c).await,
+        "ns-expired" => namespace_deleted_expired(c).await,
+        "unstored-delete" => deleted_while_unstored(c).await,
+        "finalizer-refused" => finalizer_refused(c).await,
+        "apikey-429" => api_key_rate_limited(c).await,
+        "panic" => panic_contained(c).await,
+        "release" => released_by_hand(c).await,
         "quota" => quota(c).await,
         "vap" => admission_policy(c).await,
         "hang" => hang_after_consuming(c).await,
@@ -173,6 +238,8 @@ async fn run() -> Result<()> {
             codes_twice: ctx.codes_twice(),
             not_ready: outcome.not_ready,
             not_revoked: outcome.not_revoked,
+            flaps: outcome.flaps,
+            stale_writes: outcome.stale_writes,
             panics: ctx.panics(),
             notes: outcome.notes,
             seconds: row_started.elapsed().as_secs_f64(),
@@ -184,7 +251,9 @@ async fn run() -> Result<()> {
     let bad: Vec<&Row> = table
         .iter()
         .filter(|r| {
-            r.codes_twice + r.not_ready + r.not_revoked + r.panics > 0 || !r.notes.is_empty()
+            let measured = r.flaps.unwrap_or(0) + r.stale_writes.unwrap_or(0);
+            r.codes_twice + r.not_ready + r.not_revoked + r.panics + measured > 0
+                || !r.notes.is_empty()
         })
         .collect();
     if !bad.is_empty() {
@@ -201,22 +270,32 @@ fn print_table(rows: &[Row], took: Duration) {
         took.as_secs_f64()
     );
     out += &format!(
-        "| {:width$} | {:>9} | {:>16} | {:>30} | {:>18} | {:>6} |\n",
+        "| {:width$} | {:>9} | {:>16} | {:>30} | {:>18} | {:>11} | {:>19} | {:>15} |\n",
         "fault",
         "instances",
         "codes sent twice",
         "instances not Ready at the end",
         "tokens not revoked",
-        "panics"
+        "Ready flaps",
+        "stale-leader writes",
+        "panics escaping"
     );
     out += &format!(
-        "|{}|-----------|------------------|--------------------------------|--------------------|--------|\n",
+        "|{}|-----------|------------------|--------------------------------|--------------------|-------------|---------------------|-----------------|\n",
         "-".repeat(width + 2)
     );
+    let shown = |n: Option<usize>| n.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
     for r in rows {
         out += &format!(
-            "| {:width$} | {:>9} | {:>16} | {:>30} | {:>18} | {:>6} |\n",
-            r.fault, r.instances, r.codes_twice, r.not_ready, r.not_revoked, r.panics
+            "| {:width$} | {:>9} | {:>16} | {:>30} | {:>18} | {:>11} | {:>19} | {:>15} |\n",
+            r.fault,
+            r.instances,
+            r.codes_twice,
+            r.not_ready,
+            r.not_revoked,
+            shown(r.flaps),
+            shown(r.stale_writes),
+            r.panics
         );
     }
     let notes: Vec<String> = rows
@@ -289,6 +368,8 @@ impl Ctx {
         OperatorProcess::new(&self.ns, &self.emu.url)
             .name(name)
             .env("POD_NAMESPACE", &self.ops)
+            .env("POD_NAME", name)
+            .env("API_TIMEOUT", "2s")
             .env("DROPBOX_TIMEOUT", "2s")
             .env("REVOKE_TIMEOUT", "3s")
             .env("MAX_BACKOFF", "2s")
@@ -480,24 +561,137 @@ impl Ctx {
         by_code.values().filter(|n| **n > 1).count()
     }
 
+    /// Panics in the logs that were not contained: every one but those the
+    /// `panic` row injects, and of those as many as the controller did not
+    /// report contained (the standard hook prints the message on the next line).
     fn panics(&self) -> usize {
         self.logs
             .iter()
             .map(|l| {
-                std::fs::read_to_string(l)
-                    .unwrap_or_default()
-                    .matches("panicked")
-                    .count()
+                let log = std::fs::read_to_string(l).unwrap_or_default();
+                let (injected, other): (Vec<usize>, Vec<usize>) = log
+                    .match_indices("panicked at")
+                    .map(|(i, _)| i)
+                    .partition(|i| {
+                        let after: String = log[*i..].chars().take(400).collect();
+                        after.contains("injected test fault")
+                    });
+                let contained = log.matches("reconcile panicked; contained").count();
+                other.len() + injected.len().saturating_sub(contained)
             })
             .sum()
     }
 
+    /// Token families the emulator still honours (an access token, or a refresh
+    /// token that can mint one).
     fn not_revoked(&self) -> usize {
-        self.emu
-            .live_oauth_access_tokens()
-            .iter()
-            .filter(|t| self.emu.is_access_token_valid(t))
+        self.emu.live_grants()
+    }
+
+    /// A controller that authenticates as `user` (one of the control plane's
+    /// process users, so the audit log tells its writes apart) and reaches the
+    /// API server at `server` (default: directly).
+    fn controller_as(
+        &self,
+        name: &str,
+        user: &str,
+        server: Option<&str>,
+    ) -> Result<OperatorProcess> {
+        let cluster = support::cluster();
+        let kubeconfig = cluster.kubeconfig_for_user(user, server.unwrap_or(&cluster.server))?;
+        Ok(self
+            .controller(name)
+            .env("KUBECONFIG", &kubeconfig.display().to_string()))
+    }
+
+    /// Successful writes (create, update, patch, delete of Secrets and instances
+    /// in the row's namespace) the API server's audit log records as made by
+    /// `user` at or after `since`.
+    fn writes_by(&self, user: &str, since: SystemTime) -> Vec<String> {
+        let Some(path) = support::cluster().audit_log.clone() else {
+            return vec!["the control plane runs without an audit log".into()];
+        };
+        let since = jiff::Timestamp::try_from(since).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["user"]["username"] == user)
+            .filter(|e| e["objectRef"]["namespace"] == self.ns.as_str())
+            .filter(|e| {
+                e["responseStatus"]["code"]
+                    .as_u64()
+                    .is_some_and(|c| (200..300).contains(&c))
+            })
+            .filter(|e| {
+                e["requestReceivedTimestamp"]
+                    .as_str()
+                    .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                    .is_some_and(|t| t >= since)
+            })
+            .map(|e| {
+                format!(
+                    "{} {}/{}{} at {}",
+                    e["verb"].as_str().unwrap_or("?"),
+                    e["objectRef"]["resource"].as_str().unwrap_or("?"),
+                    e["objectRef"]["name"].as_str().unwrap_or("?"),
+                    e["objectRef"]["subresource"]
+                        .as_str()
+                        .map(|s| format!("/{s}"))
+                        .unwrap_or_default(),
+                    e["requestReceivedTimestamp"].as_str().unwrap_or("?"),
+                )
+            })
+            .collect()
+    }
+
+    /// Refused writes by `user` to Secrets of the row (the API server's audit log).
+    fn refused_writes_by(&self, user: &str) -> usize {
+        let Some(path) = support::cluster().audit_log.clone() else {
+            return 0;
+        };
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["user"]["username"] == user)
+            .filter(|e| e["objectRef"]["namespace"] == self.ns.as_str())
+            .filter(|e| e["objectRef"]["resource"] == "secrets")
+            .filter(|e| {
+                e["responseStatus"]["code"]
+                    .as_u64()
+                    .is_some_and(|c| c >= 400)
+            })
             .count()
+    }
+
+    /// Starts recording Ready going from True to False for `names`.
+    fn watch_flaps(&self, names: &[String]) -> Flaps {
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let names = names.to_vec();
+        let stream = watcher(self.instances.clone(), watcher::Config::default()).applied_objects();
+        let task = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                let mut ready: HashMap<String, bool> = HashMap::new();
+                let mut stream = std::pin::pin!(stream);
+                while let Some(item) = stream.next().await {
+                    let Ok(i) = item else { continue };
+                    if !names.contains(&i.name_any()) {
+                        continue;
+                    }
+                    let now = is_ready(&i);
+                    if ready.insert(i.name_any(), now) == Some(true) && !now {
+                        seen.lock().expect("flaps").push(format!(
+                            "{}: {}",
+                            i.name_any(),
+                            state(&i)
+                        ));
+                    }
+                }
+            }
+        });
+        Flaps { seen, task }
     }
 
     async fn token_secret(&self, instance: &str) -> Result<Option<Secret>> {
@@ -547,6 +741,53 @@ impl Ctx {
         )
         .await
     }
+}
+
+/// Ready transitions True → False seen by a watch.
+struct Flaps {
+    seen: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Flaps {
+    fn stop(self) -> Vec<String> {
+        self.task.abort();
+        self.seen.lock().expect("flaps").clone()
+    }
+}
+
+/// Sends `signal` to a process.
+fn signal(process: &Process, signal: i32) {
+    if let Some(pid) = process.pid() {
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(pid as i32, signal);
+        }
+    }
+}
+
+/// Waits until `process` leads (its leader metric is 1).
+async fn wait_leading(process: &Process, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while process.metric_sum("dropbox_operator_leader", "").await != 1.0 {
+        if Instant::now() > deadline {
+            bail!("{} did not lead within {timeout:?}", process.name);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Waits until `process` exits on its own; whether it did.
+async fn wait_exit(process: &mut Process, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !process.exited() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
 }
 
 fn is_ready(i: &DropboxElementInstance) -> bool {
@@ -840,9 +1081,10 @@ async fn sigkill_mid_exchange(c: &mut Ctx) -> Result<Outcome> {
 /// stored. The code is never resent. With the default lease timings the
 /// controller rides out the outage and stores the tokens it kept: Ready with
 /// the first code. With an outage longer than --lease-renew-deadline the leader
-/// steps down and exits (the tokens die with it); restarted as a Deployment
-/// would, it asks for a new approval (status.authorizeUrl) and a new code
-/// makes the instance Ready.
+/// must step down and exit (nothing tells it whether a standby took over), and
+/// revoke the tokens it could not store on its way out; restarted as a
+/// Deployment would, it asks for a new approval (status.authorizeUrl) and a
+/// new code makes the instance Ready.
 async fn apiserver_restart(c: &mut Ctx, outlives_lease: bool) -> Result<Outcome> {
     c.emu.hang_after_consuming_code(Duration::from_millis(1500));
     let controller = if outlives_lease {
@@ -854,7 +1096,7 @@ async fn apiserver_restart(c: &mut Ctx, outlives_lease: bool) -> Result<Outcome>
             .env("LEASE_RENEW_DEADLINE", "10s")
     };
     let mut controller = c.start(controller).await;
-    c.code("restart-code").await?;
+    let first = c.code("restart-code").await?;
     c.oauth("restart", "restart-code", false).await?;
     c.wait_exchanges(1, Duration::from_secs(20)).await?;
     // Down for longer than Dropbox takes to answer.
@@ -866,6 +1108,14 @@ async fn apiserver_restart(c: &mut Ctx, outlives_lease: bool) -> Result<Outcome>
     c.emu.hang_after_consuming_code(Duration::ZERO);
     let names = vec!["restart".to_owned()];
     let mut notes = Vec::new();
+    // The leader steps down on its own clock: by now it has exited (the renew
+    // deadline is 3 s, the outage longer), or it never needed to.
+    let stepped_down = wait_exit(&mut controller, Duration::from_secs(5)).await;
+    if outlives_lease && !stepped_down {
+        notes.push(format!(
+            "the leader did not step down although the API server was away for {away:?} (renew deadline 3 s)"
+        ));
+    }
     let mut restarts = 0;
     let deadline = Instant::now() + READY_TIMEOUT;
     let verdict = loop {
@@ -886,8 +1136,17 @@ async fn apiserver_restart(c: &mut Ctx, outlives_lease: bool) -> Result<Outcome>
         "after the outage ({restarts} controller restarts): {}",
         state(&verdict)
     );
+    // Tokens the stepped-down leader held are stored by nobody: revoked.
+    let leaked =
+        usize::from(!is_ready(&verdict) && c.emu.grant_of_code_alive(&first) == Some(true));
+    if leaked > 0 {
+        notes.push("the tokens of the first code were neither stored nor revoked".into());
+    }
     if is_ready(&verdict) {
-        return Ok(Outcome::default());
+        return Ok(Outcome {
+            notes,
+            ..Outcome::default()
+        });
     }
     if !outlives_lease {
         notes.push(format!(
@@ -897,19 +1156,28 @@ async fn apiserver_restart(c: &mut Ctx, outlives_lease: bool) -> Result<Outcome>
     }
     let mut out = new_code_then_ready(c, "restart", "restart-code").await?;
     out.notes.splice(0..0, notes);
+    out.not_revoked = leaked;
     if out.not_ready == 0 && c.not_ready(&names, Duration::ZERO).await > 0 {
         out.not_ready = 1;
     }
     Ok(out)
 }
 
-/// Two replicas, 100 instances whose tokens live 20 s (refreshed at half-life);
-/// the leader is SIGKILLed while refreshes are going on.
+/// Two replicas, 100 instances whose tokens live 20 s (refreshed at half-life),
+/// refresh tokens rotating (a stricter Dropbox: see the emulator); the leader
+/// is SIGSTOPped for twice the lease while refreshes are going on (Dropbox
+/// takes 1 s to answer, so some are in flight), then SIGCONTed: two live
+/// leaders. The old one must write nothing after the stop (audit log); no
+/// refresh token may be burned, no stored access token dead, no Ready flap.
 async fn failover(c: &mut Ctx) -> Result<Outcome> {
+    let lease = Duration::from_secs(4);
     c.emu.set_access_token_ttl(Duration::from_secs(20));
-    let mut a = c.start_controller("replica-a").await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut b = c.start_controller("replica-b").await;
+    c.emu.rotate_refresh_tokens(true);
+    let a = c.controller_as("replica-a", "process-1", None)?;
+    let a = c.start(a).await;
+    wait_leading(&a, Duration::from_secs(15)).await?;
+    let b = c.controller_as("replica-b", "process-2", None)?;
+    let b = c.start(b).await;
     let names = c.many("f", 100, false).await?;
     let n = c.not_ready(&names, Duration::from_secs(90)).await;
     if n > 0 {
@@ -922,26 +1190,32 @@ async fn failover(c: &mut Ctx) -> Result<Outcome> {
     while c.grant_calls("refresh_token") < 15 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    c.emu.set_latency("/oauth2/token", Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let flaps = c.watch_flaps(&names);
     let refreshes_before = c.grant_calls("refresh_token");
-    let a_leads = a.metric_sum("dropbox_operator_leader", "").await == 1.0;
-    let b_leads = b.metric_sum("dropbox_operator_leader", "").await == 1.0;
     let mut notes = Vec::new();
-    if a_leads == b_leads {
-        notes.push(format!("leaders: a={a_leads} b={b_leads}"));
+    let (mut leader, standby) = (a, b);
+    let stopped_at = SystemTime::now();
+    signal(&leader, libc::SIGSTOP);
+    let stopped = Instant::now();
+    eprintln!("stopped the leader after {refreshes_before} refreshes");
+    tokio::time::sleep(2 * lease).await;
+    signal(&leader, libc::SIGCONT);
+    c.emu.set_latency("/oauth2/token", Duration::ZERO);
+    if !wait_exit(&mut leader, Duration::from_secs(20)).await {
+        notes.push("the stale leader kept running".into());
+        leader.kill();
     }
-    let (leader, standby) = if a_leads { (&mut a, &b) } else { (&mut b, &a) };
-    leader.kill();
-    let killed = Instant::now();
-    eprintln!("killed the leader after {refreshes_before} refreshes");
     // Every token is refreshed again by the new leader (each lives 20 s).
     let deadline = Instant::now() + Duration::from_secs(45);
     while c.grant_calls("refresh_token") < refreshes_before + 100 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!(
-        "{} refreshes in {:?} after the failover; standby leads: {}",
+        "{} refreshes in {:?} after the stop; standby leads: {}",
         c.grant_calls("refresh_token") - refreshes_before,
-        killed.elapsed(),
+        stopped.elapsed(),
         standby.metric_sum("dropbox_operator_leader", "").await
     );
     let not_ready = c.not_ready(&names, READY_TIMEOUT).await;
@@ -970,8 +1244,16 @@ async fn failover(c: &mut Ctx) -> Result<Outcome> {
     if dead > 0 {
         notes.push(format!("{dead} stored access tokens not valid"));
     }
+    let stale = c.writes_by("process-1", stopped_at);
+    if !stale.is_empty() {
+        eprintln!("stale leader's writes: {stale:?}");
+    }
+    let flapped = flaps.stop();
+    notes.extend(flapped.iter().take(5).cloned());
     Ok(Outcome {
         not_ready,
+        flaps: Some(flapped.len()),
+        stale_writes: Some(stale.len()),
         notes,
         ..Outcome::default()
     })
@@ -1337,4 +1619,722 @@ fn conditions_of(i: &DropboxElementInstance) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+// ---- rows of issue 23: fenced decisions, spent codes, revocation, names ---------
+
+/// A 253-character instance name (the longest the API allows): the token Secret
+/// gets a shortened name, Events are published, the instance becomes Ready and
+/// is deleted with its token revoked.
+async fn longest_name(c: &mut Ctx) -> Result<Outcome> {
+    let _controller = c.start_controller("controller").await;
+    let name = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    anyhow::ensure!(name.len() == 253, "the name has {} characters", name.len());
+    // First without a code: its AwaitingAuthorization is a Warning Event.
+    c.oauth(&name, "long-code", false).await?;
+    let names = vec![name.clone()];
+    let mut notes = Vec::new();
+    let api = c.instances.clone();
+    let waiting = support::eventually(
+        "AwaitingAuthorization",
+        Duration::from_secs(20),
+        || {
+            let api = api.clone();
+            let name = name.clone();
+            async move { Ok(api.get(&name).await?) }
+        },
+        |i: &DropboxElementInstance| reason(i, "Authorized") == "AwaitingAuthorization",
+    )
+    .await;
+    if waiting.is_err() {
+        notes.push(format!(
+            "not AwaitingAuthorization: {}",
+            c.describe(&names).await
+        ));
+    }
+    c.code("long-code").await?;
+    let not_ready = c.not_ready(&names, READY_TIMEOUT).await;
+    if not_ready > 0 {
+        notes.push(c.describe(&names).await);
+    }
+    if c.warnings(&name).await?.is_empty() {
+        notes.push("no Warning Event was published for the instance".into());
+    }
+    let i = c.get(&name).await?;
+    let secret_name = i
+        .status
+        .as_ref()
+        .and_then(|s| s.token.as_ref())
+        .and_then(|t| t.secret_name.clone())
+        .unwrap_or_default();
+    let found = match secret_name.is_empty() {
+        true => None,
+        false => c.secrets.get_opt(&secret_name).await?,
+    };
+    match found {
+        Some(_) if secret_name.len() <= 253 => {}
+        _ => notes.push(format!(
+            "status.token.secretName {secret_name:?} does not name the token Secret"
+        )),
+    }
+    c.instances.delete(&name, &DeleteParams::default()).await?;
+    c.wait_gone(&names, Duration::from_secs(20)).await?;
+    Ok(Outcome {
+        not_ready,
+        not_revoked: c.not_revoked(),
+        notes,
+        ..Outcome::default()
+    })
+}
+
+/// Two instances name one code Secret. The first (zeta) records the code and
+/// sends it; the controller is killed before the answer; the second (alpha,
+/// listed and so reconciled first) is created while no controller runs. The
+/// restarted controller must find zeta's durable record of the code (its
+/// status says nothing yet) and not send it for alpha.
+async fn claims_across_restart(c: &mut Ctx) -> Result<Outcome> {
+    c.emu.hang_after_consuming_code(Duration::from_secs(3));
+    let mut controller = c.start_controller("controller-1").await;
+    c.code("shared-code").await?;
+    c.oauth("zeta", "shared-code", false).await?;
+    c.wait_exchanges(1, Duration::from_secs(20)).await?;
+    controller.kill();
+    c.emu.hang_after_consuming_code(Duration::ZERO);
+    c.oauth("alpha", "shared-code", false).await?;
+    let _controller = c.start_controller("controller-2").await;
+    let mut notes = Vec::new();
+    for name in ["zeta", "alpha"] {
+        let settled = c.settled(name, Duration::from_secs(20)).await;
+        eprintln!("{name} after the restart: {}", state(&c.get(name).await?));
+        if settled.is_err() {
+            notes.push(format!("{name} did not settle"));
+        }
+    }
+    if reason(&c.get("alpha").await?, "Authorized") != "CodeAlreadyUsed" {
+        notes.push(format!(
+            "alpha: want CodeAlreadyUsed, {}",
+            state(&c.get("alpha").await?)
+        ));
+    }
+    // A code of its own for each makes both Ready.
+    c.code("alpha-code").await?;
+    c.instances
+        .patch(
+            "alpha",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"authentication": {"codeSecretRef": {"name": "alpha-code"}}}}),
+            ),
+        )
+        .await?;
+    let mut out = new_code_then_ready(c, "zeta", "shared-code").await?;
+    let names = vec!["zeta".to_owned(), "alpha".to_owned()];
+    out.not_ready = c.not_ready(&names, READY_TIMEOUT).await;
+    if out.not_ready > 0 {
+        notes.push(c.describe(&names).await);
+    }
+    out.notes.splice(0..0, notes);
+    Ok(out)
+}
+
+/// Two replicas and an instance whose code exchange the leader has sent:
+/// replica-a (user process-1, reaching the API server at `a_server`, else
+/// directly) leads, replica-b (process-2) stands by; Dropbox answers the
+/// exchange after `hold`.
+struct TwoLeaders {
+    stale: Process,
+    standby: Process,
+    /// The code the stale leader sent.
+    first: String,
+    name: &'static str,
+}
+
+async fn two_replicas_mid_exchange(
+    c: &mut Ctx,
+    name: &'static str,
+    hold: Duration,
+    a_server: Option<&str>,
+) -> Result<TwoLeaders> {
+    c.emu.hang_after_consuming_code(hold);
+    let a = c
+        .controller_as("replica-a", "process-1", a_server)?
+        .env("DROPBOX_TIMEOUT", "30s");
+    let stale = c.start(a).await;
+    wait_leading(&stale, Duration::from_secs(15)).await?;
+    let b = c
+        .controller_as("replica-b", "process-2", None)?
+        .env("DROPBOX_TIMEOUT", "30s");
+    let standby = c.start(b).await;
+    let first = c.code(&format!("{name}-code")).await?;
+    c.oauth(name, &format!("{name}-code"), false).await?;
+    c.wait_exchanges(1, Duration::from_secs(20)).await?;
+    Ok(TwoLeaders {
+        stale,
+        standby,
+        first,
+        name,
+    })
+}
+
+/// After the fault: the stale leader must stop on its own, the standby lead,
+/// the stale leader have written nothing since `since` (audit log) and revoked
+/// the tokens it could not store; a new code makes the instance Ready.
+async fn after_the_takeover(c: &mut Ctx, mut t: TwoLeaders, since: SystemTime) -> Result<Outcome> {
+    let mut notes = Vec::new();
+    if !wait_exit(&mut t.stale, Duration::from_secs(25)).await {
+        notes.push("the stale leader kept running".into());
+        t.stale.kill();
+    }
+    c.emu.hang_after_consuming_code(Duration::ZERO);
+    if wait_leading(&t.standby, Duration::from_secs(10))
+        .await
+        .is_err()
+    {
+        notes.push("the standby does not lead".into());
+    }
+    let stale = c.writes_by("process-1", since);
+    eprintln!(
+        "the stale leader's writes: {stale:?}; after the takeover: {}",
+        state(&c.get(t.name).await?)
+    );
+    let leaked = usize::from(c.emu.grant_of_code_alive(&t.first) == Some(true));
+    if leaked > 0 {
+        notes.push("the tokens of the first code were neither stored nor revoked".into());
+    }
+    let mut out = new_code_then_ready(c, t.name, &format!("{}-code", t.name)).await?;
+    out.notes.splice(0..0, notes);
+    out.stale_writes = Some(stale.len());
+    out.not_revoked = leaked;
+    Ok(out)
+}
+
+/// Two replicas; Dropbox holds the answer of the leader's code exchange while
+/// the leader is SIGSTOPped for twice the lease (the answer arrives meanwhile
+/// and waits); the standby takes over, then the old leader runs again with the
+/// answer in hand. It must write nothing (audit log), stop on its own, and
+/// revoke the tokens it could not store; the code is never sent again.
+async fn sigstop_mid_exchange(c: &mut Ctx) -> Result<Outcome> {
+    let lease = Duration::from_secs(4);
+    let t = two_replicas_mid_exchange(c, "stop", lease + Duration::from_secs(2), None).await?;
+    let stopped_at = SystemTime::now();
+    signal(&t.stale, libc::SIGSTOP);
+    tokio::time::sleep(2 * lease).await;
+    signal(&t.stale, libc::SIGCONT);
+    after_the_takeover(c, t, stopped_at).await
+}
+
+/// Two replicas; the leader reaches the API server through a proxy the test
+/// controls. While Dropbox holds the answer of its code exchange, the proxy
+/// stops forwarding (connections stay open); the standby takes over; Dropbox
+/// answers the old leader, which cannot know it lost the lease; then the proxy
+/// forwards again, delivering whatever was held. The old leader must have
+/// stopped on its own, written nothing after the cut (audit log), and revoked
+/// the tokens it could not store.
+async fn black_hole_mid_exchange(c: &mut Ctx) -> Result<Outcome> {
+    let proxy = support::proxy::Proxy::start(support::cluster().apiserver_addr()).await;
+    let via_proxy = format!("https://{}", proxy.addr);
+    let mut t =
+        two_replicas_mid_exchange(c, "cut", Duration::from_secs(8), Some(&via_proxy)).await?;
+    let cut_at = SystemTime::now();
+    proxy.black_hole();
+    // Past the held answer and the lease: the standby leads, the old leader has
+    // the tokens.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let stepped_down = t.stale.exited();
+    proxy.heal();
+    eprintln!("the cut-off leader stepped down before the heal: {stepped_down}");
+    // Whatever the proxy held reaches the API server now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    after_the_takeover(c, t, cut_at).await
+}
+
+/// GitOps self-heal: an instance authorized with code A is re-authorized with
+/// code B; then the code Secret gets A back (a GitOps tool restoring it). Nothing
+/// is sent, the tokens of B keep working, Ready never flaps, and Authorized's
+/// message says the Secret holds an already-used code.
+async fn self_heal(c: &mut Ctx) -> Result<Outcome> {
+    let _controller = c.start_controller("controller").await;
+    let a = c.code("heal-code").await?;
+    c.oauth("heal", "heal-code", false).await?;
+    let names = vec!["heal".to_owned()];
+    c.all_ready(&names).await?;
+    let fp_a = c.get("heal").await?.status.and_then(|s| s.code_fingerprint);
+    c.code("heal-code").await?;
+    let api = c.instances.clone();
+    support::eventually(
+        "Ready with code B",
+        Duration::from_secs(20),
+        || {
+            let api = api.clone();
+            async move { Ok(api.get("heal").await?) }
+        },
+        |i: &DropboxElementInstance| {
+            is_ready(i) && i.status.as_ref().and_then(|s| s.code_fingerprint.clone()) != fp_a
+        },
+    )
+    .await?;
+    let flaps = c.watch_flaps(&names);
+    let exchanges = c.exchanges();
+    c.put_secret("heal-code", &[("code", &a)]).await?;
+    let mut notes = Vec::new();
+    let said = support::eventually(
+        "the message about an already-used code",
+        Duration::from_secs(15),
+        || {
+            let api = api.clone();
+            async move { Ok(api.get("heal").await?) }
+        },
+        |i: &DropboxElementInstance| {
+            support::condition(i, "Authorized").is_some_and(|c| c.message.contains("already used"))
+        },
+    )
+    .await;
+    if said.is_err() {
+        notes.push(format!(
+            "Authorized does not say so: {}",
+            state(&c.get("heal").await?)
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if c.exchanges() != exchanges {
+        notes.push(format!(
+            "{} exchanges after the old code came back",
+            c.exchanges() - exchanges
+        ));
+    }
+    let token = c
+        .token_secret("heal")
+        .await?
+        .and_then(|s| secret_text(&s, "access_token"));
+    if !token.is_some_and(|t| c.emu.is_access_token_valid(&t)) {
+        notes.push("the stored access token is not valid".into());
+    }
+    let flapped = flaps.stop();
+    notes.extend(flapped.iter().cloned());
+    Ok(Outcome {
+        not_ready: c.not_ready(&names, Duration::from_secs(5)).await,
+        flaps: Some(flapped.len()),
+        notes,
+        ..Outcome::default()
+    })
+}
+
+/// The controller is down while access tokens expire; then the app Secret is
+/// deleted and the namespace with it. The controller comes back: it must
+/// refresh each expired token (with the app credentials the token Secret keeps)
+/// to revoke its family, and the namespace goes away.
+async fn namespace_deleted_expired(c: &mut Ctx) -> Result<Outcome> {
+    c.emu.set_access_token_ttl(Duration::from_secs(4));
+    let mut controller = c.start_controller("controller-1").await;
+    let names = c.many("x", 3, false).await?;
+    c.all_ready(&names).await?;
+    controller.terminate(Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let expired = c.emu.live_oauth_access_tokens().len();
+    c.secrets
+        .delete("dropbox-app", &DeleteParams::default())
+        .await?;
+    let namespaces: Api<Namespace> = Api::all(c.client.clone());
+    namespaces.delete(&c.ns, &DeleteParams::default()).await?;
+    let _controller = c.start_controller("controller-2").await;
+    let mut notes = Vec::new();
+    if expired > 0 {
+        notes.push(format!(
+            "{expired} access tokens had not expired (the row needs them expired)"
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while namespaces.get_opt(&c.ns).await?.is_some() {
+        if Instant::now() > deadline {
+            notes.push("the namespace is still there after 45 s".into());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(Outcome {
+        not_revoked: c.not_revoked(),
+        notes,
+        ..Outcome::default()
+    })
+}
+
+/// A ValidatingAdmissionPolicy manifest for the row's namespace.
+fn admission_policy_manifest(
+    name: &str,
+    ns: &str,
+    operations: &str,
+    expression: &str,
+    message: &str,
+) -> String {
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata:
+  name: {name}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [""]
+      apiVersions: ["v1"]
+      operations: {operations}
+      resources: ["secrets"]
+  validations:
+  - expression: "{expression}"
+    message: "{message}"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: {name}
+spec:
+  policyName: {name}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels:
+        kubernetes.io/metadata.name: {ns}
+"#
+    )
+}
+
+fn remove_policy(name: &str) -> Result<()> {
+    let (ok, _, err) = support::kubectl(&[
+        "delete",
+        "--ignore-not-found",
+        "validatingadmissionpolicybinding,validatingadmissionpolicy",
+        name,
+    ]);
+    anyhow::ensure!(ok, "delete the admission policy: {err}");
+    Ok(())
+}
+
+/// Dry runs pass, real writes of token Secrets are refused: the code is sent,
+/// its tokens live only in memory (TokensNotStored). The instance is deleted
+/// then: its tokens must be revoked all the same.
+async fn deleted_while_unstored(c: &mut Ctx) -> Result<Outcome> {
+    let name = format!("refuse-real-writes-{}", c.ns);
+    let manifest = admission_policy_manifest(
+        &name,
+        &c.ns,
+        r#"["CREATE", "UPDATE"]"#,
+        "request.dryRun == true || !object.metadata.name.endsWith('-dropbox-token')",
+        "token Secrets are refused here, dry runs aside (test policy)",
+    );
+    let (ok, _, err) = support::kubectl_stdin(&["apply", "-f", "-"], &manifest);
+    anyhow::ensure!(ok, "apply the admission policy: {err}");
+    // Effective once a real create is refused.
+    let probe: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "probe-dropbox-token"}, "stringData": {"x": "y"}
+    }))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c
+        .secrets
+        .create(&PostParams::default(), &probe)
+        .await
+        .is_ok()
+    {
+        c.secrets
+            .delete("probe-dropbox-token", &DeleteParams::default())
+            .await?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the admission policy never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let _controller = c.start_controller("controller").await;
+    let code = c.code("mem-code").await?;
+    c.oauth("mem", "mem-code", false).await?;
+    let mut notes = Vec::new();
+    let kept = support::wait_condition(
+        &c.instances,
+        "mem",
+        "Authorized",
+        "False",
+        Some("TokensNotStored"),
+        Duration::from_secs(20),
+    )
+    .await;
+    if kept.is_err() || c.emu.grant_of_code_alive(&code) != Some(true) {
+        notes.push(format!(
+            "the tokens were not issued and kept: {}",
+            state(&c.get("mem").await?)
+        ));
+    }
+    c.instances.delete("mem", &DeleteParams::default()).await?;
+    let gone = c
+        .wait_gone(&["mem".to_owned()], Duration::from_secs(20))
+        .await;
+    remove_policy(&name)?;
+    if let Err(e) = gone {
+        notes.push(e.to_string());
+    }
+    Ok(Outcome {
+        not_revoked: c.not_revoked(),
+        notes,
+        ..Outcome::default()
+    })
+}
+
+/// A ValidatingAdmissionPolicy refuses any update that leaves a token Secret
+/// without the operator's finalizer; then the instance is deleted. The token is
+/// revoked, the release is refused: the controller must back off (a bounded
+/// number of refused writes), say why in a Warning Event, and finish once the
+/// policy is removed.
+async fn finalizer_refused(c: &mut Ctx) -> Result<Outcome> {
+    let controller = c.controller_as("controller", "process-1", None)?;
+    let _controller = c.start(controller).await;
+    c.code("keep-code").await?;
+    c.oauth("keep", "keep-code", false).await?;
+    let names = vec!["keep".to_owned()];
+    c.all_ready(&names).await?;
+    let name = format!("keep-token-finalizers-{}", c.ns);
+    let finalizer = "elements.dropbox-operator.dev/revoke-token";
+    let manifest = admission_policy_manifest(
+        &name,
+        &c.ns,
+        r#"["UPDATE"]"#,
+        &format!(
+            "!object.metadata.name.endsWith('-dropbox-token') || (has(object.metadata.finalizers) && object.metadata.finalizers.exists(f, f == '{finalizer}'))"
+        ),
+        "test policy: a token Secret keeps its finalizer",
+    );
+    let (ok, _, err) = support::kubectl_stdin(&["apply", "-f", "-"], &manifest);
+    anyhow::ensure!(ok, "apply the admission policy: {err}");
+    // Effective once removing a probe's finalizer is refused (a dry run).
+    let probe: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "probe-dropbox-token", "finalizers": [finalizer]},
+        "stringData": {"x": "y"}
+    }))?;
+    c.secrets.create(&PostParams::default(), &probe).await?;
+    let release = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+    let dry = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c
+        .secrets
+        .patch("probe-dropbox-token", &dry, &release)
+        .await
+        .is_ok()
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the admission policy never took effect"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    c.instances.delete("keep", &DeleteParams::default()).await?;
+    let refused_for = Duration::from_secs(8);
+    tokio::time::sleep(refused_for).await;
+    let mut notes = Vec::new();
+    let refused = c.refused_writes_by("process-1");
+    eprintln!("refused writes in {refused_for:?}: {refused}");
+    // Backing off (at most 2 s here, two tries per reconcile): a handful, not a loop.
+    if refused > 24 {
+        notes.push(format!(
+            "{refused} refused writes in {refused_for:?}: no backoff"
+        ));
+    }
+    if refused == 0 {
+        notes.push("the release was never refused (the policy did not bite)".into());
+    }
+    let warnings = c.warnings("keep").await?;
+    if !warnings
+        .iter()
+        .any(|w| w.contains("FinalizerRemovalRefused") && w.contains("keeps its finalizer"))
+    {
+        notes.push(format!("no Warning names the refusal: {warnings:?}"));
+    }
+    if c.instances.get_opt("keep").await?.is_none() {
+        notes.push("the instance went although its token Secret could not be released".into());
+    }
+    remove_policy(&name)?;
+    if let Err(e) = c.wait_gone(&names, Duration::from_secs(20)).await {
+        notes.push(format!("after the policy was removed: {e}"));
+    }
+    c.secrets
+        .patch("probe-dropbox-token", &PatchParams::default(), &release)
+        .await?;
+    Ok(Outcome {
+        not_revoked: c.not_revoked(),
+        notes,
+        ..Outcome::default()
+    })
+}
+
+/// apiKey instances are Ready; Dropbox answers 429 to the next account reads,
+/// and the controller restarts into them. Authorized and Ready must not flap:
+/// a working token stays working while Dropbox is busy.
+async fn api_key_rate_limited(c: &mut Ctx) -> Result<Outcome> {
+    let mut controller = c.start_controller("controller-0").await;
+    let mut names = Vec::new();
+    for i in 0..3 {
+        let name = format!("key-{i}");
+        let token = c.emu.issue_long_lived_token(APP_KEY, ACCOUNT);
+        c.put_secret(&name, &[("apiKey", &token)]).await?;
+        c.create(
+            &name,
+            json!({"type": "apiKey", "apiKeySecretRef": {"name": name}}),
+            false,
+        )
+        .await?;
+        names.push(name);
+    }
+    c.all_ready(&names).await?;
+    let flaps = c.watch_flaps(&names);
+    let route = "/2/users/get_current_account";
+    let before = c.emu.calls_to(route).len();
+    c.emu.rate_limit_next(route, 9, 1);
+    controller.terminate(Duration::from_secs(10));
+    let _controller = c.start_controller("controller-1").await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let limited = c.emu.calls_to(route)[before..]
+        .iter()
+        .filter(|call| call.status == 429)
+        .count();
+    let mut notes = Vec::new();
+    if limited < 3 {
+        notes.push(format!(
+            "only {limited} account reads were answered 429 (the burst did not hit)"
+        ));
+    }
+    let flapped = flaps.stop();
+    notes.extend(flapped.iter().cloned());
+    Ok(Outcome {
+        not_ready: c.not_ready(&names, READY_TIMEOUT).await,
+        flaps: Some(flapped.len()),
+        notes,
+        ..Outcome::default()
+    })
+}
+
+/// One instance's reconcile panics (the test-only fault switch, an
+/// annotation): the panic stays with it, and the other instances keep
+/// reconciling (their short-lived tokens are refreshed) while it panics again
+/// and again.
+async fn panic_contained(c: &mut Ctx) -> Result<Outcome> {
+    c.emu.set_access_token_ttl(Duration::from_secs(6));
+    let mut controller = c.start_controller("controller").await;
+    let names = c.many("p", 3, false).await?;
+    c.all_ready(&names).await?;
+    let annotation = "elements.dropbox-operator.dev/test-fault";
+    let set_fault = |value: serde_json::Value| {
+        Patch::Merge(json!({"metadata": {"annotations": {annotation: value}}}))
+    };
+    c.instances
+        .patch(
+            &names[0],
+            &PatchParams::default(),
+            &set_fault(json!("panic")),
+        )
+        .await?;
+    let refreshes = c.grant_calls("refresh_token");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut notes = Vec::new();
+    if controller.exited() {
+        notes.push("the panic took the controller down".into());
+    } else {
+        let contained = controller
+            .metric_sum("dropbox_operator_reconcile_panics_total", "")
+            .await;
+        if contained < 2.0 {
+            notes.push(format!(
+                "{contained} panics contained (want the fault hit and retried)"
+            ));
+        }
+    }
+    // 6 s tokens, refreshed at half-life: the others refresh in 8 s.
+    let refreshed = c.grant_calls("refresh_token") - refreshes;
+    if refreshed < 2 {
+        notes.push(format!("{refreshed} refreshes while one instance panicked"));
+    }
+    let others = c.not_ready(&names[1..], Duration::from_secs(5)).await;
+    if others > 0 {
+        notes.push(format!(
+            "{others} of the other instances not Ready: {}",
+            c.describe(&names[1..]).await
+        ));
+    }
+    c.instances
+        .patch(
+            &names[0],
+            &PatchParams::default(),
+            &set_fault(serde_json::Value::Null),
+        )
+        .await?;
+    Ok(Outcome {
+        not_ready: c.not_ready(&names, READY_TIMEOUT).await,
+        notes,
+        ..Outcome::default()
+    })
+}
+
+/// The controller is removed (killed) with instances Ready; their access
+/// tokens expire; the app Secret, then the namespace, are deleted: the
+/// namespace hangs on the finalizers. `dropbox-operator release-finalizers -n
+/// NS` (the escape hatch README documents) revokes every token family,
+/// refreshing the expired tokens with the app credentials the token Secrets
+/// keep, and releases the finalizers: the namespace goes away.
+async fn released_by_hand(c: &mut Ctx) -> Result<Outcome> {
+    c.emu.set_access_token_ttl(Duration::from_secs(4));
+    let mut controller = c.start_controller("controller").await;
+    let names = c.many("r", 2, false).await?;
+    c.all_ready(&names).await?;
+    controller.kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    c.secrets
+        .delete("dropbox-app", &DeleteParams::default())
+        .await?;
+    let namespaces: Api<Namespace> = Api::all(c.client.clone());
+    namespaces.delete(&c.ns, &DeleteParams::default()).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut notes = Vec::new();
+    if namespaces.get_opt(&c.ns).await?.is_none() {
+        notes.push("nothing held the namespace (the finalizers were not there)".into());
+    }
+    let (ns, api) = (c.ns.clone(), c.emu.url.clone());
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(support::operator::binary())
+            .args(["release-finalizers", "--namespace", &ns])
+            .env("KUBECONFIG", support::kubeconfig())
+            .env("DROPBOX_API_URL", &api)
+            .env("DROPBOX_TIMEOUT", "2s")
+            .env("RELEASE_REVOKE_TIMEOUT", "5s")
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!(
+        "release-finalizers ({}): {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if !output.status.success() {
+        notes.push(format!("release-finalizers exited with {}", output.status));
+    }
+    if !stdout.contains("2 instances and 2 token Secrets released; 2 token families revoked") {
+        notes.push(format!("the report does not say what was done: {stdout}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while namespaces.get_opt(&c.ns).await?.is_some() {
+        if Instant::now() > deadline {
+            notes.push("the namespace is still there 30 s after the release".into());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(Outcome {
+        not_revoked: c.not_revoked(),
+        notes,
+        ..Outcome::default()
+    })
 }

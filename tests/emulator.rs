@@ -1323,3 +1323,61 @@ async fn longpoll_is_noauth_blocks_until_a_change_in_scope_and_knows_reset() {
             .all(|c| c.header("authorization").is_none() || c.status == 400)
     );
 }
+
+#[tokio::test]
+async fn check_app_authenticates_the_app_key_and_secret_and_echoes() {
+    let emu = emulator().await;
+    let check = |secret: &'static str| {
+        http()
+            .post(format!("{}/2/check/app", emu.url))
+            .basic_auth(KEY, Some(secret))
+            .json(&json!({"query": "ping"}))
+            .send()
+    };
+    let ok = check(SECRET).await.expect("check/app");
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        ok.json::<Value>().await.expect("json"),
+        json!({"result": "ping"})
+    );
+    let refused = check("wrong").await.expect("check/app");
+    assert_eq!(refused.status(), 401);
+    // Nothing else happens: no token, no grant.
+    assert_eq!(emu.live_grants(), 0);
+}
+
+#[tokio::test]
+async fn refresh_tokens_do_not_rotate_unless_asked_and_revoking_kills_the_grant() {
+    let emu = emulator().await;
+    let (access, rt) = tokens(&emu).await;
+    // Dropbox: the refresh answer carries no refresh token; the one used stays good.
+    let (status, body) = refresh(&emu, &rt).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("refresh_token").is_none(), "{body}");
+    assert!(emu.is_refresh_token_valid(&rt));
+
+    // Rotation (RFC 6749 §6, a stricter Dropbox): a new one per refresh; the
+    // old one works until the new one is used, then never again.
+    emu.rotate_refresh_tokens(true);
+    let (_, body) = refresh(&emu, &rt).await;
+    let rt2 = body["refresh_token"].as_str().expect("rotated").to_owned();
+    assert!(emu.is_refresh_token_valid(&rt) && emu.is_refresh_token_valid(&rt2));
+    let (status, body) = refresh(&emu, &rt2).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !emu.is_refresh_token_valid(&rt),
+        "the used token's predecessor retired"
+    );
+    let (status, body) = refresh(&emu, &rt).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+
+    // Revoking any access token of the grant kills all of it.
+    assert_eq!(emu.live_grants(), 1);
+    let (status, _) = rpc_json(&emu, &access, "/2/auth/token/revoke", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(emu.live_grants(), 0);
+    assert!(emu.live_oauth_access_tokens().is_empty());
+}

@@ -8,7 +8,7 @@
 //! - knows whether an ingress replica is alive from the heartbeats ConfigMap, in
 //!   which every ingress process renews its own key (this also covers ingress
 //!   processes run outside the Deployment, e.g. in tests or local development);
-//! - removes projected objects (see [`super::projection`]) whose instance is gone.
+//! - removes projected objects (see `projection.rs`) whose instance is gone.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

@@ -1,9 +1,9 @@
-//! Step 1 of a reconcile: read what the instance refers to. Secrets are read from
-//! the instance's own namespace only; a missing Secret or key is a [`Problem`]
-//! (a condition for the user), not an error.
+//! Reading what an instance refers to: its Secrets, from the instance's own
+//! namespace only, and its token Secret. A missing Secret or key is a
+//! [`Problem`] (a condition for the user), not an error. Secret contents are
+//! cached and re-read only when the metadata watch saw them change.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::ByteString;
@@ -18,31 +18,7 @@ use crate::api::{AuthenticationType, DropboxElementInstance};
 use crate::conditions::Reason;
 use crate::controller::token::{self, StoredToken};
 
-/// The Dropbox app key and secret. Debug output hides the secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AppCredentials {
-    pub client_id: String,
-    pub client_secret: String,
-}
-
-impl fmt::Debug for AppCredentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AppCredentials")
-            .field("client_id", &self.client_id)
-            .field("client_secret", &"<redacted>")
-            .finish()
-    }
-}
-
-/// A secret string whose Debug output is redacted.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretString(pub String);
-
-impl fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::controller::token::{AppCredentials, SecretString};
 
 /// What the instance's credentials resolve to.
 #[derive(Debug)]
@@ -75,6 +51,9 @@ pub struct Inputs {
     pub credentials: Credentials,
     /// The token Secret this controller owns, when it exists.
     pub token: Option<StoredToken>,
+    /// The token Secret's resourceVersion when it exists (and is ours): the
+    /// precondition of the next write of it.
+    pub token_secret_version: Option<String>,
     /// The signature key, when events are enabled and one is referenced; a
     /// missing one is an EventsReady problem, not an Authorized one.
     pub signature_key: Option<Result<String, Problem>>,
@@ -418,6 +397,7 @@ pub async fn read(
         }
     };
     let mut token_secret_deleting = None;
+    let mut token_secret_version = None;
     let token = match credentials {
         Credentials::OAuth2 { .. } => {
             let name = token::secret_name(&instance.name_any());
@@ -438,7 +418,10 @@ pub async fn read(
                     token_secret_deleting = Some(s);
                     None
                 }
-                Some(s) => StoredToken::from_secret(&s, instance),
+                Some(s) => {
+                    token_secret_version = s.metadata.resource_version.clone();
+                    StoredToken::from_secret(&s, instance)
+                }
                 None => None,
             }
         }
@@ -455,6 +438,7 @@ pub async fn read(
         app,
         credentials,
         token,
+        token_secret_version,
         signature_key,
         token_secret_deleting,
     }))

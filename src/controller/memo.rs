@@ -139,7 +139,8 @@ pub struct CodeRegistry {
 
 impl CodeRegistry {
     /// Claims `fingerprint` for instance `uid`. Fails with the holder's name when
-    /// another instance exchanged the code (its status says so) or is exchanging it.
+    /// another instance sent the code (its durable record of the codes it sent,
+    /// or its status, says so; also after a restart) or is sending it.
     pub fn claim(
         &self,
         fingerprint: &str,
@@ -158,13 +159,18 @@ impl CodeRegistry {
                 .unwrap_or_else(|| "(deleted)".into());
             return Err(name);
         }
-        // Once per exchange: a lookup under the cache's lock that allocates nothing.
+        // Once per exchange: a lookup under the cache's lock.
         let other = store.find(|i| {
-            i.status
+            let in_status = i
+                .status
                 .as_ref()
                 .and_then(|s| s.code_fingerprint.as_deref())
-                == Some(fingerprint)
-                && i.metadata.uid.as_deref() != Some(uid)
+                == Some(fingerprint);
+            let recorded = i
+                .annotations()
+                .get(super::token::CODE_SENT_ANNOTATION)
+                .is_some_and(|codes| codes.split(',').any(|fp| fp.trim() == fingerprint));
+            (in_status || recorded) && i.metadata.uid.as_deref() != Some(uid)
         });
         if let Some(other) = other {
             return Err(format!(

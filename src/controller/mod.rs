@@ -1,23 +1,35 @@
 //! `dropbox-operator controller`: reconciles DropboxElementInstances.
 //!
-//! - [`inputs`]: reads the referenced Secrets and the token Secret.
-//! - [`reconcile`]: the OAuth lifecycle, status, events and the deletion finalizer.
-//! - [`token`]: the token Secret the controller owns.
+//! - [`reconcile`]: one reconcile, as a pipeline of the files below.
+//! - [`lifecycle`]: the OAuth lifecycle as one pure state machine: states,
+//!   observations, transitions (docs/architecture.md, "The credential state machine").
+//! - [`gather`]: what the machine decides from, read once; [`inputs`] reads the
+//!   referenced Secrets and the token Secret.
+//! - [`execute`]: carries out the machine's effects with fenced writes.
+//! - [`token`]: the token Secret and the set of spent codes; [`revoke`] revokes
+//!   a token family; [`finalizer`]: the revoke finalizer and the orphan sweep.
+//! - [`status`]: the desired status and the Events of its transitions.
+//! - [`leader`]: leadership as a fence, by the replica's own clocks.
 //! - [`projection`]: what the ingress needs of an instance, in the ingress's data namespace.
 //! - [`ingress`]: the ingress Deployment/Service, its liveness, orphan sweeps.
+//! - [`common`]: the error, `Next`, the clock: a leaf every file may import.
 //!
 //! This module wires them into a kube-runtime controller with leader election,
 //! metrics, probes and graceful shutdown.
 
 pub mod autoscaler;
-pub mod exchange;
+pub mod common;
+pub mod execute;
 pub mod finalizer;
+pub mod gather;
 pub mod ingress;
 pub mod inputs;
+pub mod leader;
+pub mod lifecycle;
 pub mod memo;
-pub mod oauth;
 pub mod projection;
 pub mod reconcile;
+pub mod revoke;
 pub mod status;
 pub mod token;
 
@@ -36,7 +48,6 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use kube_lease_manager::LeaseManagerBuilder;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +68,8 @@ pub struct Config {
     pub resync_interval: Duration,
     /// Upper bound of the retry backoff.
     pub max_backoff: Duration,
+    /// Bound of every Kubernetes API request (watches: of their answer's start).
+    pub api_timeout: Duration,
 }
 
 /// Everything reconciles share.
@@ -82,10 +95,9 @@ pub struct Context {
     pub deliveries_ready: Arc<std::sync::atomic::AtomicBool>,
     /// Tokens Dropbox issued that the API server has not stored yet, by instance
     /// uid (the code that gave them is spent: they are all there is).
-    pub unstored: Mutex<HashMap<String, token::StoredToken>>,
-    /// The code marker (`finalizer::CODE_SENT_ANNOTATION`) this process last
-    /// wrote per instance uid: newer than any cached copy of the instance.
-    pub code_markers: Mutex<HashMap<String, Option<String>>>,
+    pub unstored: Mutex<HashMap<String, lifecycle::Kept>>,
+    /// Until when this replica may act (the leader lease, by its own clocks).
+    pub leadership: Arc<leader::Leadership>,
     /// Instances (uid) whose token this process revoked on deletion.
     pub revoked: Mutex<std::collections::HashSet<String>>,
     pub written: WrittenStatus,
@@ -129,23 +141,24 @@ impl Context {
 }
 
 impl LeaderElection {
-    /// Lease duration, renew grace and renew deadline in whole seconds, made
-    /// consistent: the lease is renewed about every 2 s (at most a third of its
-    /// duration), and a leader that has not renewed for the deadline (at most two
-    /// thirds of the duration) steps down before anyone else may take the lease.
-    pub fn timings(&self) -> (u64, u64, Duration) {
+    /// Lease duration, renew interval and renew deadline, made consistent: the
+    /// lease is renewed about every 2 s (at most a third of its duration, and at
+    /// least `renew_grace` before it expires), and a leader that has not renewed
+    /// for the deadline (at most two thirds of the duration) steps down before
+    /// anyone else may take the lease.
+    pub fn timings(&self) -> (Duration, Duration, Duration) {
         let duration = self.lease_duration.as_secs().max(3);
-        let interval = (duration / 3).clamp(1, 2);
-        let grace = self
-            .renew_grace
-            .as_secs()
-            .max(duration - interval)
-            .min(duration - 1);
+        let grace = self.renew_grace.as_secs().min(duration - 1);
+        let interval = (duration / 3).clamp(1, 2).min(duration - grace).max(1);
         let deadline = self
             .renew_deadline
             .min(Duration::from_secs(duration * 2 / 3))
             .max(Duration::from_secs(interval + 1));
-        (duration, grace, deadline)
+        (
+            Duration::from_secs(duration),
+            Duration::from_secs(interval),
+            deadline,
+        )
     }
 }
 
@@ -153,8 +166,6 @@ impl LeaderElection {
 pub enum RunError {
     #[error("cannot connect to Kubernetes: {0}")]
     Kube(#[from] kube::Error),
-    #[error("leader election failed: {0}")]
-    Lease(#[from] kube_lease_manager::LeaseManagerError),
     #[error("lost the leader lease; exiting so another replica takes over")]
     LostLease,
     #[error("the metrics server failed: {0}")]
@@ -164,7 +175,16 @@ pub enum RunError {
 /// Runs the controller until SIGTERM/SIGINT (or, with leader election, until the
 /// lease is lost).
 pub async fn run(options: RunOptions) -> Result<(), RunError> {
-    let client = crate::store::client().await?;
+    let identity = options
+        .leader_election
+        .as_ref()
+        .map(|e| e.identity.clone())
+        .unwrap_or_else(|| "controller".into());
+    let client = api_client(
+        options.config.api_timeout,
+        &format!("controller; {identity}"),
+    )
+    .await?;
     let mut registry = Registry::default();
     let metrics = ControllerMetrics::register(&mut registry);
     let ready = Arc::new(Readiness::default());
@@ -186,7 +206,15 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     let result = match options.leader_election.clone() {
         None => {
             ready.set(true);
-            run_controller(client, &options, metrics, shutdown.clone()).await;
+            let leadership = Arc::new(leader::Leadership::unconditional());
+            run_controller(
+                client,
+                options.clone(),
+                metrics,
+                leadership,
+                shutdown.clone(),
+            )
+            .await;
             Ok(())
         }
         Some(election) => {
@@ -200,6 +228,29 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
     result
 }
 
+/// A Kubernetes client whose every request is bounded by `timeout` (kube sets
+/// no read timeout, so a request on a black-holed connection would wait
+/// forever; for a watch the bound is on the start of its answer) and whose
+/// User-Agent names the process (`dropbox-operator/<version> (<who>)`), so the
+/// API server's audit log tells which replica wrote what.
+pub async fn api_client(timeout: Duration, who: &str) -> Result<Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.connect_timeout = Some(timeout);
+    // Also bounds each read of a watch's stream (the server ends watches
+    // sooner, `store::WATCH_TIMEOUT_SECS`), so a black-holed watch is noticed.
+    config.read_timeout = Some(crate::store::API_READ_TIMEOUT);
+    config.reset_reader_on_write = true;
+    let agent = format!("dropbox-operator/{} ({who})", env!("CARGO_PKG_VERSION"));
+    if let Ok(value) = reqwest::header::HeaderValue::from_str(&agent) {
+        config.headers.push((reqwest::header::USER_AGENT, value));
+    }
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::timeout::TimeoutLayer::new(timeout))
+        .build())
+}
+
 async fn run_as_leader(
     client: Client,
     options: &RunOptions,
@@ -208,102 +259,61 @@ async fn run_as_leader(
     ready: Arc<Readiness>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let (duration, grace, renew_deadline) = election.timings();
-    let manager = LeaseManagerBuilder::new(client.clone(), &election.lease_name)
-        .with_namespace(&election.namespace)
-        .with_identity(&election.identity)
-        .with_duration(duration)
-        .with_grace(grace)
-        .with_field_manager(format!("dropbox-operator-leader-{}", election.identity))
-        .build()
-        .await?;
-    let (mut leader, lease_task) = manager.watch().await;
+    let (duration, interval, renew_deadline) = election.timings();
+    let elector = leader::Elector::new(
+        Api::<Lease>::namespaced(client.clone(), &election.namespace),
+        &election.lease_name,
+        &election.identity,
+        duration,
+        interval,
+        renew_deadline,
+    );
+    let leadership = Arc::new(leader::Leadership::elected());
     // A standby replica is healthy and ready: it is waiting for its turn.
     ready.set(true);
     tracing::info!(lease = %election.lease_name, identity = %election.identity, "waiting for the leader lease");
-    let became_leader = loop {
-        if *leader.borrow_and_update() {
-            break true;
-        }
-        tokio::select! {
-            changed = leader.changed() => if changed.is_err() { break false },
-            _ = shutdown.cancelled() => break false,
-        }
-    };
-    let result = if became_leader {
-        tracing::info!(identity = %election.identity, "acquired the leader lease; starting the controller");
-        metrics.leader.set(1);
-        let controller_stop = shutdown.child_token();
-        let lost = async {
-            loop {
-                if leader.changed().await.is_err() || !*leader.borrow() {
-                    break;
-                }
-            }
-        };
-        let leases: Api<Lease> = Api::namespaced(client.clone(), &election.namespace);
-        let watchdog = renew_watchdog(&leases, &election, renew_deadline);
-        tokio::select! {
-            _ = run_controller(client, options, metrics.clone(), controller_stop.clone()) => Ok(()),
-            _ = lost => {
-                controller_stop.cancel();
-                metrics.leader.set(0);
-                Err(RunError::LostLease)
-            }
-            why = watchdog => {
-                // Stop reconciling at once: a standby may take the lease soon.
-                controller_stop.cancel();
-                metrics.leader.set(0);
-                tracing::error!(reason = %why, "stepping down as leader");
-                Err(RunError::LostLease)
-            }
-        }
-    } else {
-        Ok(())
-    };
-    // Closing the channel makes the lease task release the lease, so a standby
-    // takes over at once instead of waiting for expiry.
-    drop(leader);
-    match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
-        Ok(Ok(Ok(_))) => tracing::info!("released the leader lease"),
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader lease failed"),
-        _ => tracing::warn!("releasing the leader lease did not finish"),
+    if !elector.acquire(&leadership, &shutdown).await {
+        return Ok(());
     }
-    result
-}
-
-/// Resolves when this replica must stop acting as the leader: the lease names
-/// another holder or is gone, or it was not renewed within `deadline` (as
-/// client-go's renewDeadline: a leader cut off from the API server stops before
-/// its lease can expire and be taken).
-async fn renew_watchdog(
-    leases: &Api<Lease>,
-    election: &LeaderElection,
-    deadline: Duration,
-) -> String {
-    let deadline =
-        jiff::SignedDuration::try_from(deadline).unwrap_or(jiff::SignedDuration::from_secs(10));
-    let mut last_renew = jiff::Timestamp::now();
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        match leases.get_opt(&election.lease_name).await {
-            Ok(Some(lease)) => {
-                let spec = lease.spec.unwrap_or_default();
-                if spec.holder_identity.as_deref() != Some(election.identity.as_str()) {
-                    return "the lease names another holder".into();
-                }
-                if let Some(renewed) = spec.renew_time.or(spec.acquire_time) {
-                    last_renew = last_renew.max(renewed.0);
-                }
-            }
-            Ok(None) => return "the lease is gone".into(),
-            // Cut off from the API server: what counts is the last renewal seen.
-            Err(e) => tracing::warn!(error = %e, "cannot read the leader lease"),
-        }
-        if jiff::Timestamp::now().duration_since(last_renew) > deadline {
-            return format!("the lease was not renewed within {deadline:#}");
-        }
+    tracing::info!(identity = %election.identity, "acquired the leader lease; starting the controller");
+    metrics.leader.set(1);
+    let stop = shutdown.child_token();
+    let mut controller = tokio::spawn(run_controller(
+        client,
+        options.clone(),
+        metrics.clone(),
+        leadership.clone(),
+        stop.clone(),
+    ));
+    // Acting ends at shutdown, or when this replica must stop: the lease names
+    // another holder, or no renewal succeeded within the renew deadline (as
+    // client-go's renewDeadline). The last is decided by this replica's own
+    // clocks: a leader cut off from the API server, or paused, stops before its
+    // lease can expire and be taken, without waiting for any answer.
+    let why = tokio::select! {
+        _ = &mut controller => None,
+        _ = leadership.lapsed() => Some(format!("no renewal of the lease succeeded within {renew_deadline:?}")),
+        why = elector.hold(&leadership) => Some(why),
+    };
+    metrics.leader.set(0);
+    let Some(why) = why else {
+        // Shutdown: give the lease up, so a standby takes over at once.
+        let _ = tokio::time::timeout(Duration::from_secs(5), elector.release(&leadership)).await;
+        return Ok(());
+    };
+    leadership.step_down();
+    stop.cancel();
+    tracing::error!(reason = %why, "stepping down as leader");
+    // In-flight reconciles end at their next fenced step; tokens they hold that
+    // could not be stored are revoked on the way out (run_controller). Nothing
+    // is written to the lease: this replica cannot know whether it is still
+    // its own (a release would clear the new holder's record).
+    let bound =
+        options.dropbox.timeout() + options.config.revoke_timeout + options.config.api_timeout;
+    if tokio::time::timeout(bound, controller).await.is_err() {
+        tracing::warn!("the controller did not stop within {bound:?}");
     }
+    Err(RunError::LostLease)
 }
 
 /// Instances that a Secret event concerns: the owner of a token Secret, and every
@@ -365,8 +375,9 @@ fn events_enabled(store: &Store<DropboxElementInstance>) -> Vec<ObjectRef<Dropbo
 
 async fn run_controller(
     client: Client,
-    options: &RunOptions,
+    options: RunOptions,
     metrics: ControllerMetrics,
+    leadership: Arc<leader::Leadership>,
     stop: CancellationToken,
 ) {
     // One watch per namespace when several are given (Roles there, no
@@ -512,7 +523,7 @@ async fn run_controller(
         deliveries,
         deliveries_ready,
         unstored: Mutex::default(),
-        code_markers: Mutex::default(),
+        leadership,
         revoked: Mutex::default(),
         written: WrittenStatus::default(),
         own_secret_writes,
@@ -531,8 +542,7 @@ async fn run_controller(
                     _ = tick.tick() => {}
                     _ = stop.cancelled() => return,
                 }
-                let bound = ctx.config.revoke_timeout;
-                if let Err(e) = finalizer::release_orphaned_token_secrets(&ctx, bound).await {
+                if let Err(e) = finalizer::release_orphaned_token_secrets(&ctx).await {
                     tracing::warn!(error = %e, "releasing orphaned token Secrets failed; retrying later");
                 }
             }
@@ -540,7 +550,7 @@ async fn run_controller(
     });
     controller
         .graceful_shutdown_on(async move { stop.cancelled().await })
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 // Object-level failures are already logged by the error policy;
@@ -549,7 +559,34 @@ async fn run_controller(
             }
         })
         .await;
+    revoke_unstorable(&ctx).await;
     tracing::info!("controller stopped");
+}
+
+/// Tokens a code gave that the API server never stored exist only in this
+/// process: on the way out they are revoked, so they do not stay valid where
+/// nobody can reach them (the instance asks for a new approval instead).
+/// Refreshed tokens are left alone: they share their grant with the stored
+/// ones, which revoking them would kill.
+async fn revoke_unstorable(ctx: &Context) {
+    let kept: Vec<(String, lifecycle::Kept)> = ctx
+        .unstored
+        .lock()
+        .expect("unstored lock")
+        .drain()
+        .filter(|(_, k)| k.origin == lifecycle::Origin::Code)
+        .collect();
+    for (uid, kept) in kept {
+        let outcome =
+            revoke::revoke(&ctx.dropbox, &kept.tokens, None, ctx.config.revoke_timeout).await;
+        ctx.metrics
+            .revocations
+            .get_or_create(&crate::metrics::ResultLabels {
+                result: outcome.label(),
+            })
+            .inc();
+        tracing::warn!(instance_uid = %uid, result = outcome.label(), "revoked tokens that could not be stored before stopping");
+    }
 }
 
 #[cfg(test)]
@@ -566,20 +603,38 @@ mod tests {
             renew_grace: Duration::from_secs(grace),
             renew_deadline: Duration::from_secs(deadline),
         };
-        for (d, g, dl) in [(15, 5, 10), (6, 2, 10), (4, 1, 10), (60, 5, 30), (3, 1, 1)] {
-            let (duration, grace, deadline) = election(d, g, dl).timings();
-            let interval = duration - grace;
-            assert!(grace < duration && interval >= 1, "{d}/{g}: grace {grace}");
-            assert!(interval <= 2, "{d}/{g}: renews every {interval}s");
-            assert!(deadline.as_secs() < duration, "{d}: deadline {deadline:?}");
+        for (d, g, dl) in [
+            (15, 5, 10),
+            (6, 2, 10),
+            (4, 1, 10),
+            (4, 2, 3),
+            (60, 5, 30),
+            (3, 1, 1),
+            (10, 9, 5),
+        ] {
+            let (duration, interval, deadline) = election(d, g, dl).timings();
+            let s = Duration::from_secs;
             assert!(
-                deadline.as_secs() > interval,
-                "{d}: deadline {deadline:?} vs {interval}s"
+                interval >= s(1) && interval <= s(2),
+                "{d}/{g}: renews every {interval:?}"
+            );
+            assert!(
+                interval <= duration - s(g.min(d - 1)),
+                "{d}/{g}: {interval:?} leaves the grace"
+            );
+            assert!(deadline < duration, "{d}: deadline {deadline:?}");
+            assert!(
+                deadline > interval,
+                "{d}: deadline {deadline:?} vs {interval:?}"
             );
         }
         assert_eq!(
             election(15, 5, 10).timings(),
-            (15, 13, Duration::from_secs(10))
+            (
+                Duration::from_secs(15),
+                Duration::from_secs(2),
+                Duration::from_secs(10)
+            )
         );
     }
 }

@@ -1,15 +1,17 @@
 //! One reconcile of a DropboxElementInstance, as a pipeline:
 //!
-//! 1. read the referenced objects ([`inputs::read`]),
-//! 2. decide and act on the OAuth lifecycle ([`oauth`]), which applies the
-//!    token Secret (server-side apply) when tokens change,
-//! 3. project what the ingress needs and report EventsReady ([`super::projection`]),
-//! 4. compute the desired status and write it only when it differs, publish
-//!    Events for transitions ([`super::status`]), and pick the next requeue: the
-//!    earliest any step asked for.
+//! 1. gather what the credentials decision needs, once (`gather.rs`);
+//! 2. run the OAuth state machine (`lifecycle.rs`) through its executor
+//!    (`execute.rs`), which carries out every effect with fenced writes;
+//! 3. project what the ingress needs and report EventsReady (`projection.rs`);
+//! 4. compute the desired status and write it (fenced) only when it differs,
+//!    publish Events for transitions (`status.rs`), and pick the next requeue:
+//!    the earliest any step asked for.
 //!
-//! Deletion goes through [`super::finalizer`]. A panic in a reconcile is
-//! contained to that object: it becomes an error, retried with backoff.
+//! A write whose precondition fails (the instance changed since it was read)
+//! starts the reconcile again from a fresh copy, a few times at most. A panic in
+//! a reconcile is contained to that object: it becomes an error, retried with
+//! backoff, and the other instances keep reconciling.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -22,70 +24,20 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 
 use super::Context;
-use super::finalizer::{self, FINALIZER};
-use super::inputs::{self, Credentials, Inputs, Problem};
-use super::oauth::{self, AuthStep, OAuthCredentials};
+use super::common::{Error, Next, now, object_key};
+use super::execute::{Executor, Outcome};
+use super::gather::gather;
 use super::projection::{EventsInputs, Projector};
-use super::status::{desired_status, publish_transitions, write_status};
-use super::token::StoredToken;
-use crate::api::{DropboxElementInstance, DropboxElementInstanceStatus};
-use crate::conditions::{self, AUTHORIZED, Desired, EVENTS_READY, Reason};
+use super::status::{desired_status, publish_transitions};
+use super::token::FINALIZER;
+use crate::api::DropboxElementInstance;
+use crate::conditions::{self, EVENTS_READY, Reason};
 use crate::metrics::{ReasonLabels, ResultLabels};
 
+/// How often one reconcile decides again after a failed precondition.
+const ATTEMPTS: usize = 3;
 /// How soon an instance whose cursor the ingress reports missing is looked at again.
 const CURSOR_RECHECK: Duration = Duration::from_secs(5);
-
-/// Field manager of everything the controller applies.
-pub const FIELD_MANAGER: &str = crate::contract::CONTROLLER_FIELD_MANAGER;
-
-/// Errors that end a reconcile early; they are retried with backoff. Dropbox
-/// trouble is not among them: it becomes a condition and a scheduled retry.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API request failed: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("the instance has no namespace")]
-    NotNamespaced,
-    #[error("the reconcile panicked: {0}")]
-    Panicked(String),
-}
-
-impl Error {
-    /// Low-cardinality label for metrics.
-    pub fn metric_reason(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "KubernetesAPI",
-            Error::NotNamespaced => "NotNamespaced",
-            Error::Panicked(_) => "Panicked",
-        }
-    }
-}
-
-/// When to look at the instance again.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Next {
-    /// Healthy: come back after this long (e.g. when the token is due for refresh).
-    After(Duration),
-    /// Transient trouble: retry with exponential backoff, not sooner than `at_least`.
-    Backoff { at_least: Option<Duration> },
-    /// Only a change (spec, Secret) can help.
-    WaitForChange,
-}
-
-/// Now, in whole seconds: metav1.Time is serialized with second precision, so
-/// anything finer would make the stored status look different on every reconcile.
-pub fn now() -> jiff::Timestamp {
-    jiff::Timestamp::from_second(jiff::Timestamp::now().as_second())
-        .unwrap_or_else(|_| jiff::Timestamp::now())
-}
-
-pub fn object_key(instance: &DropboxElementInstance) -> String {
-    format!(
-        "{}/{}",
-        instance.namespace().unwrap_or_default(),
-        instance.name_any()
-    )
-}
 
 /// Entry point called by the kube-runtime controller.
 pub async fn reconcile(
@@ -93,7 +45,7 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let _timer = ctx.metrics.time_reconcile();
-    let result = AssertUnwindSafe(reconcile_or_clean_up(instance.clone(), &ctx))
+    let result = AssertUnwindSafe(reconcile_with_retries(instance.clone(), &ctx))
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
@@ -114,47 +66,207 @@ pub async fn reconcile(
     result
 }
 
-async fn reconcile_or_clean_up(
+async fn reconcile_with_retries(
     instance: Arc<DropboxElementInstance>,
     ctx: &Context,
 ) -> Result<Action, Error> {
-    instance.namespace().ok_or(Error::NotNamespaced)?;
-    if instance.meta().deletion_timestamp.is_some() {
-        if !instance.finalizers().iter().any(|f| f == FINALIZER) {
+    ctx.leadership.check().map_err(Error::NotLeader)?;
+    let namespace = instance.namespace().ok_or(Error::NotNamespaced)?;
+    let deleting = instance.meta().deletion_timestamp.is_some();
+    if deleting && !instance.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    if !deleting && ctx.written.is_stale(&instance) {
+        // The watch has not delivered our own status write yet; it will wake us
+        // (and the requeue our write's reconcile asked for stays scheduled).
+        return Ok(Action::await_change());
+    }
+    faults::inject(&instance);
+    let api: Api<DropboxElementInstance> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut current = instance.as_ref().clone();
+    for attempt in 1..=ATTEMPTS {
+        match reconcile_once(&current, ctx).await {
+            Err(Error::Conflict(what)) if attempt < ATTEMPTS => {
+                tracing::debug!(instance = %object_key(&current), %what, "precondition failed; deciding again from a fresh copy");
+                match api.get_opt(&current.name_any()).await? {
+                    Some(fresh) => current = fresh,
+                    None => return Ok(Action::await_change()),
+                }
+            }
+            other => return other,
+        }
+    }
+    Err(Error::Conflict("the instance".into()))
+}
+
+async fn reconcile_once(instance: &DropboxElementInstance, ctx: &Context) -> Result<Action, Error> {
+    let key = object_key(instance);
+    let deleting = instance.meta().deletion_timestamp.is_some();
+    if deleting {
+        forget(instance, ctx).await;
+    }
+    let events_enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled);
+    if !deleting
+        && events_enabled
+        && !ctx
+            .deliveries_ready
+            .load(std::sync::atomic::Ordering::Acquire)
+    {
+        // Status mirrors the delivery states: wait for their first listing.
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    let gathered = gather(instance, ctx).await?;
+    if !deleting && let Some(wait) = ctx.backoff.remaining(&key, gathered.inputs_hash) {
+        // Woken up by our own status write while backing off: nothing changed.
+        return Ok(Action::requeue(wait));
+    }
+    let mut executor = Executor::new(
+        ctx,
+        instance,
+        &gathered.facts,
+        gathered.token_secret_version.clone(),
+    );
+    let mut verdict = match executor.run().await? {
+        Outcome::Released => {
+            ctx.backoff.reset(&key);
             return Ok(Action::await_change());
         }
-        return finalizer::cleanup(&instance, ctx).await;
-    }
-    apply(&instance, ctx).await
-}
+        Outcome::Verdict(verdict) => *verdict,
+    };
 
-/// Adds the finalizer when it is missing (server-side apply, keeping the
-/// recorded code).
-async fn ensure_finalizer(instance: &DropboxElementInstance, ctx: &Context) -> Result<(), Error> {
-    if instance.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(());
+    let prev = instance.status.clone().unwrap_or_default();
+    let projector = Projector {
+        client: &ctx.client,
+        dropbox: &ctx.dropbox,
+        memo: &ctx.projections,
+        namespace: &ctx.ingress.settings.data_namespace,
+    };
+    // Whether the ingress is needed can change only through an instance that
+    // has or had events; the others do not wake its manager (which then looks
+    // at every instance).
+    let ingress_concerned = events_enabled || prev.events.is_some();
+    let app = gathered.facts.app.as_ref();
+    let delivery = events_enabled
+        .then(|| ctx.delivery(&instance.uid().unwrap_or_default()))
+        .flatten();
+    let events = if events_enabled {
+        let authorized = verdict.authorized.is_true();
+        let input = EventsInputs {
+            app_key: app.map(|a| a.client_id.as_str()),
+            app_secret: app.map(|a| a.client_secret.as_str()),
+            account_id: verdict
+                .account
+                .as_ref()
+                .and_then(|a| a.account_id.as_deref()),
+            access_token: verdict
+                .access_token
+                .as_ref()
+                .filter(|_| authorized)
+                .map(|t| t.0.as_str()),
+            signature_key: gathered.signature_key.clone(),
+            ingress_alive: ctx.ingress.alive(),
+            previous: conditions::find(&prev.conditions, EVENTS_READY),
+            cursor_missing: delivery
+                .as_ref()
+                .is_some_and(|d| !d.delivering && d.reason == Reason::CursorMissing.as_str()),
+            delivered_before: conditions::find(&prev.conditions, conditions::EVENTS_DELIVERING)
+                .is_some(),
+        };
+        let cursor_missing = input.cursor_missing;
+        ctx.leadership.check().map_err(Error::NotLeader)?;
+        let events = projector.events_step(instance, input).await?;
+        if let Some(at_least) = events.retry
+            && !matches!(verdict.next, Next::Backoff { .. })
+        {
+            verdict.next = Next::Backoff { at_least };
+        }
+        // Until the ingress says delivery works again, look again soon: the
+        // cursor may have gone again (nothing else wakes this instance).
+        if cursor_missing {
+            verdict.next = match verdict.next {
+                Next::After(d) => Next::After(d.min(CURSOR_RECHECK)),
+                Next::WaitForChange => Next::After(CURSOR_RECHECK),
+                backoff => backoff,
+            };
+        }
+        Some(events)
+    } else {
+        if prev.events.is_some() {
+            ctx.leadership.check().map_err(Error::NotLeader)?;
+            projector.remove(instance).await?;
+        }
+        None
+    };
+    if ingress_concerned {
+        ctx.ingress.poke();
     }
-    let api: Api<DropboxElementInstance> = Api::namespaced(
-        ctx.client.clone(),
-        &instance.namespace().unwrap_or_default(),
+
+    if !verdict.authorized.is_true() {
+        ctx.metrics
+            .reconcile_errors
+            .get_or_create(&ReasonLabels {
+                reason: verdict.authorized.reason.as_str(),
+            })
+            .inc();
+    }
+    let (namespace, name) = (
+        instance.namespace().unwrap_or_default(),
+        instance.name_any(),
     );
-    let marker = finalizer::code_sent(instance, ctx);
-    finalizer::record_code(&api, instance, marker.as_deref(), ctx).await?;
-    Ok(())
+    match verdict
+        .token_status
+        .as_ref()
+        .and_then(|t| t.expires_at.as_ref())
+    {
+        Some(Time(expires_at)) => ctx.metrics.token_expiry.set(&namespace, &name, *expires_at),
+        None => ctx.metrics.token_expiry.remove(&namespace, &name),
+    }
+
+    let desired = desired_status(
+        instance,
+        &verdict,
+        events.as_ref(),
+        delivery.as_ref(),
+        &Time(now()),
+    );
+    if conditions::status_differs(instance.status.as_ref(), &desired) {
+        tracing::debug!(
+            instance = %key,
+            current = %serde_json::to_string(&instance.status).unwrap_or_default(),
+            desired = %serde_json::to_string(&desired).unwrap_or_default(),
+            "status changed"
+        );
+        executor.write_status(&desired).await?;
+        publish_transitions(instance, &prev, &desired, ctx).await;
+    }
+    Ok(next_action(&key, verdict.next, gathered.inputs_hash, ctx))
 }
 
-/// Whether the code with `fingerprint` was sent before (by status, by its tokens
-/// or by the marker recorded before sending): then it is never sent again.
-pub fn code_spent(
-    instance: &DropboxElementInstance,
-    prev: &DropboxElementInstanceStatus,
-    stored: Option<&StoredToken>,
-    fingerprint: &str,
-    ctx: &Context,
-) -> bool {
-    prev.code_fingerprint.as_deref() == Some(fingerprint)
-        || stored.and_then(|s| s.code_fingerprint.as_deref()) == Some(fingerprint)
-        || finalizer::code_sent(instance, ctx).as_deref() == Some(fingerprint)
+/// A deleted instance: what the controller remembers of it goes (its backoff
+/// once it is released: a refused release backs off), and so do its projected
+/// objects (best effort: the orphan sweep removes what is left, deletion never
+/// waits on it).
+async fn forget(instance: &DropboxElementInstance, ctx: &Context) {
+    let key = object_key(instance);
+    ctx.metrics.token_expiry.remove(
+        &instance.namespace().unwrap_or_default(),
+        &instance.name_any(),
+    );
+    ctx.written.forget(instance);
+    if ctx.leadership.check().is_err() {
+        return;
+    }
+    if let Err(e) = (Projector {
+        client: &ctx.client,
+        dropbox: &ctx.dropbox,
+        memo: &ctx.projections,
+        namespace: &ctx.ingress.settings.data_namespace,
+    })
+    .remove(instance)
+    .await
+    {
+        tracing::warn!(instance = %key, error = %e, "could not remove the instance's projected objects; the sweep will");
+    }
 }
 
 /// Error policy: retry with the same jittered exponential backoff as transient
@@ -174,226 +286,6 @@ pub fn error_policy(
     Action::requeue(ctx.backoff.next_delay(&object_key(&instance), None, 0))
 }
 
-async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Action, Error> {
-    let prev = instance.status.clone().unwrap_or_default();
-    let key = object_key(instance);
-    let events_enabled = instance.spec.events.as_ref().is_some_and(|e| e.enabled);
-    if events_enabled
-        && !ctx
-            .deliveries_ready
-            .load(std::sync::atomic::Ordering::Acquire)
-    {
-        // Status mirrors the delivery states: wait for their first listing.
-        return Ok(Action::requeue(Duration::from_millis(500)));
-    }
-    if ctx.written.is_stale(instance) {
-        // The watch has not delivered our own status write yet; it will wake us
-        // (and the requeue our write's reconcile asked for stays scheduled).
-        return Ok(Action::await_change());
-    }
-    let inputs = inputs::read(&ctx.client, &ctx.secrets, instance).await?;
-    let inputs_hash = inputs_fingerprint(instance, &inputs);
-    if let Some(wait) = ctx.backoff.remaining(&key, inputs_hash) {
-        // Woken up by our own status write while backing off: nothing changed.
-        return Ok(Action::requeue(wait));
-    }
-    let (mut step, app, signature_key) = match inputs {
-        Err(Problem { reason, message }) => {
-            ensure_finalizer(instance, ctx).await?;
-            (
-                AuthStep::from_previous(
-                    &prev,
-                    Desired::new(AUTHORIZED, Some(false), reason, message),
-                    Next::WaitForChange,
-                ),
-                None,
-                None,
-            )
-        }
-        Ok(Inputs {
-            app,
-            credentials,
-            token,
-            signature_key,
-            token_secret_deleting,
-        }) => {
-            if let Some(secret) = &token_secret_deleting {
-                finalizer::release_token_secret(instance, secret, ctx).await?;
-            }
-            // The finalizer goes on before any token can exist; a code about to be
-            // sent records itself in the same write (see oauth::exchange).
-            let exchanges = matches!(&credentials, Credentials::OAuth2 { code: Some((_, fp)), .. }
-                if !code_spent(instance, &prev, token.as_ref(), fp, ctx));
-            if !exchanges {
-                ensure_finalizer(instance, ctx).await?;
-            }
-            let step = match (credentials, &app) {
-                (
-                    Credentials::OAuth2 {
-                        code,
-                        code_verifier,
-                        redirect_uri,
-                        exchange_redirect_uri,
-                    },
-                    Some(app),
-                ) => {
-                    let creds = OAuthCredentials {
-                        app,
-                        code: code.as_ref().map(|(c, fp)| (c, fp.as_str())),
-                        code_verifier: code_verifier.as_ref().map(|v| v.0.as_str()),
-                        redirect_uri: redirect_uri.as_deref(),
-                        exchange_redirect_uri: exchange_redirect_uri.as_deref(),
-                    };
-                    oauth::oauth2(instance, &prev, creds, token, ctx).await?
-                }
-                (Credentials::ApiKey { token }, _) => oauth::api_key(&prev, &token, ctx).await,
-                // inputs::read reports a missing app Secret for oauth2 as a Problem.
-                (Credentials::OAuth2 { .. }, None) => AuthStep::from_previous(
-                    &prev,
-                    Desired::new(
-                        AUTHORIZED,
-                        Some(false),
-                        Reason::SecretNotFound,
-                        "oauth2 needs appSecretRef",
-                    ),
-                    Next::WaitForChange,
-                ),
-            };
-            (step, app, signature_key)
-        }
-    };
-
-    let projector = Projector {
-        client: &ctx.client,
-        dropbox: &ctx.dropbox,
-        memo: &ctx.projections,
-        namespace: &ctx.ingress.settings.data_namespace,
-    };
-    // Whether the ingress is needed can change only through an instance that
-    // has or had events; the others do not wake its manager (which then looks
-    // at every instance).
-    let ingress_concerned = events_enabled || prev.events.is_some();
-    let delivery = events_enabled
-        .then(|| ctx.delivery(&instance.uid().unwrap_or_default()))
-        .flatten();
-    let events = if events_enabled {
-        let authorized = step.authorized.is_true();
-        let input = EventsInputs {
-            app_key: app.as_ref().map(|a| a.client_id.as_str()),
-            app_secret: app.as_ref().map(|a| a.client_secret.as_str()),
-            account_id: step.account.as_ref().and_then(|a| a.account_id.as_deref()),
-            access_token: step
-                .access_token
-                .as_ref()
-                .filter(|_| authorized)
-                .map(|t| t.0.as_str()),
-            signature_key,
-            ingress_alive: ctx.ingress.alive(),
-            previous: conditions::find(&prev.conditions, EVENTS_READY),
-            cursor_missing: delivery
-                .as_ref()
-                .is_some_and(|d| !d.delivering && d.reason == Reason::CursorMissing.as_str()),
-            delivered_before: conditions::find(&prev.conditions, conditions::EVENTS_DELIVERING)
-                .is_some(),
-        };
-        let cursor_missing = input.cursor_missing;
-        let events = projector.events_step(instance, input).await?;
-        if let Some(at_least) = events.retry
-            && !matches!(step.next, Next::Backoff { .. })
-        {
-            step.next = Next::Backoff { at_least };
-        }
-        // Until the ingress says delivery works again, look again soon: the
-        // cursor may have gone again (nothing else wakes this instance).
-        if cursor_missing {
-            step.next = match step.next {
-                Next::After(d) => Next::After(d.min(CURSOR_RECHECK)),
-                Next::WaitForChange => Next::After(CURSOR_RECHECK),
-                backoff => backoff,
-            };
-        }
-        Some(events)
-    } else {
-        if prev.events.is_some() {
-            projector.remove(instance).await?;
-        }
-        None
-    };
-    if ingress_concerned {
-        ctx.ingress.poke();
-    }
-
-    if !step.authorized.is_true() {
-        ctx.metrics
-            .reconcile_errors
-            .get_or_create(&ReasonLabels {
-                reason: step.authorized.reason.as_str(),
-            })
-            .inc();
-    }
-    match step.token.as_ref().and_then(|t| t.expires_at.as_ref()) {
-        Some(Time(expires_at)) => ctx.metrics.token_expiry.set(
-            &instance.namespace().unwrap_or_default(),
-            &instance.name_any(),
-            *expires_at,
-        ),
-        None => ctx.metrics.token_expiry.remove(
-            &instance.namespace().unwrap_or_default(),
-            &instance.name_any(),
-        ),
-    }
-
-    let desired = desired_status(
-        instance,
-        &step,
-        events.as_ref(),
-        delivery.as_ref(),
-        &Time(now()),
-    );
-    if conditions::status_differs(instance.status.as_ref(), &desired) {
-        tracing::debug!(
-            instance = %key,
-            current = %serde_json::to_string(&instance.status).unwrap_or_default(),
-            desired = %serde_json::to_string(&desired).unwrap_or_default(),
-            "status changed"
-        );
-        write_status(instance, &desired, ctx).await?;
-        publish_transitions(instance, &prev, &desired, ctx).await;
-    }
-    Ok(next_action(&key, step.next, inputs_hash, ctx))
-}
-
-/// Identifies what an attempt was made with: the spec generation and the
-/// credentials. A change of any of them ends a backoff wait at once.
-fn inputs_fingerprint(instance: &DropboxElementInstance, inputs: &Result<Inputs, Problem>) -> u64 {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let mut h = DefaultHasher::new();
-    instance.metadata.generation.hash(&mut h);
-    if let Ok(inputs) = inputs {
-        if let Some(app) = &inputs.app {
-            app.client_id.hash(&mut h);
-            app.client_secret.hash(&mut h);
-        }
-        if let Some(Ok(key)) = &inputs.signature_key {
-            key.hash(&mut h);
-        }
-        match &inputs.credentials {
-            Credentials::OAuth2 {
-                code,
-                code_verifier,
-                exchange_redirect_uri,
-                ..
-            } => {
-                code.as_ref().map(|(_, fp)| fp).hash(&mut h);
-                code_verifier.as_ref().map(|v| &v.0).hash(&mut h);
-                exchange_redirect_uri.hash(&mut h);
-            }
-            Credentials::ApiKey { token } => token.0.hash(&mut h),
-        }
-    }
-    h.finish()
-}
-
 fn next_action(key: &str, next: Next, inputs: u64, ctx: &Context) -> Action {
     match next {
         Next::After(delay) => {
@@ -408,4 +300,27 @@ fn next_action(key: &str, next: Next, inputs: u64, ctx: &Context) -> Action {
             Action::await_change()
         }
     }
+}
+
+/// A fault switch for the credential fault table (tests/credentials.rs): an
+/// instance annotated `elements.dropbox-operator.dev/test-fault: panic` makes
+/// its reconcile panic, to show that the panic stays contained to it. Compiled
+/// only with the `test-faults` feature, which only the tests enable.
+mod faults {
+    use crate::api::DropboxElementInstance;
+
+    /// The annotation that asks for a fault.
+    #[cfg(feature = "test-faults")]
+    pub const ANNOTATION: &str = "elements.dropbox-operator.dev/test-fault";
+
+    #[cfg(feature = "test-faults")]
+    pub fn inject(instance: &DropboxElementInstance) {
+        use kube::ResourceExt;
+        if instance.annotations().get(ANNOTATION).map(String::as_str) == Some("panic") {
+            panic!("injected test fault (annotation {ANNOTATION})");
+        }
+    }
+
+    #[cfg(not(feature = "test-faults"))]
+    pub fn inject(_instance: &DropboxElementInstance) {}
 }

@@ -1,28 +1,26 @@
-//! Step 3 and 4 of a reconcile: the desired status (pure), written with
-//! server-side apply only when it differs, and the Kubernetes Events a person
-//! should see for its transitions. EventsDelivering and
-//! `events.lastDeliveryTime` mirror the delivery state the ingress reports in
-//! its data namespace (the ingress writes no instance).
+//! The desired status (pure) from the credential verdict and the events step,
+//! and the Kubernetes Events a person should see for its transitions. The write
+//! itself is fenced like every other (`execute.rs`).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::events::v1::Event as EventObject;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use super::Context;
-use super::oauth::AuthStep;
+use super::lifecycle::Verdict;
 use super::projection::EventsStep;
-use super::reconcile::{Error, FIELD_MANAGER};
 use crate::api::{DropboxElementInstance, DropboxElementInstanceStatus, EventsStatus};
 use crate::conditions::{self, AUTHORIZED, Desired, EVENTS_DELIVERING, READY, Reason};
 use crate::contract::DeliveryState;
 
 /// The full desired status (pure). `delivery` is what the ingress last reported
-/// about the instance's deliveries (None: nothing delivered yet).
+/// about the instance's deliveries (None: nothing delivered yet); EventsDelivering
+/// and `events.lastDeliveryTime` mirror it (the ingress writes no instance).
 pub fn desired_status(
     instance: &DropboxElementInstance,
-    step: &AuthStep,
+    step: &Verdict,
     events: Option<&EventsStep>,
     delivery: Option<&DeliveryState>,
     now: &Time,
@@ -83,7 +81,7 @@ pub fn desired_status(
         phase: Some(conditions::phase(&step.authorized, &ready)),
         conditions,
         account: step.account.clone(),
-        token: step.token.clone(),
+        token: step.token_status.clone(),
         code_fingerprint: step.code_fingerprint.clone(),
         authorize_url: step.authorize_url.clone(),
         events: events.map(|e| EventsStatus {
@@ -93,33 +91,6 @@ pub fn desired_status(
                 .map(|t| Time(jiff::Timestamp::from_second(t.as_second()).unwrap_or(t))),
         }),
     }
-}
-
-/// Server-side apply of the status subresource with the controller's field
-/// manager.
-pub async fn write_status(
-    instance: &DropboxElementInstance,
-    desired: &DropboxElementInstanceStatus,
-    ctx: &Context,
-) -> Result<(), Error> {
-    let patch = json!({
-        "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
-        "kind": "DropboxElementInstance",
-        "status": desired,
-    });
-    let api: Api<DropboxElementInstance> = Api::namespaced(
-        ctx.client.clone(),
-        &instance.namespace().unwrap_or_default(),
-    );
-    let written = api
-        .patch_status(
-            &instance.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    ctx.written.record(instance, &written);
-    Ok(())
 }
 
 /// A Kubernetes Event for a change a person should see: Ready (or, while Ready
@@ -158,7 +129,59 @@ pub async fn publish_transitions(
 
 /// Publishes a Kubernetes Event about the instance; a failure is logged, never fatal.
 pub async fn publish(instance: &DropboxElementInstance, event: &KubeEvent, ctx: &Context) {
-    if let Err(e) = ctx.recorder.publish(event, &instance.object_ref(&())).await {
+    let reference = instance.object_ref(&());
+    // The recorder names an Event `<object name>.<hex time>`: past 253
+    // characters for the longest instance names, which get one of their own.
+    let result = if instance.name_any().len() > EVENT_NAME_ROOM {
+        publish_long(instance, event, ctx, reference).await
+    } else {
+        ctx.recorder.publish(event, &reference).await
+    };
+    if let Err(e) = result {
         tracing::warn!(error = %e, "could not publish a Kubernetes Event");
     }
+}
+
+/// The longest object name the recorder's Event names have room for.
+const EVENT_NAME_ROOM: usize = 253 - 17;
+
+async fn publish_long(
+    instance: &DropboxElementInstance,
+    event: &KubeEvent,
+    ctx: &Context,
+    reference: k8s_openapi::api::core::v1::ObjectReference,
+) -> Result<(), kube::Error> {
+    let now = jiff::Timestamp::now();
+    let name = format!(
+        "{}.{:x}",
+        crate::contract::shorten(&instance.name_any(), EVENT_NAME_ROOM),
+        now.as_nanosecond()
+    );
+    let object = EventObject {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: instance.namespace(),
+            ..Default::default()
+        },
+        action: Some(event.action.clone()),
+        reason: Some(event.reason.clone()),
+        note: event.note.clone(),
+        type_: Some(match event.type_ {
+            EventType::Normal => "Normal".into(),
+            EventType::Warning => "Warning".into(),
+        }),
+        event_time: Some(MicroTime(now)),
+        regarding: Some(reference),
+        reporting_controller: Some("dropbox-operator".into()),
+        reporting_instance: Some(
+            std::env::var("POD_NAME").unwrap_or_else(|_| "dropbox-operator".into()),
+        ),
+        ..Default::default()
+    };
+    let events: Api<EventObject> = Api::namespaced(
+        ctx.client.clone(),
+        &instance.namespace().unwrap_or_default(),
+    );
+    events.create(&PostParams::default(), &object).await?;
+    Ok(())
 }

@@ -26,6 +26,10 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 /// Token of the `admin` user (group `system:masters`) in the static token file.
 const ADMIN_USER: &str = "admin";
+/// Further admins, one per process a test wants to tell apart in the audit
+/// log (`user.username` is what the API server authenticated, whatever the
+/// process says about itself).
+pub const PROCESS_USERS: [&str; 4] = ["process-1", "process-2", "process-3", "process-4"];
 
 /// A running control plane. Its processes stop when the process that started it exits.
 pub struct ControlPlane {
@@ -41,8 +45,12 @@ pub struct ControlPlane {
     pub ca_pem: String,
     /// Bearer token of the admin user.
     pub admin_token: String,
+    /// Bearer tokens of [`PROCESS_USERS`], in that order.
+    process_tokens: Vec<String>,
     /// `http://127.0.0.1:<port>`: etcd's client URL.
     etcd_url: String,
+    /// The API server's audit log (JSON lines), when auditing is on.
+    pub audit_log: Option<PathBuf>,
     children: Mutex<Vec<Managed>>,
 }
 
@@ -272,11 +280,35 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Writes the API server records in its audit log: every create, update,
+/// patch and delete of Secrets and DropboxElementInstances (with its status),
+/// at the Metadata level (who, what, when, the answer; never a body).
+const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+  verbs: ["create", "update", "patch", "delete"]
+  resources:
+  - group: ""
+    resources: ["secrets"]
+  - group: "elements.dropbox-operator.dev"
+    resources: ["dropboxelementinstances", "dropboxelementinstances/status"]
+- level: None
+"#;
+
 impl ControlPlane {
     /// Starts etcd, kube-apiserver and kube-controller-manager in a fresh directory
     /// under `parent` and waits until the API server is ready and the
     /// controller-manager is working.
     pub fn start(parent: &Path, label: &str) -> io::Result<ControlPlane> {
+        Self::start_with(parent, label, false)
+    }
+
+    /// [`ControlPlane::start`], with the API server's audit log on when `audit`
+    /// (an independent record of which process wrote what: the credential
+    /// fault table counts writes of a stale leader with it).
+    pub fn start_with(parent: &Path, label: &str, audit: bool) -> io::Result<ControlPlane> {
         let started = Instant::now();
         let bin_dir = ensure_binaries()?;
         fs::create_dir_all(parent)?;
@@ -293,13 +325,15 @@ impl ControlPlane {
         write(&dir.join("sa.pub"), &pki.sa_public_pem)?;
         let admin_token = random_token();
         let kcm_token = random_token();
-        write(
-            &dir.join("tokens.csv"),
-            format!(
-                "{admin_token},{ADMIN_USER},admin-uid,\"system:masters\"\n\
-                 {kcm_token},system:kube-controller-manager,kcm-uid\n"
-            ),
-        )?;
+        let process_tokens: Vec<String> = PROCESS_USERS.iter().map(|_| random_token()).collect();
+        let mut tokens = format!(
+            "{admin_token},{ADMIN_USER},admin-uid,\"system:masters\"\n\
+             {kcm_token},system:kube-controller-manager,kcm-uid\n"
+        );
+        for (user, token) in PROCESS_USERS.iter().zip(&process_tokens) {
+            tokens += &format!("{token},{user},{user}-uid,\"system:masters\"\n");
+        }
+        write(&dir.join("tokens.csv"), tokens)?;
 
         let mut children = Vec::new();
         let etcd_port = free_port();
@@ -325,6 +359,19 @@ impl ControlPlane {
 
         let api_port = free_port();
         let server = format!("https://127.0.0.1:{api_port}");
+        let audit_log = audit.then(|| dir.join("audit.log"));
+        let mut audit_args = Vec::new();
+        if let Some(log) = &audit_log {
+            write(&dir.join("audit-policy.yaml"), AUDIT_POLICY)?;
+            audit_args = vec![
+                format!(
+                    "--audit-policy-file={}",
+                    dir.join("audit-policy.yaml").display()
+                ),
+                format!("--audit-log-path={}", log.display()),
+                "--audit-log-format=json".to_owned(),
+            ];
+        }
         let apiserver_args = [
             &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
             "--bind-address=127.0.0.1",
@@ -360,7 +407,11 @@ impl ControlPlane {
             &dir,
             "kube-apiserver",
             bin_dir.join("kube-apiserver"),
-            apiserver_args.iter().map(|a| (*a).to_owned()).collect(),
+            apiserver_args
+                .iter()
+                .map(|a| (*a).to_owned())
+                .chain(audit_args)
+                .collect(),
         )?);
 
         let kubeconfig = dir.join("kubeconfig");
@@ -386,7 +437,9 @@ impl ControlPlane {
             server,
             ca_pem: pki.ca_pem.clone(),
             admin_token,
+            process_tokens,
             etcd_url: format!("http://127.0.0.1:{etcd_port}"),
+            audit_log,
             children: Mutex::new(children),
         };
         cp.wait_until(Duration::from_secs(120), "kube-apiserver /readyz", || {
@@ -557,6 +610,31 @@ impl ControlPlane {
             self.etcd_healthy()
         })?;
         self.wait_apiserver_ready()
+    }
+
+    /// A kubeconfig for admin user `user` (one of [`PROCESS_USERS`]) that
+    /// reaches the API server at `server` (e.g. a proxy in front of it; the
+    /// serving certificate is for 127.0.0.1, any port).
+    pub fn kubeconfig_for_user(&self, user: &str, server: &str) -> io::Result<PathBuf> {
+        let token = PROCESS_USERS
+            .iter()
+            .position(|u| *u == user)
+            .and_then(|i| self.process_tokens.get(i))
+            .ok_or_else(|| io::Error::other(format!("no process user {user}")))?;
+        let path = self.dir.join(format!(
+            "{user}-{}.kubeconfig",
+            server.replace([':', '/'], "_")
+        ));
+        write(&path, kubeconfig_yaml(server, &self.ca_pem, user, token))?;
+        Ok(path)
+    }
+
+    /// `127.0.0.1:<port>` of the API server.
+    pub fn apiserver_addr(&self) -> std::net::SocketAddr {
+        self.server
+            .trim_start_matches("https://")
+            .parse()
+            .expect("the API server listens on 127.0.0.1:<port>")
     }
 
     /// A kubectl command for this control plane (admin credentials).

@@ -1,6 +1,7 @@
 //! An in-memory emulator of the parts of the Dropbox API the operator talks to:
 //! `GET /oauth2/authorize` (a scripted person approves or denies),
-//! `POST /oauth2/token` (with PKCE), `/2/users/get_current_account`, `/2/auth/token/revoke`,
+//! `POST /oauth2/token` (with PKCE), `/2/check/app`, `/2/users/get_current_account`,
+//! `/2/auth/token/revoke`,
 //! `/2/files/list_folder`, `/2/files/list_folder/continue`,
 //! `/2/files/list_folder/get_latest_cursor`, `/2/files/list_folder/longpoll`
 //! (the notify host's route, served on the same listener), plus Dropbox-style
@@ -25,7 +26,15 @@
 //! - OAuth: the OAuth guide / "Using OAuth 2.0 with offline access" (token
 //!   response fields, `expires_in` 14400, refresh answers without a new refresh
 //!   token) and answers of the real service quoted in public bug reports (cited at
-//!   each error below). `/oauth2/authorize`: the HTTP docs' parameters
+//!   each error below). Dropbox does not rotate refresh tokens: its refresh answer
+//!   has none, and the official SDKs keep using the one they have
+//!   (dropbox-sdk-python's `refresh_access_token` reads only `access_token` and
+//!   `expires_in`). RFC 6749 §6 lets a server rotate them, and the client must
+//!   cope (it stores a refresh token an answer carries); a row can turn rotation
+//!   on ([`Emulator::rotate_refresh_tokens`]) to see a refresh token used twice,
+//!   which a stale leader would do, where Dropbox would let it pass.
+//! - `check/app` (check.stone): app authentication (HTTP Basic with the app key
+//!   and secret), echoes `query`, no other effect. `/oauth2/authorize`: the HTTP docs' parameters
 //!   (`client_id`, `response_type`, `redirect_uri` registered exactly in the App
 //!   Console and optional for the code flow, `state` echoed back,
 //!   `code_challenge` + `code_challenge_method` `S256`/`plain` for PKCE,
@@ -291,7 +300,7 @@ impl Emulator {
             AccessToken {
                 app_key: app_key.to_owned(),
                 account_id: account_id.to_owned(),
-                refresh_token: None,
+                grant: None,
                 expires_at: None,
             },
         );
@@ -324,19 +333,51 @@ impl Emulator {
         let st = self.st();
         st.access_tokens
             .iter()
-            .filter(|(_, t)| t.refresh_token.is_some())
+            .filter(|(_, t)| t.grant.is_some())
             .filter(|(token, _)| st.check_access_token(token).is_ok())
             .map(|(token, _)| token.clone())
             .collect()
+    }
+
+    /// Grants (a code exchange's refresh token family) not revoked: each can
+    /// still mint access tokens, even when all its access tokens expired.
+    pub fn live_grants(&self) -> usize {
+        self.st().grants.len()
+    }
+
+    /// Whether the grant that exchanging `code` created is still alive (None:
+    /// the code was never exchanged).
+    pub fn grant_of_code_alive(&self, code: &str) -> Option<bool> {
+        let st = self.st();
+        st.code_grants
+            .get(code)
+            .map(|id| st.grants.contains_key(id))
     }
 
     /// The user disconnected the app: every refresh token (and access token) of the
     /// account is revoked, and codes not yet exchanged die with the grant.
     pub fn revoke_account_tokens(&self, account_id: &str) {
         let mut st = self.st();
-        st.refresh_tokens.retain(|_, g| g.account_id != account_id);
+        let ids: Vec<u64> = st
+            .grants
+            .iter()
+            .filter(|(_, g)| g.account_id == account_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            st.revoke_grant(id);
+        }
         st.access_tokens.retain(|_, t| t.account_id != account_id);
         st.codes.retain(|_, c| c.account_id != account_id);
+    }
+
+    /// From now on a refresh answer carries a new refresh token (RFC 6749 §6
+    /// allows it; Dropbox does not do it, see the module's sources). The refresh
+    /// token used stays good until the new one is first used (a lost answer
+    /// does not burn the grant); then only the new one works. A refresh token
+    /// that a later refresh replaced is refused (`invalid_grant`).
+    pub fn rotate_refresh_tokens(&self, on: bool) {
+        self.st().rotate_refresh_tokens = on;
     }
 
     /// Whether `token` would be accepted by the `/2/` routes right now.
@@ -666,20 +707,25 @@ struct Code {
     expires_at: Instant,
 }
 
-/// What a refresh token stands for.
+/// What a code exchange created: a refresh token family. Revoking any of its
+/// tokens kills all of them.
 struct Grant {
     app_key: String,
     account_id: String,
     /// The app's scope when the user approved it: a token has the scopes of its
     /// grant, so permissions added to the app later need a new approval.
     scope: String,
+    /// The refresh token in use.
+    refresh_token: String,
+    /// With rotation: the newer one a refresh issued, not used yet.
+    pending: Option<String>,
 }
 
 struct AccessToken {
     app_key: String,
     account_id: String,
-    /// The refresh token it was minted with; revoking either kills both.
-    refresh_token: Option<String>,
+    /// The grant it was minted from; revoking it kills the grant.
+    grant: Option<u64>,
     /// `None` for legacy long-lived tokens.
     expires_at: Option<Instant>,
 }
@@ -734,7 +780,13 @@ struct State {
     apps: HashMap<String, App>,
     accounts: HashMap<String, Account>,
     codes: HashMap<String, Code>,
-    refresh_tokens: HashMap<String, Grant>,
+    grants: HashMap<u64, Grant>,
+    /// Refresh token → its grant (current and pending ones).
+    refresh_tokens: HashMap<String, u64>,
+    /// Code → the grant its exchange created.
+    code_grants: HashMap<String, u64>,
+    /// See [`Emulator::rotate_refresh_tokens`].
+    rotate_refresh_tokens: bool,
     access_tokens: HashMap<String, AccessToken>,
     access_ttl: Duration,
     code_ttl: Duration,
@@ -767,7 +819,10 @@ impl State {
             apps: HashMap::new(),
             accounts: HashMap::new(),
             codes: HashMap::new(),
+            grants: HashMap::new(),
             refresh_tokens: HashMap::new(),
+            code_grants: HashMap::new(),
+            rotate_refresh_tokens: false,
             access_tokens: HashMap::new(),
             access_ttl: DEFAULT_ACCESS_TTL,
             code_ttl: DEFAULT_CODE_TTL,
@@ -819,13 +874,8 @@ impl State {
         }
     }
 
-    /// Mints a short-lived access token; returns it with `expires_in`.
-    fn mint_access_token(
-        &mut self,
-        app_key: &str,
-        account_id: &str,
-        refresh_token: &str,
-    ) -> (String, u64) {
+    /// Mints a short-lived access token of grant `grant`; returns it with `expires_in`.
+    fn mint_access_token(&mut self, app_key: &str, account_id: &str, grant: u64) -> (String, u64) {
         // Short-lived tokens start with `sl.` (the `sl.u.` form is the current one).
         let token = format!("sl.u.{}", random_string(105));
         self.access_tokens.insert(
@@ -833,11 +883,22 @@ impl State {
             AccessToken {
                 app_key: app_key.to_owned(),
                 account_id: account_id.to_owned(),
-                refresh_token: Some(refresh_token.to_owned()),
+                grant: Some(grant),
                 expires_at: Some(Instant::now() + self.access_ttl),
             },
         );
         (token, self.access_ttl.as_secs().max(1))
+    }
+
+    /// Kills a grant: its refresh tokens and every access token minted from it.
+    fn revoke_grant(&mut self, id: u64) {
+        if let Some(g) = self.grants.remove(&id) {
+            self.refresh_tokens.remove(&g.refresh_token);
+            if let Some(p) = g.pending {
+                self.refresh_tokens.remove(&p);
+            }
+        }
+        self.access_tokens.retain(|_, t| t.grant != Some(id));
     }
 
     /// The cursor string of a position (the same position, the same string).
@@ -1647,6 +1708,7 @@ fn dispatch(
     let known = matches!(
         route,
         "/oauth2/token"
+            | "/2/check/app"
             | "/2/users/get_current_account"
             | "/2/auth/token/revoke"
             | "/2/files/list_folder"
@@ -1664,6 +1726,9 @@ fn dispatch(
     }
     if route == "/oauth2/token" {
         return oauth_token(st, headers, form);
+    }
+    if route == "/2/check/app" {
+        return check_app(st, headers, body);
     }
     let name = &route["/2/".len()..];
     let (token, account_id) = match authenticate(st, name, headers) {
@@ -1722,10 +1787,7 @@ impl State {
         let Some(t) = self.access_tokens.get(token) else {
             return String::new();
         };
-        let grant = t
-            .refresh_token
-            .as_ref()
-            .and_then(|rt| self.refresh_tokens.get(rt));
+        let grant = t.grant.and_then(|id| self.grants.get(&id));
         match grant {
             Some(g) => g.scope.clone(),
             None => self
@@ -1832,16 +1894,20 @@ fn exchange_code(st: &mut State, client_id: &str, form: &BTreeMap<String, String
     };
     // Real refresh tokens are 64 characters.
     let refresh_token = random_string(48);
-    st.refresh_tokens.insert(
-        refresh_token.clone(),
+    let id = next_number();
+    st.grants.insert(
+        id,
         Grant {
             app_key: c.app_key.clone(),
             account_id: c.account_id.clone(),
             scope: st.apps[&c.app_key].scope.clone(),
+            refresh_token: refresh_token.clone(),
+            pending: None,
         },
     );
-    let (access_token, expires_in) =
-        st.mint_access_token(&c.app_key, &c.account_id, &refresh_token);
+    st.refresh_tokens.insert(refresh_token.clone(), id);
+    st.code_grants.insert(code.clone(), id);
+    let (access_token, expires_in) = st.mint_access_token(&c.app_key, &c.account_id, id);
     let account = &st.accounts[&c.account_id];
     let scope = &st.apps[&c.app_key].scope;
     Reply::json(
@@ -1988,22 +2054,47 @@ fn refresh(st: &mut State, client_id: &str, form: &BTreeMap<String, String>) -> 
         // boly38/node-mongotools#94.
         return Reply::oauth_error("invalid_grant", "refresh token is malformed");
     }
-    let Some(grant) = st
+    let found = st
         .refresh_tokens
         .get(token)
-        .filter(|g| g.app_key == client_id)
-    else {
+        .copied()
+        .filter(|id| st.grants.get(id).is_some_and(|g| g.app_key == client_id));
+    let Some(id) = found else {
         // Revoked (user disconnected the app, or token/revoke) or unknown:
         // nextcloud/integration_dropbox#34 (2025).
         return Reply::oauth_error("invalid_grant", "refresh token is invalid or revoked");
     };
+    let rotate = st.rotate_refresh_tokens;
+    let Some(grant) = st.grants.get_mut(&id) else {
+        return Reply::oauth_error("invalid_grant", "refresh token is invalid or revoked");
+    };
     let (app_key, account_id) = (grant.app_key.clone(), grant.account_id.clone());
-    let (access_token, expires_in) = st.mint_access_token(&app_key, &account_id, token);
-    // No new refresh token and no uid/account_id on refresh.
-    Reply::json(
-        200,
-        &json!({"access_token": access_token, "token_type": "bearer", "expires_in": expires_in}),
-    )
+    let rotated = if rotate {
+        // The pending token's first use retires the one before it; a refresh
+        // with the current one replaces an unused pending one.
+        let retired = if grant.pending.as_deref() == Some(token.as_str()) {
+            Some(std::mem::replace(&mut grant.refresh_token, token.clone()))
+        } else {
+            grant.pending.take()
+        };
+        let fresh = random_string(48);
+        grant.pending = Some(fresh.clone());
+        if let Some(old) = retired {
+            st.refresh_tokens.remove(&old);
+        }
+        st.refresh_tokens.insert(fresh.clone(), id);
+        Some(fresh)
+    } else {
+        None
+    };
+    let (access_token, expires_in) = st.mint_access_token(&app_key, &account_id, id);
+    // No uid/account_id on refresh, and (Dropbox) no new refresh token.
+    let mut answer =
+        json!({"access_token": access_token, "token_type": "bearer", "expires_in": expires_in});
+    if let Some(fresh) = rotated {
+        answer["refresh_token"] = json!(fresh);
+    }
+    Reply::json(200, &answer)
 }
 
 // ---- /2/ routes ----------------------------------------------------------------
@@ -2122,13 +2213,34 @@ fn full_account(a: &Account) -> Value {
 /// every access token minted from that refresh token.
 fn revoke(st: &mut State, token: &str) -> Reply {
     if let Some(t) = st.access_tokens.remove(token)
-        && let Some(rt) = t.refresh_token
+        && let Some(id) = t.grant
     {
-        st.refresh_tokens.remove(&rt);
-        st.access_tokens
-            .retain(|_, a| a.refresh_token.as_deref() != Some(rt.as_str()));
+        st.revoke_grant(id);
     }
     Reply::json(200, &Value::Null)
+}
+
+/// `check/app`: app authentication (HTTP Basic, app key and secret); echoes
+/// `query`. How Dropbox answers a wrong secret here is not documented; this
+/// answers like a refused token (401 `AuthError`), not verified against the
+/// real service.
+fn check_app(st: &State, headers: &HeaderMap, body: &[u8]) -> Reply {
+    let name = "check/app";
+    let Some((key, secret)) = basic_credentials(headers) else {
+        return Reply::bad_input(
+            name,
+            "Must provide HTTP header \"Authorization\" or URL parameter \"authorization\".",
+        );
+    };
+    if st.apps.get(&key).is_none_or(|a| a.secret != secret) {
+        return Reply::auth_error("invalid_access_token");
+    }
+    let args = match rpc_args(name, headers, body) {
+        Ok(v) => v,
+        Err(reply) => return reply,
+    };
+    let query = args.get("query").and_then(Value::as_str).unwrap_or("");
+    Reply::json(200, &json!({"result": query}))
 }
 
 struct ListArgs {

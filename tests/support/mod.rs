@@ -9,6 +9,7 @@ pub mod dropbox;
 pub mod fixture;
 pub mod netns;
 pub mod operator;
+pub mod proxy;
 pub mod receiver;
 pub mod tls;
 
@@ -38,10 +39,14 @@ pub fn cluster() -> &'static ControlPlane {
             .unwrap_or_else(|| "tests".into());
         // Started from a plain thread: the async test that asks first must not block
         // its runtime's only worker for the whole start-up.
+        // The credential fault table attributes writes to processes by the
+        // API server's audit log.
+        let audit = label == "credentials";
         std::thread::spawn(move || {
-            ControlPlane::start(
+            ControlPlane::start_with(
                 &controlplane::repo_root().join("target/test-clusters"),
                 &label,
+                audit,
             )
         })
         .join()

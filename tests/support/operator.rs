@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use super::controlplane::{free_port, spawn_owned};
 
-/// The operator binary: cargo's for integration tests, else target/debug (the
-/// demo and dev examples run after `cargo build`).
+/// The operator binary: `$DROPBOX_OPERATOR_BIN` when set (e.g. a build of the
+/// code before a change, to see a new test row fail against it), else cargo's
+/// for integration tests, else target/debug (the demo and dev examples run
+/// after `cargo build`).
 pub fn binary() -> PathBuf {
-    option_env!("CARGO_BIN_EXE_dropbox-operator")
+    std::env::var_os("DROPBOX_OPERATOR_BIN")
         .map(PathBuf::from)
+        .or_else(|| option_env!("CARGO_BIN_EXE_dropbox-operator").map(PathBuf::from))
         .unwrap_or_else(|| super::controlplane::repo_root().join("target/debug/dropbox-operator"))
 }
 
