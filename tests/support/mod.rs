@@ -6,7 +6,9 @@ pub mod chart;
 pub mod controlplane;
 pub mod dropbox;
 pub mod fixture;
+pub mod image;
 pub mod netns;
+pub mod node;
 pub mod operator;
 pub mod receiver;
 
