@@ -549,21 +549,32 @@ fn check_processes(subcommand: &str, want: usize) -> Result<String> {
     Ok(format!("{want} as uid 65532, no capabilities, / read-only"))
 }
 
-/// Samples the instances' Ready conditions until stopped: how many times an
-/// instance was seen not Ready.
+/// Samples the Ready conditions of the instances that exist when it starts,
+/// until stopped: how many times one was seen not Ready.
 struct ReadyWatch {
     flaps: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl ReadyWatch {
-    fn start(api: Api<DropboxElementInstance>) -> ReadyWatch {
+    async fn start(api: Api<DropboxElementInstance>) -> Result<ReadyWatch> {
+        let watched: BTreeSet<Option<String>> = api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .map(|i| i.metadata.name)
+            .collect();
         let flaps = Arc::new(AtomicUsize::new(0));
         let seen = flaps.clone();
         let task = tokio::spawn(async move {
             loop {
                 if let Ok(list) = api.list(&ListParams::default()).await {
-                    for i in &list.items {
+                    for i in list
+                        .items
+                        .iter()
+                        .filter(|i| watched.contains(&i.metadata.name))
+                    {
                         if !support::condition_is(i, "Ready", "True", None) {
                             seen.fetch_add(1, Ordering::SeqCst);
                         }
@@ -572,7 +583,7 @@ impl ReadyWatch {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
-        ReadyWatch { flaps, task }
+        Ok(ReadyWatch { flaps, task })
     }
 
     fn stop(self) -> usize {
@@ -952,7 +963,7 @@ async fn step_takeover(ctx: &mut Ctx) -> Result<String> {
     let holder = |l: Lease| l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
     let old = holder(leases.get(&lease_name).await?);
     let transitions = ready_transitions(&ctx.instances()).await?;
-    let watch = ReadyWatch::start(ctx.instances());
+    let watch = ReadyWatch::start(ctx.instances()).await?;
     let started = Instant::now();
     Api::<Pod>::namespaced(ctx.client.clone(), RELEASE_NS)
         .delete(&old, &DeleteParams::default())
@@ -1220,7 +1231,7 @@ async fn step_upgrade(ctx: &Ctx) -> Result<String> {
         .iter()
         .map(pod_name)
         .collect();
-    let watch = ReadyWatch::start(ctx.instances());
+    let watch = ReadyWatch::start(ctx.instances()).await?;
     let mut args = vec![
         "upgrade".to_string(),
         RELEASE.into(),
@@ -1330,33 +1341,60 @@ async fn step_uninstall(ctx: &Ctx) -> Result<String> {
         })
         .collect();
     let joined = resources.join(",");
-    let left = wait_for(
-        "nothing of the release left",
-        Duration::from_secs(120),
-        async || {
-            let mut left = Vec::new();
-            for selector in [
-                format!("app.kubernetes.io/instance={RELEASE}"),
-                "app.kubernetes.io/managed-by=dropbox-operator".to_string(),
-                format!("owner=helm,name={RELEASE}"),
-            ] {
+    let namespaced = ctx.kubectl(&[
+        "api-resources",
+        "--verbs=list",
+        "--namespaced",
+        "-o",
+        "name",
+    ])?;
+    let namespaced = namespaced
+        .lines()
+        .filter(|r| !r.starts_with("events"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let left =
+        wait_for(
+            "nothing of the release left",
+            Duration::from_secs(120),
+            async || {
+                let mut left = Vec::new();
+                for selector in [
+                    format!("app.kubernetes.io/instance={RELEASE}"),
+                    "app.kubernetes.io/managed-by=dropbox-operator".to_string(),
+                    format!("owner=helm,name={RELEASE}"),
+                ] {
+                    let out = ctx.kubectl(&[
+                        "get",
+                        &joined,
+                        "-A",
+                        "-l",
+                        &selector,
+                        "-o",
+                        "name",
+                        "--ignore-not-found",
+                    ])?;
+                    left.extend(out.lines().map(str::to_owned));
+                }
+                // Whatever else is in the release's namespace but what Kubernetes
+                // puts into every namespace.
                 let out = ctx.kubectl(&[
                     "get",
-                    &joined,
-                    "-A",
-                    "-l",
-                    &selector,
+                    &namespaced,
+                    "-n",
+                    RELEASE_NS,
                     "-o",
                     "name",
                     "--ignore-not-found",
                 ])?;
-                left.extend(out.lines().map(str::to_owned));
-            }
-            ensure!(left.is_empty(), "left: {left:?}");
-            Ok(left)
-        },
-    )
-    .await?;
+                left.extend(out.lines().map(str::to_owned).filter(|o| {
+                    o != "serviceaccount/default" && o != "configmap/kube-root-ca.crt"
+                }));
+                ensure!(left.is_empty(), "left: {left:?}");
+                Ok(left)
+            },
+        )
+        .await?;
     let live = ctx.emu.live_oauth_access_tokens();
     let revokes = ctx.emu.calls_to("/2/auth/token/revoke").len();
     ensure!(live.is_empty(), "{} tokens not revoked", live.len());

@@ -27,7 +27,9 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 /// Token of the `admin` user (group `system:masters`) in the static token file.
 const ADMIN_USER: &str = "admin";
 
-/// The first address of `--service-cluster-ip-range`: the `kubernetes` Service.
+/// `--service-cluster-ip-range`.
+pub const SERVICE_CIDR: &str = "10.96.0.0/24";
+/// The first address of [`SERVICE_CIDR`]: the `kubernetes` Service.
 pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
 
 /// How a control plane starts. The default is the tests' one: everything on
@@ -437,7 +439,7 @@ impl ControlPlane {
                 "--service-account-signing-key-file={}",
                 dir.join("sa.key").display()
             ),
-            "--service-cluster-ip-range=10.96.0.0/24".to_string(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--enable-priority-and-fairness=false".to_string(),
             "--profiling=false".to_string(),
             "--v=1".to_string(),

@@ -706,6 +706,21 @@ fn prepare_namespaces(dir: &Path) -> io::Result<()> {
     )?;
     sh("ip", &["link", "set", "e2e-node", "up"])?;
     sh("ip", &["link", "set", "e2e-peer", "up"])?;
+    // A real node reaches Service addresses through its default route; this
+    // namespace has none (nothing may leave it), so the Service range gets a
+    // route of its own for kube-proxy's rules to rewrite.
+    sh(
+        "ip",
+        &[
+            "route",
+            "add",
+            controlplane::SERVICE_CIDR,
+            "dev",
+            "e2e-node",
+            "src",
+            &NODE_IP.to_string(),
+        ],
+    )?;
     fs::write("/proc/sys/net/ipv4/ip_forward", "1\n")?;
     Ok(())
 }
