@@ -203,96 +203,109 @@ async fn run() -> Result<()> {
         codes: Vec::new(),
         root_netns_before,
     };
+    let result = steps(&mut ctx, &mut table, &root_netns).await;
+    // The pods' logs (on the run's tmpfs) are kept with the run's other logs.
+    let _ = node::sh(
+        "cp",
+        &[
+            "-a",
+            "/var/log/pods",
+            &ctx.node.dir.join("pod-logs").display().to_string(),
+        ],
+    );
+    result
+}
 
+async fn steps(ctx: &mut Ctx, table: &mut Table, root_netns: &str) -> Result<()> {
     table
         .step(
             "image",
             "archive holds what the Dockerfile declares; imported",
-            step_image(&mut ctx),
+            step_image(ctx),
         )
         .await?;
     table
         .step(
             "helm install",
             "deployed with default values",
-            step_install(&ctx),
+            step_install(ctx),
         )
         .await?;
     table
         .step(
             "controller pods",
             "2/2 Ready, chart probes, non-root, read-only /, 1 leader",
-            step_controller(&ctx),
+            step_controller(ctx),
         )
         .await?;
     table
         .step(
             "oauth2 instance",
             "Ready against the emulator",
-            step_instance(&mut ctx),
+            step_instance(ctx),
         )
         .await?;
     table
         .step(
             "ingress Deployment",
             "created by the controller, 2/2 Ready",
-            step_ingress(&ctx),
+            step_ingress(ctx),
         )
         .await?;
     table
         .step(
             "webhook via Service",
             "signed event arrives and verifies",
-            step_webhook(&ctx),
+            step_webhook(ctx),
         )
         .await?;
     table
         .step(
             "long-polled instance",
             "delivers, no webhook received",
-            step_longpoll(&mut ctx),
+            step_longpoll(ctx),
         )
         .await?;
     table
         .step(
             "delete leader pod",
             "takeover; 0 Ready flaps; 0 codes sent twice",
-            step_takeover(&mut ctx),
+            step_takeover(ctx),
         )
         .await?;
     table
         .step(
             "rollout restart ingress",
             "100 changes: 0 lost, 0 ids with two bodies",
-            step_rollout(&ctx),
+            step_rollout(ctx),
         )
         .await?;
     table
         .step(
             "drain ingress pods",
             "PDB respected: >= minAvailable Ready",
-            step_drain(&ctx),
+            step_drain(ctx),
         )
         .await?;
     table
         .step(
             "helm upgrade",
             "pods roll; instances Ready; 0 status writes",
-            step_upgrade(&ctx),
+            step_upgrade(ctx),
         )
         .await?;
     table
         .step(
             "helm uninstall",
             "0 objects left; every token revoked",
-            step_uninstall(&ctx),
+            step_uninstall(ctx),
         )
         .await?;
     table
         .step(
             "confinement",
             "root namespace unchanged; no route out",
-            step_confinement(&ctx, &root_netns),
+            step_confinement(ctx, root_netns),
         )
         .await?;
     table.print();

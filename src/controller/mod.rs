@@ -13,6 +13,7 @@ pub mod exchange;
 pub mod finalizer;
 pub mod ingress;
 pub mod inputs;
+pub mod lease_owner;
 pub mod memo;
 pub mod oauth;
 pub mod projection;
@@ -215,6 +216,13 @@ async fn run_as_leader(
     let result = if became_leader {
         tracing::info!(identity = %election.identity, "acquired the leader lease; starting the controller");
         metrics.leader.set(1);
+        if let Some(owner) = &options.ingress.owner_deployment
+            && let Err(e) =
+                lease_owner::own_lease(&client, &election.namespace, &election.lease_name, owner)
+                    .await
+        {
+            tracing::warn!(error = %e, "could not make the leader Lease owned by the Deployment; it outlives an uninstall");
+        }
         let controller_stop = shutdown.child_token();
         let lost = async {
             loop {

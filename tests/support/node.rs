@@ -26,8 +26,9 @@
 //!   values it wants; the run shows it those values through read-only bind
 //!   mounts in its mount namespace, so the machine's kernel keeps its own.
 //!
-//! State lives under `target/e2e/<pid>/` (removed after a passing run, kept
-//! with every process's log after a failing one).
+//! State lives under `target/e2e/<pid>/` (removed after a passing run unless
+//! `DROPBOX_OPERATOR_E2E_KEEP` is set, kept with every process's log and the
+//! pods' logs after a failing one).
 
 use std::fs;
 use std::io;
@@ -305,7 +306,9 @@ pub fn run_confined(name: &str) {
         "mounts left in the root mount namespace: {mounts_gained:?}"
     );
     assert!(cgroups_left.is_empty(), "cgroups left: {cgroups_left:?}");
-    let _ = fs::remove_dir_all(runs_dir().join(&run));
+    if std::env::var_os("DROPBOX_OPERATOR_E2E_KEEP").is_none() {
+        let _ = fs::remove_dir_all(runs_dir().join(&run));
+    }
 }
 
 /// Runs `program args`, failing with its output when it fails.
