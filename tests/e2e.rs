@@ -1025,6 +1025,8 @@ async fn step_rollout(ctx: &Ctx) -> Result<String> {
         .iter()
         .map(pod_name)
         .collect();
+    let arrived_before = ctx.receiver.arrived_ids().len();
+    let recorded_before = ctx.receiver.all().len();
     let paths: Vec<String> = (0..100)
         .map(|i| format!("/e2e/batch/file-{i:03}.txt"))
         .collect();
@@ -1056,35 +1058,23 @@ async fn step_rollout(ctx: &Ctx) -> Result<String> {
         .filter(|p| p.starts_with("/e2e/batch/"))
         .count();
     ctx.kubectl(&["rollout", "restart", "deployment", &name, "-n", &ns])?;
-    // Let the held delivery go once an old pod is shutting down.
-    wait_for(
-        "an old ingress pod terminating",
-        Duration::from_secs(60),
-        async || {
-            let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
-                .list(&ListParams::default().labels(INGRESS_SELECTOR))
-                .await?
-                .items;
-            ensure!(
-                pods.iter()
-                    .any(|p| old_pods.contains(&pod_name(p))
-                        && p.metadata.deletion_timestamp.is_some()),
-                "no old pod terminating"
-            );
-            Ok(())
-        },
-    )
-    .await?;
-    ctx.receiver.release();
+    // The held delivery is still in flight when its pod is told to stop; the
+    // receiver lets deliveries through again only once every old pod is gone
+    // (so an old pod's drain gives up on it), and the new pods deliver.
     let new_pods = wait_for("the rollout", Duration::from_secs(180), async || {
         let pods = rolled_out(&ctx.client, "webhook-ingress", 2).await?;
+        let all = Api::<Pod>::namespaced(ctx.client.clone(), &ns)
+            .list(&ListParams::default().labels(INGRESS_SELECTOR))
+            .await?
+            .items;
         ensure!(
-            pods.iter().all(|p| !old_pods.contains(&pod_name(p))),
+            all.iter().all(|p| !old_pods.contains(&pod_name(p))),
             "old pods still there"
         );
         Ok(pods)
     })
     .await?;
+    ctx.receiver.release();
     wait_for("all 100 changes", Duration::from_secs(180), async || {
         let got = verified_paths(&ctx.receiver);
         let missing = paths.iter().filter(|p| !got.contains(*p)).count();
@@ -1106,12 +1096,16 @@ async fn step_rollout(ctx: &Ctx) -> Result<String> {
     let got = verified_paths(&ctx.receiver);
     let lost = paths.iter().filter(|p| !got.contains(*p)).count();
     let duplicates = requests - bodies.len();
+    // Requests that arrived but were never answered: their sender went away.
+    let cut_off = (ctx.receiver.arrived_ids().len() - arrived_before)
+        - (ctx.receiver.all().len() - recorded_before);
     ensure!(
         lost == 0 && two_bodies == 0,
         "lost {lost}, ids with two bodies {two_bodies}"
     );
     Ok(format!(
-        "{delivered_before} delivered before the restart; {} pods replaced; 100/100 delivered, \
+        "{delivered_before} delivered before the restart; {cut_off} deliveries cut off with \
+         their pod; {} pods replaced; 100/100 delivered, \
          0 lost, 0 ids with two bodies ({duplicates} redeliveries with the same id and body)",
         new_pods.len()
     ))
