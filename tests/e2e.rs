@@ -166,6 +166,7 @@ async fn run() -> Result<()> {
     let started = Instant::now();
     let node = tokio::task::spawn_blocking(Node::start).await??;
     let node_seconds = started.elapsed().as_secs_f64();
+    node.keep_pod_logs();
     let client = client_for(&node.cp.kubeconfig).await?;
     let emu = Emulator::start_on(NODE_IP.into()).await;
     emu.add_app(APP_KEY, APP_SECRET);
@@ -203,17 +204,7 @@ async fn run() -> Result<()> {
         codes: Vec::new(),
         root_netns_before,
     };
-    let result = steps(&mut ctx, &mut table, &root_netns).await;
-    // The pods' logs (on the run's tmpfs) are kept with the run's other logs.
-    let _ = node::sh(
-        "cp",
-        &[
-            "-a",
-            "/var/log/pods",
-            &ctx.node.dir.join("pod-logs").display().to_string(),
-        ],
-    );
-    result
+    steps(&mut ctx, &mut table, &root_netns).await
 }
 
 async fn steps(ctx: &mut Ctx, table: &mut Table, root_netns: &str) -> Result<()> {

@@ -385,6 +385,23 @@ impl Node {
         Ok(node)
     }
 
+    /// Copies the pods' logs (`/var/log/pods`, on the run's tmpfs; the kubelet
+    /// removes a deleted pod's) to `<dir>/pod-logs` every 2 s while the run lasts.
+    pub fn keep_pod_logs(&self) {
+        let target = self.path("pod-logs");
+        let _ = fs::create_dir_all(&target);
+        std::thread::spawn(move || {
+            loop {
+                let _ = Command::new("cp")
+                    .args(["-a", "-u", "/var/log/pods/."])
+                    .arg(&target)
+                    .stderr(Stdio::null())
+                    .status();
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        });
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
