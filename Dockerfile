@@ -47,7 +47,8 @@ LABEL org.opencontainers.image.title="dropbox-operator" \
 COPY --from=build /build/target/release/dropbox-operator /dropbox-operator
 # Numeric, so that the kubelet can enforce runAsNonRoot (it cannot resolve names).
 USER 65532:65532
-# Metrics and probes of the controller; webhooks, metrics and probes of the ingress.
-EXPOSE 8080
+# The controller serves metrics and probes on 8080; the ingress serves webhooks
+# on 8080 and its metrics and probes on 8081 (never behind its public Service).
+EXPOSE 8080 8081
 ENTRYPOINT ["/dropbox-operator"]
 CMD ["--help"]

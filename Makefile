@@ -4,7 +4,7 @@ CONTROLPLANE_BIN ?= $(CURDIR)/target/controlplane/bin
 export CONTROLPLANE_BIN
 CARGO ?= cargo
 
-.PHONY: demo dev test lint bench bench-scale bench-readme bench-peer controlplane crd build testdeps
+.PHONY: demo dev test lint bench bench-scale bench-readme bench-peer controlplane node image e2e crd build testdeps
 
 ## demo: the whole story offline: control plane, operator, ingress, Dropbox emulator, a signed event
 demo: controlplane
@@ -64,6 +64,25 @@ tests/interop/node_modules/.package-lock.json: tests/interop/package-lock.json
 ## controlplane: build etcd, kube-apiserver, kube-controller-manager, kubectl and helm (only when missing)
 controlplane:
 	tests/controlplane/build.sh
+
+## node: what the e2e node needs: Debian packages (CNI plugins, iptables,
+## libseccomp-dev; installed when missing, as root) and kube-scheduler, kubelet,
+## kube-proxy, containerd, runc and pause built into target/controlplane/bin
+node:
+	tests/controlplane/node-packages.sh
+	tests/controlplane/build.sh node
+
+## image: the runtime image's root filesystem and configuration, checked
+## (hack/verify-runtime-image.sh; as root)
+image:
+	hack/verify-runtime-image.sh
+
+## e2e: the chart on a one-node cluster in a network namespace of its own, with
+## the project's image (as root; README "Try it"). E2E_IMAGE= skips rebuilding
+## the image (.ci/run has just checked it from the build context).
+E2E_IMAGE ?= image
+e2e: node $(E2E_IMAGE)
+	$(CARGO) test --test e2e -- --ignored --nocapture --test-threads=1
 
 ## crd: regenerate the checked-in CRD from the Rust types
 crd:

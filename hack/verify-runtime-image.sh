@@ -6,7 +6,11 @@
 #      glibc/libgcc shared libraries, and glibc symbols no newer than Debian 12's 2.36;
 #   3. assembles a root filesystem with only the binary, the shared libraries ldd
 #      finds, the dynamic loader and the CA bundle (what the image provides and the
-#      binary uses) under target/runtime-image/rootfs;
+#      binary uses), plus the base image's users, /tmp and the nonroot home,
+#      under target/runtime-image/rootfs, and the image's configuration (user,
+#      entrypoint, ports, environment, labels) in target/runtime-image/config.json:
+#      the e2e node (`make e2e`) runs the chart with this image, and
+#      tests/e2e.rs checks both against the Dockerfile;
 #   4. runs `--help`, `--version`, `crd` and `import` in it with chroot as uid/gid
 #      65532 (the image's USER), and prints the size.
 #
@@ -30,6 +34,22 @@ ROOTFS=target/runtime-image/rootfs
 # libstdc++6, libgomp1, libssl3) plus the loader.
 PROVIDED_LIBS='^(ld-linux-x86-64\.so\.2|ld-linux-aarch64\.so\.1|libc\.so\.6|libm\.so\.6|libpthread\.so\.0|libdl\.so\.2|librt\.so\.1|libutil\.so\.1|libresolv\.so\.2|libgcc_s\.so\.1|libstdc\+\+\.so\.6|libgomp\.so\.1|libssl\.so\.3|libcrypto\.so\.3)$'
 MAX_GLIBC=2.36
+# The runtime image's configuration: the Dockerfile's USER, ENTRYPOINT, CMD,
+# EXPOSE and LABEL, and what gcr.io/distroless/cc-debian12:nonroot sets (Env,
+# WorkingDir). tests/e2e.rs compares it with the Dockerfile.
+IMAGE_CONFIG='{
+  "User": "65532:65532",
+  "Entrypoint": ["/dropbox-operator"],
+  "Cmd": ["--help"],
+  "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"],
+  "WorkingDir": "/home/nonroot",
+  "ExposedPorts": {"8080/tcp": {}, "8081/tcp": {}},
+  "Labels": {
+    "org.opencontainers.image.title": "dropbox-operator",
+    "org.opencontainers.image.description": "Kubernetes operator for Dropbox element instances: OAuth lifecycle and signed file-change events",
+    "org.opencontainers.image.licenses": "Apache-2.0"
+  }
+}'
 
 step() { printf '\n== %s\n' "$*"; }
 fail() {
@@ -84,6 +104,17 @@ if [[ -f /etc/ssl/certs/ca-certificates.crt ]]; then
 else
     echo "note: no /etc/ssl/certs/ca-certificates.crt on this machine; the image has one"
 fi
+# What the distroless base adds that a process may notice: its users (the
+# runtime looks up HOME for uid 65532), /tmp and the nonroot home.
+install -d -m 0755 "$ROOTFS/etc"
+printf '%s\n' 'root:x:0:0:root:/root:/sbin/nologin' 'nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin' \
+    'nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin' >"$ROOTFS/etc/passwd"
+printf '%s\n' 'root:x:0:' 'nobody:x:65534:' 'nonroot:x:65532:' >"$ROOTFS/etc/group"
+chmod 0644 "$ROOTFS/etc/passwd" "$ROOTFS/etc/group"
+install -d -m 1777 "$ROOTFS/tmp"
+install -d -m 0700 "$ROOTFS/root"
+install -d -m 0700 -o "$RUNTIME_UID" -g "$RUNTIME_UID" "$ROOTFS/home/nonroot"
+echo "$IMAGE_CONFIG" >"$(dirname "$ROOTFS")/config.json"
 (cd "$ROOTFS" && find . -type f -printf '%s\t%p\n' | sort -k2)
 
 # Like the image: ENTRYPOINT /dropbox-operator, USER 65532:65532, no supplementary groups.

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::ResourceExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -154,6 +155,9 @@ pub struct Elector {
     deadline: Duration,
     /// Another holder's record (resourceVersion) and since when it is unchanged.
     observed: Mutex<Option<(String, Instant)>>,
+    /// Set on the Lease when this replica creates or takes it, so the Lease goes
+    /// with its owner.
+    owner: Option<OwnerReference>,
 }
 
 impl Elector {
@@ -176,7 +180,14 @@ impl Elector {
             interval,
             deadline,
             observed: Mutex::new(None),
+            owner: None,
         }
+    }
+
+    /// The Lease this replica writes is owned by `owner` (when known).
+    pub fn owned_by(mut self, owner: Option<OwnerReference>) -> Self {
+        self.owner = owner;
+        self
     }
 
     /// Waits until this replica holds the lease; false when `stop` came first.
@@ -255,6 +266,7 @@ impl Elector {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
+                    owner_references: self.owner.clone().map(|o| vec![o]),
                     ..Default::default()
                 },
                 spec: Some(LeaseSpec {
@@ -304,6 +316,12 @@ impl Elector {
         }
         spec.renew_time = Some(now);
         spec.lease_duration_seconds = Some(seconds);
+        if let Some(owner) = &self.owner {
+            let owners = lease.metadata.owner_references.get_or_insert_with(Vec::new);
+            if !owners.iter().any(|o| o.uid == owner.uid) {
+                owners.push(owner.clone());
+            }
+        }
         // `lease` carries the resourceVersion read: a precondition.
         match self
             .api

@@ -41,6 +41,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Controller;
@@ -260,6 +261,31 @@ async fn run_as_leader(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let (duration, interval, renew_deadline) = election.timings();
+    // The Lease belongs to the release: owned by the controller's Deployment,
+    // the garbage collector removes it with `helm uninstall` (found by `make
+    // e2e`: it outlived the release). Without an owner it is merely left behind.
+    let owner = match &options.ingress.owner_deployment {
+        Some(name) => match Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(
+            client.clone(),
+            &election.namespace,
+        )
+        .get(name)
+        .await
+        {
+            Ok(d) => d.metadata.uid.map(|uid| OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "Deployment".into(),
+                name: name.clone(),
+                uid,
+                ..Default::default()
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the controller's Deployment; the leader Lease will outlive an uninstall");
+                None
+            }
+        },
+        None => None,
+    };
     let elector = leader::Elector::new(
         Api::<Lease>::namespaced(client.clone(), &election.namespace),
         &election.lease_name,
@@ -267,7 +293,8 @@ async fn run_as_leader(
         duration,
         interval,
         renew_deadline,
-    );
+    )
+    .owned_by(owner);
     let leadership = Arc::new(leader::Leadership::elected());
     // A standby replica is healthy and ready: it is waiting for its turn.
     ready.set(true);

@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Builds the test control plane from Go modules: kube-apiserver,
 # kube-controller-manager, kubectl, etcd and helm, with real version ldflags.
+# `build.sh node` also builds the e2e node (`make e2e`): kube-scheduler, kubelet
+# and kube-proxy (same Kubernetes module), containerd, containerd-shim-runc-v2
+# and ctr (containerd/), runc with seccomp (runc/, cgo and Debian's
+# libseccomp-dev: tests/controlplane/node-packages.sh installs it) and the
+# static pause binary of the sandbox image (Kubernetes' own build/pause/linux/pause.c
+# from the module cache).
 #
 # Output goes to $CONTROLPLANE_BIN (default: <repo>/target/controlplane/bin).
 # A binary is rebuilt only when it is missing or was built from another pinned
@@ -62,4 +68,30 @@ build helm helm "$helm" helm.sh/helm/v3/cmd/helm \
  -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=$hmajor -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$hminor \
  -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=$hmajor -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$hminor"
 echo "$staging" > /dev/null
+
+if [ "${1:-}" = node ]; then
+  build kube-scheduler kubernetes "$k8s" k8s.io/kubernetes/cmd/kube-scheduler "$k8s_ldflags"
+  build kubelet kubernetes "$k8s" k8s.io/kubernetes/cmd/kubelet "$k8s_ldflags"
+  build kube-proxy kubernetes "$k8s" k8s.io/kubernetes/cmd/kube-proxy "$k8s_ldflags"
+  containerd=$(modver containerd github.com/containerd/containerd/v2)
+  # btrfs support needs cgo and headers; the node uses the overlayfs snapshotter.
+  ctr_flags="-X github.com/containerd/containerd/v2/version.Version=$containerd \
+ -X github.com/containerd/containerd/v2/version.Revision=module-$containerd"
+  for cmd in containerd containerd-shim-runc-v2 ctr; do
+    GOFLAGS="$GOFLAGS -tags=no_btrfs" build "$cmd" containerd "$containerd" \
+      "github.com/containerd/containerd/v2/cmd/$cmd" "$ctr_flags"
+  done
+  runc=$(modver runc github.com/opencontainers/runc)
+  # Debian's runc 1.1.5 cannot start containers on this kernel ("can't get final
+  # child's PID from pipe"); runc needs cgo for its nsexec and libseccomp.
+  CGO_ENABLED=1 GOFLAGS="$GOFLAGS -tags=seccomp" build runc runc "$runc" github.com/opencontainers/runc \
+    "-X main.version=${runc#v} -X main.gitCommit=module-$runc"
+  pause_src=$(cd "$here/kubernetes" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c
+  pause_tag=$(sed -n 's/^TAG ?= //p' "$(dirname "$(dirname "$pause_src")")/Makefile")
+  if ! [ -x "$bin/pause" ] || [ "$(cat "$bin/pause.version" 2>/dev/null)" != "$pause_tag" ]; then
+    gcc -Os -Wall -Werror -static -DVERSION="v$pause_tag-module-$k8s" -o "$bin/pause" "$pause_src"
+    echo "$pause_tag" > "$bin/pause.version"
+    echo "built pause $pause_tag" >&2
+  fi
+fi
 echo "$bin"

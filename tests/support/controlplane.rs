@@ -31,6 +31,56 @@ const ADMIN_USER: &str = "admin";
 /// process says about itself).
 pub const PROCESS_USERS: [&str; 4] = ["process-1", "process-2", "process-3", "process-4"];
 
+/// `--service-cluster-ip-range`.
+pub const SERVICE_CIDR: &str = "10.96.0.0/24";
+/// The first address of [`SERVICE_CIDR`]: the `kubernetes` Service.
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
+
+/// How a control plane starts. The default is the tests' one: everything on
+/// loopback, no node. [`Options::for_node`] makes one pods can use
+/// (`tests/support/node.rs`).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// A non-loopback address of this network namespace: the API server binds
+    /// every address and advertises this one, so the `kubernetes` Service's
+    /// endpoint is `<address>:<port>` and pods reach it through kube-proxy.
+    pub advertise: Option<std::net::Ipv4Addr>,
+    /// Further users of the static token file: (user, groups). Their tokens are
+    /// in [`ControlPlane::tokens`].
+    pub users: Vec<(String, String)>,
+    /// kube-controller-manager controllers beyond the tests' seven.
+    pub controllers: Vec<&'static str>,
+    /// The API server's audit log (see [`ControlPlane::audit_log`]).
+    pub audit: bool,
+}
+
+impl Options {
+    /// A control plane for a node named `node` at `address`: the Node authorizer
+    /// and NodeRestriction for its kubelet, users for the kubelet, kube-proxy and
+    /// the scheduler, and the controllers pods need (node lifecycle removes the
+    /// not-ready taint, the root-CA publisher makes `kube-root-ca.crt` for token
+    /// volumes, endpoint slices feed kube-proxy; disruption, among the tests'
+    /// seven, computes PDBs).
+    pub fn for_node(address: std::net::Ipv4Addr, node: &str) -> Options {
+        Options {
+            advertise: Some(address),
+            users: vec![
+                (format!("system:node:{node}"), "system:nodes".into()),
+                ("system:kube-proxy".into(), String::new()),
+                ("system:kube-scheduler".into(), String::new()),
+            ],
+            controllers: vec![
+                "node-lifecycle-controller",
+                "root-ca-certificate-publisher-controller",
+                "endpointslice-controller",
+                "pod-garbage-collector-controller",
+                "taint-eviction-controller",
+            ],
+            audit: false,
+        }
+    }
+}
+
 /// A running control plane. Its processes stop when the process that started it exits.
 pub struct ControlPlane {
     /// Working directory: certificates, kubeconfig, etcd data and one log per process.
@@ -47,6 +97,8 @@ pub struct ControlPlane {
     pub admin_token: String,
     /// Bearer tokens of [`PROCESS_USERS`], in that order.
     process_tokens: Vec<String>,
+    /// (user, token) of [`Options::users`].
+    pub tokens: Vec<(String, String)>,
     /// `http://127.0.0.1:<port>`: etcd's client URL.
     etcd_url: String,
     /// The API server's audit log (JSON lines), when auditing is on.
@@ -229,7 +281,7 @@ struct Pki {
     sa_public_pem: String,
 }
 
-fn generate_pki() -> Result<Pki, rcgen::Error> {
+fn generate_pki(extra_sans: &[String]) -> Result<Pki, rcgen::Error> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -240,11 +292,13 @@ fn generate_pki() -> Result<Pki, rcgen::Error> {
     let issuer = Issuer::new(ca_params, ca_key);
 
     let server_key = KeyPair::generate()?;
-    let mut server_params = CertificateParams::new(vec![
+    let mut sans = vec![
         "127.0.0.1".to_string(),
         "localhost".to_string(),
         "kubernetes.default.svc".to_string(),
-    ])?;
+    ];
+    sans.extend_from_slice(extra_sans);
+    let mut server_params = CertificateParams::new(sans)?;
     server_params
         .distinguished_name
         .push(DnType::CommonName, "kube-apiserver");
@@ -302,13 +356,13 @@ impl ControlPlane {
     /// under `parent` and waits until the API server is ready and the
     /// controller-manager is working.
     pub fn start(parent: &Path, label: &str) -> io::Result<ControlPlane> {
-        Self::start_with(parent, label, false)
+        ControlPlane::start_with(parent, label, &Options::default())
     }
 
-    /// [`ControlPlane::start`], with the API server's audit log on when `audit`
-    /// (an independent record of which process wrote what: the credential
-    /// fault table counts writes of a stale leader with it).
-    pub fn start_with(parent: &Path, label: &str, audit: bool) -> io::Result<ControlPlane> {
+    /// [`ControlPlane::start`] with `options` (the audit log with `options.audit`:
+    /// an independent record of which process wrote what; the credential fault
+    /// table counts writes of a stale leader with it).
+    pub fn start_with(parent: &Path, label: &str, options: &Options) -> io::Result<ControlPlane> {
         let started = Instant::now();
         let bin_dir = ensure_binaries()?;
         fs::create_dir_all(parent)?;
@@ -317,7 +371,17 @@ impl ControlPlane {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
 
-        let pki = generate_pki().map_err(io::Error::other)?;
+        let extra_sans: Vec<String> = match options.advertise {
+            Some(address) => vec![
+                address.to_string(),
+                KUBERNETES_SERVICE_IP.to_string(),
+                "kubernetes".to_string(),
+                "kubernetes.default".to_string(),
+                "kubernetes.default.svc.cluster.local".to_string(),
+            ],
+            None => Vec::new(),
+        };
+        let pki = generate_pki(&extra_sans).map_err(io::Error::other)?;
         write(&dir.join("ca.crt"), &pki.ca_pem)?;
         write(&dir.join("apiserver.crt"), &pki.server_cert_pem)?;
         write(&dir.join("apiserver.key"), &pki.server_key_pem)?;
@@ -326,14 +390,22 @@ impl ControlPlane {
         let admin_token = random_token();
         let kcm_token = random_token();
         let process_tokens: Vec<String> = PROCESS_USERS.iter().map(|_| random_token()).collect();
-        let mut tokens = format!(
+        let mut token_file = format!(
             "{admin_token},{ADMIN_USER},admin-uid,\"system:masters\"\n\
              {kcm_token},system:kube-controller-manager,kcm-uid\n"
         );
         for (user, token) in PROCESS_USERS.iter().zip(&process_tokens) {
-            tokens += &format!("{token},{user},{user}-uid,\"system:masters\"\n");
+            token_file += &format!("{token},{user},{user}-uid,\"system:masters\"\n");
         }
-        write(&dir.join("tokens.csv"), tokens)?;
+                let tokens: Vec<(String, String)> = options
+            .users
+            .iter()
+            .map(|(user, _)| (user.clone(), random_token()))
+            .collect();
+        for (i, ((user, token), (_, groups))) in tokens.iter().zip(&options.users).enumerate() {
+            token_file.push_str(&format!("{token},{user},user-{i},\"{groups}\"\n"));
+        }
+        write(&dir.join("tokens.csv"), token_file)?;
 
         let mut children = Vec::new();
         let etcd_port = free_port();
@@ -359,7 +431,7 @@ impl ControlPlane {
 
         let api_port = free_port();
         let server = format!("https://127.0.0.1:{api_port}");
-        let audit_log = audit.then(|| dir.join("audit.log"));
+        let audit_log = options.audit.then(|| dir.join("audit.log"));
         let mut audit_args = Vec::new();
         if let Some(log) = &audit_log {
             write(&dir.join("audit-policy.yaml"), AUDIT_POLICY)?;
@@ -372,46 +444,58 @@ impl ControlPlane {
                 "--audit-log-format=json".to_owned(),
             ];
         }
-        let apiserver_args = [
-            &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            // No kubelet or Service routing here: the `kubernetes` Service endpoints
-            // (which may not be loopback) are not needed.
-            "--endpoint-reconciler-type=none",
-            &format!("--secure-port={api_port}"),
-            &format!("--cert-dir={}", dir.join("certs").display()),
-            &format!("--tls-cert-file={}", dir.join("apiserver.crt").display()),
-            &format!(
+        let (bind, advertise) = match options.advertise {
+            Some(address) => ("0.0.0.0".to_string(), address.to_string()),
+            None => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
+        };
+        let mut apiserver_args = vec![
+            format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+            format!("--bind-address={bind}"),
+            format!("--advertise-address={advertise}"),
+        ];
+        if options.advertise.is_some() {
+            // The kubelet's identity is checked as a real cluster checks it.
+            apiserver_args.extend([
+                "--authorization-mode=Node,RBAC".to_string(),
+                "--enable-admission-plugins=NodeRestriction".to_string(),
+            ]);
+        } else {
+            apiserver_args.extend([
+                // No kubelet or Service routing here: the `kubernetes` Service endpoints
+                // (which may not be loopback) are not needed.
+                "--endpoint-reconciler-type=none".to_string(),
+                "--authorization-mode=RBAC".to_string(),
+            ]);
+        }
+        apiserver_args.extend([
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", dir.join("certs").display()),
+            format!("--tls-cert-file={}", dir.join("apiserver.crt").display()),
+            format!(
                 "--tls-private-key-file={}",
                 dir.join("apiserver.key").display()
             ),
-            &format!("--client-ca-file={}", dir.join("ca.crt").display()),
-            &format!("--token-auth-file={}", dir.join("tokens.csv").display()),
-            "--authorization-mode=RBAC",
-            "--service-account-issuer=https://kubernetes.default.svc",
-            &format!(
+            format!("--client-ca-file={}", dir.join("ca.crt").display()),
+            format!("--token-auth-file={}", dir.join("tokens.csv").display()),
+            "--service-account-issuer=https://kubernetes.default.svc".to_string(),
+            format!(
                 "--service-account-key-file={}",
                 dir.join("sa.pub").display()
             ),
-            &format!(
+            format!(
                 "--service-account-signing-key-file={}",
                 dir.join("sa.key").display()
             ),
-            "--service-cluster-ip-range=10.96.0.0/24",
-            "--enable-priority-and-fairness=false",
-            "--profiling=false",
-            "--v=1",
-        ];
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--enable-priority-and-fairness=false".to_string(),
+            "--profiling=false".to_string(),
+            "--v=1".to_string(),
+        ]);
         children.push(start_managed(
             &dir,
             "kube-apiserver",
             bin_dir.join("kube-apiserver"),
-            apiserver_args
-                .iter()
-                .map(|a| (*a).to_owned())
-                .chain(audit_args)
-                .collect(),
+            apiserver_args.into_iter().chain(audit_args).collect(),
         )?);
 
         let kubeconfig = dir.join("kubeconfig");
@@ -438,6 +522,7 @@ impl ControlPlane {
             ca_pem: pki.ca_pem.clone(),
             admin_token,
             process_tokens,
+            tokens,
             etcd_url: format!("http://127.0.0.1:{etcd_port}"),
             audit_log,
             children: Mutex::new(children),
@@ -447,6 +532,22 @@ impl ControlPlane {
                 .is_some_and(|out| out.trim() == "ok")
         })?;
 
+        let controllers = [
+            "garbage-collector-controller",
+            "namespace-controller",
+            "deployment-controller",
+            "replicaset-controller",
+            "serviceaccount-controller",
+            // The HPA and disruption controllers write the status Argo CD's health
+            // checks read (tests/chart_argocd.rs).
+            "horizontal-pod-autoscaler-controller",
+            "disruption-controller",
+        ]
+        .iter()
+        .chain(&options.controllers)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(",");
         let kcm_args = [
             &format!("--kubeconfig={}", kcm_kubeconfig.display()),
             &format!("--authentication-kubeconfig={}", kcm_kubeconfig.display()),
@@ -458,12 +559,10 @@ impl ControlPlane {
             // Each controller runs as its own ServiceAccount (tokens from TokenRequest), as
             // in a real cluster: the garbage collector gets its wide read rights that way.
             "--use-service-account-credentials=true",
-            // The HPA and disruption controllers write the status Argo CD's health
-            // checks read (tests/chart_argocd.rs).
-            "--controllers=garbage-collector-controller,namespace-controller,deployment-controller,\
-             replicaset-controller,serviceaccount-controller,horizontal-pod-autoscaler-controller,\
-             disruption-controller",
+            &format!("--controllers={controllers}"),
             "--horizontal-pod-autoscaler-sync-period=2s",
+            // What the root-CA publisher puts into `kube-root-ca.crt` of every namespace.
+            &format!("--root-ca-file={}", dir.join("ca.crt").display()),
             // Short resync of discovery so the garbage collector sees new CRDs quickly.
             "--concurrent-gc-syncs=5",
             "--v=1",
@@ -503,7 +602,38 @@ impl ControlPlane {
         Ok(cp)
     }
 
-    fn wait_until(
+    /// Starts `program` with `args` as a process of this control plane (log
+    /// `<dir>/<name>.log`): it dies with it, and waits fail when it exits.
+    pub fn start_process(
+        &self,
+        name: &'static str,
+        program: PathBuf,
+        args: Vec<String>,
+    ) -> io::Result<()> {
+        let managed = start_managed(&self.dir, name, program, args)?;
+        self.children.lock().expect("children lock").push(managed);
+        Ok(())
+    }
+
+    /// A kubeconfig (written to `<dir>/<file>`) for user `user` of [`Options::users`].
+    pub fn kubeconfig_of(&self, user: &str, file: &str) -> io::Result<PathBuf> {
+        let token = self
+            .tokens
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| io::Error::other(format!("no token for user {user}")))?;
+        let path = self.dir.join(file);
+        write(
+            &path,
+            kubeconfig_yaml(&self.server, &self.ca_pem, user, &token),
+        )?;
+        Ok(path)
+    }
+
+    /// Polls `ready` every 200 ms until it holds; fails when `timeout` passes or
+    /// a process of this control plane exits.
+    pub fn wait_until(
         &self,
         timeout: Duration,
         what: &str,
@@ -530,7 +660,8 @@ impl ControlPlane {
         }
     }
 
-    fn exited_child(&self) -> Option<String> {
+    /// A message naming a process of this control plane that exited, if any.
+    pub fn exited_child(&self) -> Option<String> {
         let mut children = self.children.lock().expect("children lock");
         children.iter_mut().find_map(|c| match c.child.try_wait() {
             Ok(Some(status)) => Some(format!(

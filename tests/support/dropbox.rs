@@ -126,11 +126,16 @@ impl Drop for Emulator {
 impl Emulator {
     /// Binds 127.0.0.1:0 and serves in a background task of the current tokio runtime.
     pub async fn start() -> Emulator {
+        Emulator::start_on(std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// Like [`Emulator::start`], on `ip` (the e2e node's address, which pods reach).
+    pub async fn start_on(ip: std::net::IpAddr) -> Emulator {
         let state: Shared = Arc::new(Mutex::new(State::new()));
         let longpolls = Arc::new(AtomicUsize::new(0));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
-            .expect("bind the Dropbox emulator on 127.0.0.1");
+            .expect("bind the Dropbox emulator");
         let addr = listener.local_addr().expect("emulator local address");
         let app = Router::new()
             .fallback(handle)

@@ -7,7 +7,9 @@ pub mod chart;
 pub mod controlplane;
 pub mod dropbox;
 pub mod fixture;
+pub mod image;
 pub mod netns;
+pub mod node;
 pub mod operator;
 pub mod proxy;
 pub mod receiver;
@@ -41,12 +43,15 @@ pub fn cluster() -> &'static ControlPlane {
         // its runtime's only worker for the whole start-up.
         // The credential fault table attributes writes to processes by the
         // API server's audit log.
-        let audit = label == "credentials";
+        let options = controlplane::Options {
+            audit: label == "credentials",
+            ..Default::default()
+        };
         std::thread::spawn(move || {
             ControlPlane::start_with(
                 &controlplane::repo_root().join("target/test-clusters"),
                 &label,
-                audit,
+                &options,
             )
         })
         .join()

@@ -180,7 +180,12 @@ fn serve(listener: tokio::net::TcpListener, shared: Shared) -> Server {
 impl Receiver {
     /// Starts a receiver on 127.0.0.1 that expects deliveries signed with `key`.
     pub async fn start(key: Option<&[u8]>) -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Receiver::start_on(std::net::Ipv4Addr::LOCALHOST.into(), key).await
+    }
+
+    /// Like [`Receiver::start`], on `ip` (the e2e node's address, which pods reach).
+    pub async fn start_on(ip: std::net::IpAddr, key: Option<&[u8]>) -> Receiver {
+        let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
             .expect("bind receiver");
         let addr = listener.local_addr().expect("receiver address");
