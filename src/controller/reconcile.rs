@@ -314,7 +314,10 @@ async fn apply(instance: &DropboxElementInstance, ctx: &Context) -> Result<Actio
         ),
     }
 
-    let desired = desired_status(instance, &step, events.as_ref(), &Time(now()));
+    let mut desired = desired_status(instance, &step, events.as_ref(), &Time(now()));
+    // The app key is public (every authorize link carries it); published so that
+    // `connect` needs no access to the app Secret (README, "Connect an account").
+    desired.app_key = app.as_ref().map(|a| a.client_id.clone());
     if conditions::status_differs(instance.status.as_ref(), &desired) {
         tracing::debug!(
             instance = %key,
