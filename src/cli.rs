@@ -584,7 +584,17 @@ pub fn parse_args() -> Cli {
 pub fn completion_script(shell: CompletionShell, plugin: bool) -> Vec<u8> {
     use clap::CommandFactory;
     let (mut cmd, name) = if plugin {
-        (plugin_command(), "kubectl-dropbox")
+        // Only the subcommands the plugin shows (bash's generator would offer
+        // hidden ones too).
+        let full = Cli::command();
+        let user = clap::Command::new("kubectl-dropbox")
+            .version(env!("CARGO_PKG_VERSION"))
+            .subcommands(
+                full.get_subcommands()
+                    .filter(|s| USER_SUBCOMMANDS.contains(&s.get_name()))
+                    .cloned(),
+            );
+        (user, "kubectl-dropbox")
     } else {
         (Cli::command(), "dropbox-operator")
     };
@@ -595,6 +605,20 @@ pub fn completion_script(shell: CompletionShell, plugin: bool) -> Vec<u8> {
     };
     let mut out = Vec::new();
     clap_complete::generate(shell, &mut cmd, name, &mut out);
+    if shell == clap_complete::Shell::Bash {
+        // clap_complete 4.6's bash script spells the state of a subcommand of a
+        // hyphenated binary two ways (clap-rs/clap#6421): the loop reaches
+        // `dropbox__operator__subcmd__connect`, the case arm says
+        // `dropbox__subcmd__operator__subcmd__connect`, so no subcommand's
+        // options complete. The arms are respelled the loop's way
+        // (tests/connect.rs completes `connect --no-` in a real bash).
+        let (first, rest) = name.split_once('-').unwrap_or((name, ""));
+        let wrong = format!("{first}__subcmd__{rest}__subcmd__");
+        let right = format!("{first}__{rest}__subcmd__");
+        out = String::from_utf8_lossy(&out)
+            .replace(&wrong, &right)
+            .into_bytes();
+    }
     out
 }
 

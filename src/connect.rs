@@ -305,9 +305,8 @@ async fn kube_client(args: &ConnectArgs) -> Result<(Client, String), ConnectErro
     };
     let config = match &args.kubeconfig {
         Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path).map_err(|e| {
-                k8s(format!("cannot read kubeconfig {}: {e}", path.display()))
-            })?;
+            let kubeconfig = Kubeconfig::read_from(path)
+                .map_err(|e| k8s(format!("cannot read kubeconfig {}: {e}", path.display())))?;
             Config::from_custom_kubeconfig(kubeconfig, &options)
                 .await
                 .map_err(|e| k8s(format!("kubeconfig {}: {e}", path.display())))?
@@ -407,7 +406,11 @@ async fn read_target(
     wait: Duration,
     out: &Output,
 ) -> Result<Target, ConnectError> {
-    let not_found = || ConnectError::Instance(format!("DropboxElementInstance {namespace}/{name} not found"));
+    let not_found = || {
+        ConnectError::Instance(format!(
+            "DropboxElementInstance {namespace}/{name} not found"
+        ))
+    };
     let mut instance = instances
         .get_opt(name)
         .await
@@ -442,7 +445,11 @@ async fn read_target(
                             humanize(wait)
                         )));
                     }
-                    Ok(None) => return Err(ConnectError::Kubernetes("the watch on the instance ended".into())),
+                    Ok(None) => {
+                        return Err(ConnectError::Kubernetes(
+                            "the watch on the instance ended".into(),
+                        ));
+                    }
                     Ok(Some(Err(e))) => {
                         tracing::warn!(error = %e, "watching the instance; retrying");
                         continue;
@@ -519,7 +526,12 @@ async fn connect(args: &ConnectArgs, out: &Output) -> Result<Connected, ConnectE
         None => read_pasted_code(args.timeout).await,
     };
     let result = match code {
-        Ok(code) => store_and_wait(args, out, &instances, &secrets, &target, &redirect, &pkce, &code, &page).await,
+        Ok(code) => {
+            store_and_wait(
+                args, out, &instances, &secrets, &target, &redirect, &pkce, &code, &page,
+            )
+            .await
+        }
         Err(e) => Err(e),
     };
     if let Some(listener) = listener {
@@ -580,12 +592,19 @@ async fn store_and_wait(
         "waitTimeoutSeconds": args.wait_timeout.as_secs(),
     }));
     let fingerprint = crate::controller::inputs::fingerprint(code);
-    wait_ready(instances, name, &fingerprint, before, args.wait_timeout, out)
-        .await
-        .map(|account| Connected {
-            instance: page.instance.clone(),
-            account,
-        })
+    wait_ready(
+        instances,
+        name,
+        &fingerprint,
+        before,
+        args.wait_timeout,
+        out,
+    )
+    .await
+    .map(|account| Connected {
+        instance: page.instance.clone(),
+        account,
+    })
 }
 
 fn humanize(d: Duration) -> String {
@@ -657,80 +676,99 @@ impl PageContext {
         self.instance.rsplit('/').next().unwrap_or_default()
     }
 
-    /// The page for a failure class: (title, what happened, what to do next).
+    /// The page for a failure class: what happened, what to do next and the
+    /// command that does it.
     fn failure(&self, e: &ConnectError) -> Landing {
         let (ns, name) = (self.namespace(), self.name());
-        let rerun = &self.rerun;
-        let (title, next) = match e {
+        let rerun = self.rerun.clone();
+        let (title, next, command) = match e {
             ConnectError::Denied(_) => (
                 "Not connected: the approval was denied".to_owned(),
-                format!(
-                    "Nothing was written. To connect the account, run `{rerun}` again and choose \
-                     Allow on Dropbox's page."
-                ),
+                "To connect the account, run connect again and choose Allow on Dropbox's page."
+                    .to_owned(),
+                rerun,
             ),
             ConnectError::Redirect(_) => (
                 "Not connected: this is not the link connect is waiting for".to_owned(),
-                format!(
-                    "Nothing was written. Close this tab and any older ones, run `{rerun}` again and \
-                     open the link it prints (each run's link is new)."
-                ),
+                "Close this tab and older ones, run connect again and open the link it prints \
+                 (each run's link is new)."
+                    .to_owned(),
+                rerun,
             ),
             ConnectError::NotReady(_) => (
                 format!("Not connected: {name} is not Ready"),
-                format!(
-                    "The code is stored but cannot work as things are. Fix what the message says \
-                     (`kubectl describe dbxi {name} -n {ns}` shows the details), then run `{rerun}` \
-                     again: a code works only once."
-                ),
+                "The code is stored but cannot work as things are. Fix what the message says \
+                 (this command shows the details), then run connect again: a code works only once."
+                    .to_owned(),
+                format!("kubectl describe dbxi {name} -n {ns}"),
             ),
             ConnectError::ReadyTimeout(_) => (
                 format!("Still waiting: {name} is not Ready yet"),
-                format!(
-                    "The code is stored and the operator goes on with it. `kubectl get dbxi {name} -n \
-                     {ns}` shows how it goes on; if it stays not Ready, `kubectl describe dbxi {name} \
-                     -n {ns}` says why."
-                ),
+                "The code is stored and the operator goes on with it. This command shows how it \
+                 goes on; if it stays not Ready, kubectl describe says why."
+                    .to_owned(),
+                format!("kubectl get dbxi {name} -n {ns}"),
             ),
             ConnectError::Kubernetes(_) => (
                 "Not connected: Kubernetes refused or failed a request".to_owned(),
                 format!(
-                    "Check your access to namespace {ns} (connect needs get/list/watch on the \
-                     instance and create/patch on its code Secret), then run `{rerun}` again."
+                    "Check your access to namespace {ns} (connect needs get, list and watch on the \
+                     instance, create and patch on its code Secret), then run connect again."
                 ),
+                rerun,
             ),
-            ConnectError::ApprovalTimeout(_) | ConnectError::Instance(_) | ConnectError::Local(_) => (
+            ConnectError::ApprovalTimeout(_)
+            | ConnectError::Instance(_)
+            | ConnectError::Local(_) => (
                 "Not connected".to_owned(),
-                format!("See the terminal, then run `{rerun}` again."),
+                "The terminal says why; then run connect again.".to_owned(),
+                rerun,
             ),
         };
         Landing {
             class: e.class(),
             title,
-            message: e.to_string(),
+            message: sentence_case(&e.to_string()),
             next,
+            command,
         }
     }
 
     /// The final outcome the waiting page shows.
     fn outcome(&self, result: &Result<Connected, ConnectError>) -> Landing {
         match result {
-            Ok(connected) => Landing {
-                class: "connected",
-                title: format!("Connected: {} is Ready", self.name()),
-                message: format!(
-                    "{} The operator keeps its access token fresh from now on.",
-                    connected.sentence()
-                ),
-                next: format!(
-                    "You can close this tab. `kubectl get dbxi {} -n {}` shows the instance; events \
-                     (if enabled) go to its spec.events.callbackUrl.",
-                    self.name(),
-                    self.namespace()
-                ),
-            },
+            Ok(connected) => {
+                let account = connected
+                    .account
+                    .as_ref()
+                    .and_then(|a| a.email.clone().or_else(|| a.account_id.clone()))
+                    .map(|a| format!("The Dropbox account {a}"))
+                    .unwrap_or_else(|| "The Dropbox account".into());
+                Landing {
+                    class: "connected",
+                    title: format!("Connected: {} is Ready", self.name()),
+                    message: format!(
+                        "{account} is connected to {}. The operator keeps its access token fresh \
+                         from now on.",
+                        self.instance
+                    ),
+                    next: "You can close this tab. This command shows the instance; its events \
+                           (if enabled) go to spec.events.callbackUrl."
+                        .to_owned(),
+                    command: format!("kubectl get dbxi {} -n {}", self.name(), self.namespace()),
+                }
+            }
             Err(e) => self.failure(e),
         }
+    }
+}
+
+/// `the approval ...` → `The approval ...` (messages are written to follow `error: `).
+fn sentence_case(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
     }
 }
 
@@ -742,6 +780,8 @@ pub struct Landing {
     pub title: String,
     pub message: String,
     pub next: String,
+    /// The command the next step runs (may be empty).
+    pub command: String,
 }
 
 fn escape(text: &str) -> String {
@@ -763,6 +803,7 @@ fn landing_page(landing: &Landing, poll: bool) -> axum::response::Html<String> {
     document.getElementById("title").textContent = o.title;
     document.getElementById("message").textContent = o.message;
     document.getElementById("next").textContent = o.next;
+    document.getElementById("command").textContent = o.command;
     document.title = o.title;
   }};
   for (;;) {{
@@ -772,7 +813,7 @@ fn landing_page(landing: &Landing, poll: bool) -> axum::response::Html<String> {
     }} catch (e) {{
       show({{class: "unknown", title: "connect has stopped",
         message: "connect is no longer running, so this page cannot say how it ended.",
-        next: "The terminal where you ran connect says it."}});
+        next: "The terminal where you ran connect says it.", command: ""}});
       return;
     }}
     await new Promise((resolve) => setTimeout(resolve, 1000));
@@ -783,26 +824,25 @@ fn landing_page(landing: &Landing, poll: bool) -> axum::response::Html<String> {
     } else {
         String::new()
     };
-    let accent = match landing.class {
-        "connected" => "#0a7d32",
-        "pending" => "#0061fe",
-        "ready-timeout" => "#a15c00",
-        _ => "#b3261e",
-    };
     axum::response::Html(format!(
         r#"<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body {{ font: 16px/1.5 system-ui, sans-serif; max-width: 44rem; margin: 3rem auto; padding: 0 1rem; color: #1e1919; }}
-h1 {{ font-size: 1.5rem; border-left: 6px solid {accent}; padding-left: .75rem; }}
+h1 {{ font-size: 1.5rem; border-left: 6px solid #b3261e; padding-left: .75rem; }}
+body[data-outcome="connected"] h1 {{ border-color: #0a7d32; }}
+body[data-outcome="pending"] h1 {{ border-color: #0061fe; }}
+body[data-outcome="ready-timeout"] h1 {{ border-color: #a15c00; }}
 .next {{ background: #f7f5f2; padding: .75rem 1rem; border-radius: 6px; }}
+pre {{ margin: .5rem 0 0; white-space: pre-wrap; }}
+pre:empty {{ display: none; }}
 footer {{ color: #736c64; font-size: .85rem; margin-top: 2rem; }}
 </style></head>
 <body data-outcome="{class}">
 <h1 id="title">{title}</h1>
 <p id="message">{message}</p>
-<p class="next"><strong>Next:</strong> <span id="next">{next}</span></p>
+<div class="next"><strong>Next:</strong> <span id="next">{next}</span><pre id="command">{command}</pre></div>
 <footer>dropbox-operator connect</footer>
 {script}
 </body></html>
@@ -811,6 +851,7 @@ footer {{ color: #736c64; font-size: .85rem; margin-top: 2rem; }}
         class = landing.class,
         message = escape(&landing.message),
         next = escape(&landing.next),
+        command = escape(&landing.command),
     ))
 }
 
@@ -932,7 +973,8 @@ impl Listener {
         }
         self.shutdown.cancel();
         let servers = std::mem::take(&mut self.servers);
-        let _ = tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(servers)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(servers)).await;
     }
 }
 
@@ -971,8 +1013,12 @@ async fn redirect_page(
         let landing = Landing {
             class: "not-found",
             title: "Not found".into(),
-            message: format!("connect waits for Dropbox's redirect on {}, not here.", shared.expected.path),
+            message: format!(
+                "connect waits for Dropbox's redirect on {}, not here.",
+                shared.expected.path
+            ),
             next: "Open the link connect printed.".into(),
+            command: String::new(),
         };
         return (StatusCode::NOT_FOUND, landing_page(&landing, false));
     }
@@ -995,7 +1041,9 @@ async fn redirect_page(
                          This page shows the result.",
                         shared.page.instance
                     ),
-                    next: "Keep this tab open for a moment (the terminal shows the progress too).".into(),
+                    next: "Keep this tab open for a moment (the terminal shows the progress too)."
+                        .into(),
+                    command: String::new(),
                 },
                 true,
             )
@@ -1074,7 +1122,9 @@ async fn read_pasted_code(timeout: Duration) -> Result<String, ConnectError> {
         Ok(Ok(Ok((_, line)))) => {
             let code = line.trim();
             if code.is_empty() {
-                Err(local("an empty code was pasted; nothing was written".into()))
+                Err(local(
+                    "an empty code was pasted; nothing was written".into(),
+                ))
             } else {
                 Ok(code.to_owned())
             }
@@ -1419,7 +1469,11 @@ mod tests {
         codes.sort_unstable();
         codes.dedup();
         assert_eq!(codes.len(), all.len(), "one code per class");
-        assert_eq!(rows.len(), all.len() + 2, "no row without a class: {rows:?}");
+        assert_eq!(
+            rows.len(),
+            all.len() + 2,
+            "no row without a class: {rows:?}"
+        );
     }
 
     fn with_status(generation: i64, status: serde_json::Value) -> DropboxElementInstance {
@@ -1439,12 +1493,18 @@ mod tests {
         let key = |i: &DropboxElementInstance| {
             published_app_key(i, "ns", "x").map(|r| r.map_err(|e| e.to_string()))
         };
-        let published = with_status(2, serde_json::json!({"observedGeneration": 1, "appKey": "k3y"}));
+        let published = with_status(
+            2,
+            serde_json::json!({"observedGeneration": 1, "appKey": "k3y"}),
+        );
         assert_eq!(key(&published), Some(Ok("k3y".into())));
         // Not looked at yet (no status, or an older generation): wait.
         assert_eq!(key(&with_status(1, serde_json::json!({}))), None);
         assert_eq!(
-            key(&with_status(2, serde_json::json!({"observedGeneration": 1}))),
+            key(&with_status(
+                2,
+                serde_json::json!({"observedGeneration": 1})
+            )),
             None
         );
         // Looked at, no key: the Authorized condition says why.
@@ -1470,7 +1530,10 @@ mod tests {
         let html = landing_page(&denied, false).0;
         assert!(html.contains("data-outcome=\"denied\""), "{html}");
         assert!(html.contains("denied &lt;b&gt;"), "escaped: {html}");
-        assert!(html.contains("kubectl dropbox connect marketing -n team-a"), "{html}");
+        assert!(
+            html.contains("kubectl dropbox connect marketing -n team-a"),
+            "{html}"
+        );
         assert!(!html.contains("<script>"), "a final page does not poll");
         let ok = page.outcome(&Ok(Connected {
             instance: "team-a/marketing".into(),
@@ -1483,6 +1546,7 @@ mod tests {
             title: "t".into(),
             message: "m".into(),
             next: "n".into(),
+            command: String::new(),
         };
         assert!(landing_page(&pending, true).0.contains(OUTCOME_PATH));
         for e in [

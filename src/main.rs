@@ -161,9 +161,7 @@ fn main() -> ExitCode {
                 std::env::args_os().next().as_deref(),
             );
             let script = dropbox_operator::cli::completion_script(args.shell, plugin);
-            std::io::stdout()
-                .write_all(&script)
-                .map_err(Into::into)
+            std::io::stdout().write_all(&script).map_err(Into::into)
         }
     };
     match result {
