@@ -4,7 +4,7 @@ CONTROLPLANE_BIN ?= $(CURDIR)/target/controlplane/bin
 export CONTROLPLANE_BIN
 CARGO ?= cargo
 
-.PHONY: demo dev test lint bench bench-scale bench-readme bench-peer controlplane crd build testdeps
+.PHONY: demo dev test lint bench bench-scale bench-readme bench-peer controlplane crd build testdeps release release-deps
 
 ## demo: the whole story offline: control plane, operator, ingress, Dropbox emulator, a signed event
 demo: controlplane
@@ -46,8 +46,15 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	python3 hack/bench-results.py check
 
-## testdeps: the pinned Python and Node libraries tests/interop.rs checks deliveries with
-testdeps: target/interop/venv/.installed tests/interop/node_modules/.package-lock.json
+## testdeps: the pinned Python and Node libraries tests/interop.rs checks deliveries with;
+## Debian's Chromium and playwright-core for tests/connect.rs's browser rows; promtool and
+## Prometheus's PromQL parser for tests/observability.rs (each only when missing)
+testdeps: target/interop/venv/.installed tests/interop/node_modules/.package-lock.json tests/browser/node_modules/.package-lock.json
+	hack/apt-install.sh chromium
+	hack/build-tools.sh promtool promql-names
+
+tests/browser/node_modules/.package-lock.json: tests/browser/package-lock.json
+	npm ci --prefix tests/browser --no-audit --no-fund
 
 target/interop/venv/.installed: tests/interop/requirements.txt
 	python3 -m venv target/interop/venv
@@ -67,3 +74,15 @@ crd:
 
 build:
 	$(CARGO) build --release
+
+## release: every release artifact in target/release-artifacts/ (chart, OCI image archive,
+## kubectl-dropbox archives for RELEASE_ARCHES, krew manifest, SBOM, release notes, SHA256SUMS),
+## each checked by its ecosystem's own tool (hack/release.sh says which)
+release: controlplane release-deps
+	hack/verify-runtime-image.sh
+	hack/release.sh
+
+## release-deps: umoci, skopeo, the arm64 cross toolchain, krew's validator, cargo-cyclonedx
+## and CycloneDX's Python library (only what is missing)
+release-deps:
+	hack/release-deps.sh

@@ -460,8 +460,9 @@ pub struct ControllerArgs {
 /// How the controller runs the webhook ingress Deployment.
 #[derive(Debug, Clone, Args)]
 pub struct IngressDeploymentArgs {
-    /// Container image of the webhook ingress (the operator's own image).
-    #[arg(long, env = "INGRESS_IMAGE", default_value = concat!("dropbox-operator:", env!("CARGO_PKG_VERSION")))]
+    /// Container image of the webhook ingress (the operator's own image; the
+    /// default is where releases are published, as the chart's).
+    #[arg(long, env = "INGRESS_IMAGE", default_value = concat!("ghcr.io/dropbox-operator/dropbox-operator:", env!("CARGO_PKG_VERSION")))]
     pub ingress_image: String,
 
     /// Image pull policy of the webhook ingress.
