@@ -302,7 +302,10 @@ async fn rules_and_panels_read_only_exported_metrics() -> Result<()> {
     .await?;
     let mut exported = exported_names(&controller_metrics);
     exported.extend(exported_names(&ingress_metrics));
-    ensure!(exported.len() >= 20, "too few metrics scraped: {exported:?}");
+    ensure!(
+        exported.len() >= 20,
+        "too few metrics scraped: {exported:?}"
+    );
 
     let mut missing = Vec::new();
     for (place, names) in &read {
