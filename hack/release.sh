@@ -36,9 +36,10 @@ OUT=target/release-artifacts
 WORK=target/release-work
 BIN=${CONTROLPLANE_BIN:-$REPO/target/controlplane/bin}
 TOOLS=$REPO/target/tools/bin
-# Reproducible archives: every timestamp is the last commit's.
+# Reproducible archives: every timestamp is the last commit's. Not exported:
+# a build script reruns when SOURCE_DATE_EPOCH changes, and the release binary
+# must stay the one hack/verify-runtime-image.sh built and checked.
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
-export SOURCE_DATE_EPOCH
 
 last_step=$SECONDS
 step() {
