@@ -4,7 +4,7 @@ CONTROLPLANE_BIN ?= $(CURDIR)/target/controlplane/bin
 export CONTROLPLANE_BIN
 CARGO ?= cargo
 
-.PHONY: demo dev test lint bench bench-scale bench-readme bench-peer controlplane node image e2e crd build testdeps
+.PHONY: demo dev test lint bench bench-scale bench-readme bench-peer controlplane node image e2e crd build testdeps release release-deps
 
 ## demo: the whole story offline: control plane, operator, ingress, Dropbox emulator, a signed event
 demo: controlplane
@@ -46,12 +46,19 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 	python3 hack/bench-results.py check
 
-## testdeps: the pinned Python and Node libraries tests/interop.rs checks deliveries with,
-## and Argo CD's health code (gitops-engine) that tests/chart_argocd.rs runs
-testdeps: target/interop/venv/.installed tests/interop/node_modules/.package-lock.json target/argocd-health/argocd-health
+## testdeps: the pinned Python and Node libraries tests/interop.rs checks deliveries with;
+## Argo CD's health code (gitops-engine) that tests/chart_argocd.rs runs; Debian's Chromium
+## and playwright-core for tests/connect.rs's browser rows; promtool and Prometheus's
+## PromQL parser for tests/observability.rs (each only when missing)
+testdeps: target/interop/venv/.installed tests/interop/node_modules/.package-lock.json target/argocd-health/argocd-health tests/browser/node_modules/.package-lock.json
+	hack/apt-install.sh chromium
+	hack/build-tools.sh promtool promql-names
 
 target/argocd-health/argocd-health: tests/argocd-health/main.go tests/argocd-health/go.mod tests/argocd-health/go.sum
 	cd tests/argocd-health && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags='-s -w' -o $(CURDIR)/$@ .
+
+tests/browser/node_modules/.package-lock.json: tests/browser/package-lock.json
+	npm ci --prefix tests/browser --no-audit --no-fund
 
 target/interop/venv/.installed: tests/interop/requirements.txt
 	python3 -m venv target/interop/venv
@@ -90,3 +97,15 @@ crd:
 
 build:
 	$(CARGO) build --release
+
+## release: every release artifact in target/release-artifacts/ (chart, OCI image archive,
+## kubectl-dropbox archives for RELEASE_ARCHES, krew manifest, SBOM, release notes, SHA256SUMS),
+## each checked by its ecosystem's own tool (hack/release.sh says which)
+release: controlplane release-deps
+	hack/verify-runtime-image.sh
+	hack/release.sh
+
+## release-deps: umoci, skopeo, the arm64 cross toolchain, krew's validator, cargo-cyclonedx
+## and CycloneDX's Python library (only what is missing)
+release-deps:
+	hack/release-deps.sh

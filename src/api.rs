@@ -334,6 +334,13 @@ pub struct DropboxElementInstanceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorize_url: Option<String>,
 
+    /// The Dropbox app key (OAuth client_id) the controller read from the app
+    /// Secret (oauth2 instances). Not a secret: every authorize link carries
+    /// it. `kubectl dropbox connect` builds its link from it, so it needs no
+    /// access to the app Secret, which also holds the app secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_key: Option<String>,
+
     /// State of event delivery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<EventsStatus>,

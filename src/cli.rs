@@ -18,17 +18,24 @@ use crate::api::EventFormat;
 #[derive(Debug, Parser)]
 #[command(name = "dropbox-operator", version, propagate_version = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log settings of the long-running services (`controller`, `ingress`). Only
+/// they read the generic `LOG_LEVEL`/`LOG_FORMAT`: the commands a person runs
+/// from a shell (`connect`, `import`, `completion`, `crd`) ignore them, so a
+/// shell that exports them for other programs does not change their output.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceLogArgs {
     /// Log output format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or
     /// `dropbox_operator=debug,kube=info`.
-    #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
-
-    #[command(subcommand)]
-    pub command: Command,
 }
 
 /// Output format of the logs.
@@ -80,18 +87,20 @@ pub enum Command {
     /// Connect a Dropbox account to an oauth2 instance in one command: open the
     /// approval page, catch Dropbox's redirect, store the code, wait for Ready.
     ///
-    /// Uses your kubeconfig (needs get/list/watch on the instance, get on its app
-    /// Secret, create/patch on its code Secret). It builds the authorize link with PKCE
-    /// (S256) and a random state, listens on a loopback redirect URI for
-    /// Dropbox's answer, writes the code, its PKCE verifier and the redirect URI
-    /// into the instance's code Secret (codeSecretRef), and follows the instance
-    /// until it is Ready. Refused approvals, a wrong state and timeouts write
-    /// nothing. Also a kubectl plugin: copy or symlink the binary as
-    /// `kubectl-dropbox` on your PATH, then `kubectl dropbox connect NAME -n NS`.
+    /// Uses your kubeconfig (needs get/list/watch on the instance and
+    /// create/patch on its code Secret; the app key comes from the instance's
+    /// status.appKey, so the app Secret is not read). It builds the authorize
+    /// link with PKCE (S256) and a random state, listens on a loopback redirect
+    /// URI for Dropbox's answer, writes the code, its PKCE verifier and the
+    /// redirect URI into the instance's code Secret (codeSecretRef), and follows
+    /// the instance until it is Ready. Refused approvals, a wrong state and
+    /// timeouts write nothing. Also a kubectl plugin: copy or symlink the binary
+    /// as `kubectl-dropbox` on your PATH, then `kubectl dropbox connect NAME -n NS`.
     ///
     /// The redirect URI must be registered exactly in the Dropbox App Console:
     /// by default `http://127.0.0.1:53682/`; the instance's callbackUrl when it is
     /// a loopback URL; or --redirect-uri. Apps without one: --no-redirect.
+    #[command(after_long_help = crate::connect::EXIT_CODES_HELP)]
     Connect(Box<ConnectArgs>),
 
     /// Release what a removed controller left behind: for every instance and
@@ -110,6 +119,14 @@ pub enum Command {
     /// revoked, 1: something could not be released. Also a kubectl plugin:
     /// `kubectl dropbox release-finalizers -n NS`.
     ReleaseFinalizers(Box<ReleaseArgs>),
+
+    /// Print a shell completion script for this command (bash, zsh or fish).
+    ///
+    /// bash: `source <(dropbox-operator completion bash)` (or write it to
+    /// /etc/bash_completion.d/). zsh: `dropbox-operator completion zsh >
+    /// "${fpath[1]}/_dropbox-operator"`. Started as the kubectl plugin, the
+    /// script completes `kubectl-dropbox`.
+    Completion(CompletionArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -138,6 +155,35 @@ pub struct ReleaseArgs {
 
     #[command(flatten)]
     pub dropbox: DropboxArgs,
+}
+
+/// The subcommands a person runs; the others (`controller`, `ingress`, `crd`)
+/// are the operator's own and hidden from the kubectl plugin's help.
+pub const USER_SUBCOMMANDS: [&str; 4] = ["connect", "import", "release-finalizers", "completion"];
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionArgs {
+    /// The shell to complete in.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: CompletionShell,
+}
+
+/// Shells `completion` writes scripts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// What `connect` prints on standard output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConnectOutput {
+    /// Progress and the result as sentences.
+    Text,
+    /// One JSON object per line (`"event"`: link, stored, progress, result);
+    /// the last one, `"result"`, carries `exitCode` and `class`.
+    Json,
 }
 
 /// Default port of the loopback redirect URI of `connect`.
@@ -196,6 +242,16 @@ pub struct ConnectArgs {
         default_value = "https://www.dropbox.com"
     )]
     pub dropbox_www_url: Url,
+
+    /// Output format: `text` (sentences) or `json` (one JSON object per line
+    /// on standard output, nothing else there).
+    #[arg(short = 'o', long, env = "CONNECT_OUTPUT", value_enum, default_value_t = ConnectOutput::Text)]
+    pub output: ConnectOutput,
+
+    /// Log filter (tracing's EnvFilter syntax) for the libraries' diagnostics
+    /// on standard error, e.g. `debug`. The generic LOG_LEVEL is not read.
+    #[arg(long, env = "CONNECT_LOG_LEVEL", default_value = "warn")]
+    pub log_level: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -228,6 +284,9 @@ pub struct ImportArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct IngressArgs {
+    #[command(flatten)]
+    pub log: ServiceLogArgs,
+
     #[command(flatten)]
     pub dropbox: DropboxArgs,
 
@@ -412,6 +471,9 @@ pub struct DropboxArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ControllerArgs {
     #[command(flatten)]
+    pub log: ServiceLogArgs,
+
+    #[command(flatten)]
     pub dropbox: DropboxArgs,
 
     /// Watch only these namespaces, comma-separated (default: all namespaces).
@@ -500,8 +562,9 @@ pub struct ControllerArgs {
 /// How the controller runs the webhook ingress Deployment.
 #[derive(Debug, Clone, Args)]
 pub struct IngressDeploymentArgs {
-    /// Container image of the webhook ingress (the operator's own image).
-    #[arg(long, env = "INGRESS_IMAGE", default_value = concat!("dropbox-operator:", env!("CARGO_PKG_VERSION")))]
+    /// Container image of the webhook ingress (the operator's own image; the
+    /// default is where releases are published, as the chart's).
+    #[arg(long, env = "INGRESS_IMAGE", default_value = concat!("ghcr.io/dropbox-operator/dropbox-operator:", env!("CARGO_PKG_VERSION")))]
     pub ingress_image: String,
 
     /// Image pull policy of the webhook ingress.
@@ -606,12 +669,25 @@ pub fn invoked_as_kubectl_plugin(argv0: Option<&std::ffi::OsStr>) -> bool {
         })
 }
 
-/// The command line as the kubectl plugin shows it (`Usage: kubectl dropbox connect ...`).
+/// The command line as the kubectl plugin shows it (`Usage: kubectl dropbox connect ...`):
+/// only the subcommands a person runs are listed (the operator's own still parse,
+/// so the arguments are the same either way).
 pub fn plugin_command() -> clap::Command {
     use clap::CommandFactory;
-    Cli::command()
+    let mut cmd = Cli::command()
         .name("kubectl-dropbox")
         .bin_name("kubectl dropbox")
+        .about("Connect Dropbox accounts to DropboxElementInstances (kubectl plugin of dropbox-operator).")
+        .long_about(None);
+    let internal: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .filter(|n| !USER_SUBCOMMANDS.contains(&n.as_str()))
+        .collect();
+    for name in internal {
+        cmd = cmd.mut_subcommand(name, |s| s.hide(true));
+    }
+    cmd
 }
 
 /// Parses the process's arguments, under the plugin's name when started as
@@ -625,6 +701,49 @@ pub fn parse_args() -> Cli {
     } else {
         Cli::parse()
     }
+}
+
+/// The completion script of `shell` for `dropbox-operator`, or for
+/// `kubectl-dropbox` (the plugin's subcommands only) when `plugin`.
+pub fn completion_script(shell: CompletionShell, plugin: bool) -> Vec<u8> {
+    use clap::CommandFactory;
+    let (mut cmd, name) = if plugin {
+        // Only the subcommands the plugin shows (bash's generator would offer
+        // hidden ones too).
+        let full = Cli::command();
+        let user = clap::Command::new("kubectl-dropbox")
+            .version(env!("CARGO_PKG_VERSION"))
+            .subcommands(
+                full.get_subcommands()
+                    .filter(|s| USER_SUBCOMMANDS.contains(&s.get_name()))
+                    .cloned(),
+            );
+        (user, "kubectl-dropbox")
+    } else {
+        (Cli::command(), "dropbox-operator")
+    };
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut out);
+    if shell == clap_complete::Shell::Bash {
+        // clap_complete 4.6's bash script spells the state of a subcommand of a
+        // hyphenated binary two ways (clap-rs/clap#6421): the loop reaches
+        // `dropbox__operator__subcmd__connect`, the case arm says
+        // `dropbox__subcmd__operator__subcmd__connect`, so no subcommand's
+        // options complete. The arms are respelled the loop's way
+        // (tests/connect.rs completes `connect --no-` in a real bash).
+        let (first, rest) = name.split_once('-').unwrap_or((name, ""));
+        let wrong = format!("{first}__subcmd__{rest}__subcmd__");
+        let right = format!("{first}__{rest}__subcmd__");
+        out = String::from_utf8_lossy(&out)
+            .replace(&wrong, &right)
+            .into_bytes();
+    }
+    out
 }
 
 /// Parses `10s`, `5m`, `1h30m`, `250ms` (and ISO 8601 `PT10S`).

@@ -2,7 +2,9 @@
 //! oauth2 instance's Dropbox account in one command (README, "Connect an account
 //! in one command").
 //!
-//! 1. Reads the instance and the app key from its app Secret.
+//! 1. Reads the instance; the app key is its `status.appKey`, which the
+//!    controller publishes (so the app Secret, which also holds the app secret,
+//!    is not read). Right after the instance was applied, waits for it.
 //! 2. Builds the `/oauth2/authorize` link with a random `state` and a PKCE
 //!    challenge (S256 of a random verifier), and a loopback redirect URI it
 //!    listens on (or none with `--no-redirect`: the person pastes the code).
@@ -15,12 +17,18 @@
 //! 4. Follows the instance until it is Ready with this code, or a condition says
 //!    the code cannot work.
 //!
+//! The page the browser lands on (the loopback redirect) says what happened and
+//! what to do next; after an approval it follows step 4 and shows its outcome.
+//! Each failure class has its own exit code ([`EXIT_CODES_HELP`]); `-o json`
+//! prints one JSON object per line instead of sentences.
+//!
 //! Nothing secret is printed: not the code, the verifier or the app secret
 //! (which is not even read).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -33,45 +41,182 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use url::Url;
 
-use crate::api::{AuthenticationType, DropboxElementInstance};
-use crate::cli::ConnectArgs;
+use crate::api::{AccountStatus, AuthenticationType, DropboxElementInstance};
+use crate::cli::{ConnectArgs, ConnectOutput};
 use crate::conditions::{AUTHORIZED, READY};
 use crate::contract::{CODE_REDIRECT_URI_KEY, CODE_VERIFIER_KEY};
 
 /// Field manager of the code Secret fields `connect` writes.
 pub const FIELD_MANAGER: &str = "dropbox-operator-connect";
 
-/// Why `connect` stopped; the message is what the person reads.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConnectError(String);
+/// Where the landing page asks connect's loopback server for the outcome.
+pub const OUTCOME_PATH: &str = "/.dropbox-operator-connect/outcome";
 
-fn err(message: impl Into<String>) -> ConnectError {
-    ConnectError(message.into())
+/// `connect --help`'s table of exit codes; [`ConnectError::exit_code`] and
+/// [`ConnectError::class`] follow it (a unit test checks each row).
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes (with -o json, the last line's \"exitCode\" and \"class\"):
+   0  connected         the instance is Ready with the new code
+   2  usage             an invalid flag or argument
+   3  kubernetes        no usable kubeconfig, the API server unreachable, or a request
+                        refused (RBAC)
+   4  instance          the instance cannot be connected as it is: not found, type apiKey, no Secret
+                        references, or no status.appKey (the controller cannot read the app Secret)
+   5  local             cannot listen on the redirect URI, or standard input failed
+   6  denied            the approval was denied or refused in Dropbox; nothing was written
+   7  redirect          a redirect this run did not start (state mismatch) or without a code;
+                        nothing was written
+   8  approval-timeout  no approval within --timeout; nothing was written
+   9  not-ready         the code is stored, but the instance reports a failure a person must fix
+  10  ready-timeout     the code is stored, but the instance was not Ready within --wait-timeout";
+
+/// Why `connect` stopped, by failure class; the message is what the person
+/// reads (terminal, landing page, `-o json`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// No usable kubeconfig, the API server unreachable, or a request refused.
+    #[error("{0}")]
+    Kubernetes(String),
+    /// The instance cannot be connected as it is.
+    #[error("{0}")]
+    Instance(String),
+    /// This machine: the redirect port, standard input, the runtime.
+    #[error("{0}")]
+    Local(String),
+    /// Dropbox did not issue a code: the person denied, or Dropbox refused.
+    #[error("{0}")]
+    Denied(String),
+    /// A redirect this run did not start, or one without a code.
+    #[error("{0}")]
+    Redirect(String),
+    /// No approval within --timeout.
+    #[error("{0}")]
+    ApprovalTimeout(String),
+    /// The code is stored; the instance reports a failure a person must fix.
+    #[error("{0}")]
+    NotReady(String),
+    /// The code is stored; not Ready within --wait-timeout.
+    #[error("{0}")]
+    ReadyTimeout(String),
 }
 
-/// Runs the subcommand; prints its own progress and errors.
+impl ConnectError {
+    /// The process exit code of this class (see [`EXIT_CODES_HELP`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ConnectError::Kubernetes(_) => 3,
+            ConnectError::Instance(_) => 4,
+            ConnectError::Local(_) => 5,
+            ConnectError::Denied(_) => 6,
+            ConnectError::Redirect(_) => 7,
+            ConnectError::ApprovalTimeout(_) => 8,
+            ConnectError::NotReady(_) => 9,
+            ConnectError::ReadyTimeout(_) => 10,
+        }
+    }
+
+    /// The class's name in `-o json` and on the landing page.
+    pub fn class(&self) -> &'static str {
+        match self {
+            ConnectError::Kubernetes(_) => "kubernetes",
+            ConnectError::Instance(_) => "instance",
+            ConnectError::Local(_) => "local",
+            ConnectError::Denied(_) => "denied",
+            ConnectError::Redirect(_) => "redirect",
+            ConnectError::ApprovalTimeout(_) => "approval-timeout",
+            ConnectError::NotReady(_) => "not-ready",
+            ConnectError::ReadyTimeout(_) => "ready-timeout",
+        }
+    }
+}
+
+/// What the person reads on standard output: sentences, or JSON lines.
+struct Output {
+    format: ConnectOutput,
+}
+
+impl Output {
+    fn json(&self) -> bool {
+        self.format == ConnectOutput::Json
+    }
+
+    /// A sentence in text mode, nothing in JSON mode.
+    fn say(&self, text: &str) {
+        if !self.json() {
+            println!("{text}");
+        }
+    }
+
+    /// A JSON line in JSON mode, nothing in text mode.
+    fn event(&self, value: Value) {
+        if self.json() {
+            println!("{value}");
+        }
+    }
+}
+
+/// Runs the subcommand; prints its own progress and errors and exits with the
+/// failure class's code.
 pub fn run(args: &ConnectArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let out = Output {
+        format: args.output,
+    };
+    let instance = args.instance.clone();
+    let result = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Ok(runtime) => runtime.block_on(connect(args, &out)),
+        Err(e) => Err(ConnectError::Local(format!(
+            "cannot start the async runtime: {e}"
+        ))),
     };
-    match runtime.block_on(connect(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+    match result {
+        Ok(connected) => {
+            out.say(&connected.sentence());
+            out.event(json!({
+                "event": "result", "ok": true, "exitCode": 0, "class": "connected",
+                "instance": connected.instance, "account": connected.account,
+                "message": connected.sentence(),
+            }));
+            ExitCode::SUCCESS
         }
+        Err(e) => {
+            if out.json() {
+                out.event(json!({
+                    "event": "result", "ok": false, "exitCode": e.exit_code(), "class": e.class(),
+                    "instance": instance, "message": e.to_string(),
+                }));
+            } else {
+                eprintln!("error: {e}");
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// The instance is Ready with the new code.
+struct Connected {
+    /// `namespace/name`.
+    instance: String,
+    account: Option<AccountStatus>,
+}
+
+impl Connected {
+    fn sentence(&self) -> String {
+        let name = self.instance.rsplit('/').next().unwrap_or_default();
+        let account = self
+            .account
+            .as_ref()
+            .and_then(|a| a.email.clone().or_else(|| a.account_id.clone()))
+            .map(|a| format!(" (account {a})"))
+            .unwrap_or_default();
+        format!("Connected: {name} is Ready{account}.")
     }
 }
 
@@ -130,11 +275,12 @@ pub fn choose_redirect(
         return Ok(None);
     }
     if let Some(uri) = &args.redirect_uri {
-        if !is_loopback_redirect(uri) {
-            return Err(err(format!(
+        if !is_loopback_redirect(uri) || uri.path() == OUTCOME_PATH {
+            return Err(ConnectError::Local(format!(
                 "--redirect-uri {uri} is not a loopback http URL (http://127.0.0.1:PORT/..., \
-                 http://[::1]:PORT/... or http://localhost:PORT/...): connect must receive the \
-                 redirect itself. For an app without such a redirect URI use --no-redirect"
+                 http://[::1]:PORT/... or http://localhost:PORT/..., path other than {OUTCOME_PATH}): \
+                 connect must receive the redirect itself. For an app without such a redirect URI \
+                 use --no-redirect"
             )));
         }
         return Ok(Some(uri.clone()));
@@ -142,23 +288,25 @@ pub fn choose_redirect(
     if let Some(url) = callback_url
         .and_then(|u| Url::parse(u).ok())
         .filter(is_loopback_redirect)
+        .filter(|u| u.path() != OUTCOME_PATH)
     {
         return Ok(Some(url));
     }
     Url::parse(&format!("http://127.0.0.1:{}/", args.port))
         .map(Some)
-        .map_err(|e| err(format!("invalid --port: {e}")))
+        .map_err(|e| ConnectError::Local(format!("invalid --port: {e}")))
 }
 
 async fn kube_client(args: &ConnectArgs) -> Result<(Client, String), ConnectError> {
+    let k8s = ConnectError::Kubernetes;
     let config = kube_config(args.kubeconfig.as_deref(), args.context.as_deref())
         .await
-        .map_err(err)?;
+        .map_err(k8s)?;
     let namespace = args
         .namespace
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
-    let client = Client::try_from(config).map_err(|e| err(format!("Kubernetes client: {e}")))?;
+    let client = Client::try_from(config).map_err(|e| k8s(format!("Kubernetes client: {e}")))?;
     Ok((client, namespace))
 }
 
@@ -198,85 +346,161 @@ struct Target {
     callback_url: Option<String>,
 }
 
-async fn read_target(
-    instances: &Api<DropboxElementInstance>,
-    secrets: &Api<Secret>,
+/// The instance's own problems; else the code Secret's name and key.
+fn check_instance(
+    instance: &DropboxElementInstance,
     namespace: &str,
     name: &str,
-) -> Result<Target, ConnectError> {
-    let instance = instances
-        .get_opt(name)
-        .await
-        .map_err(|e| {
-            err(format!(
-                "cannot read DropboxElementInstance {namespace}/{name}: {e}"
-            ))
-        })?
-        .ok_or_else(|| {
-            err(format!(
-                "DropboxElementInstance {namespace}/{name} not found"
-            ))
-        })?;
+) -> Result<(String, String), ConnectError> {
     let auth = &instance.spec.authentication;
     if auth.auth_type != AuthenticationType::OAuth2 {
-        return Err(err(format!(
+        return Err(ConnectError::Instance(format!(
             "{namespace}/{name} has authentication type apiKey; connect authorizes oauth2 instances"
         )));
     }
-    let (Some(app_ref), Some(code_ref)) = (&auth.app_secret_ref, &auth.code_secret_ref) else {
-        return Err(err(format!(
+    let (Some(_), Some(code_ref)) = (&auth.app_secret_ref, &auth.code_secret_ref) else {
+        return Err(ConnectError::Instance(format!(
             "{namespace}/{name} needs spec.authentication.appSecretRef and codeSecretRef"
         )));
     };
     if [CODE_VERIFIER_KEY, CODE_REDIRECT_URI_KEY].contains(&code_ref.key.as_str()) {
-        return Err(err(format!(
+        return Err(ConnectError::Instance(format!(
             "codeSecretRef.key {:?} is reserved for what connect stores next to the code; use another key",
             code_ref.key
         )));
     }
-    let app = secrets
-        .get_opt(&app_ref.name)
-        .await
-        .map_err(|e| err(format!("cannot read the app Secret {namespace}/{}: {e}", app_ref.name)))?
-        .ok_or_else(|| {
-            err(format!(
-                "the app Secret {namespace}/{} (appSecretRef) does not exist: create it with the app key and secret first",
-                app_ref.name
-            ))
-        })?;
-    let app_key = app
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&app_ref.client_id_key))
-        .map(|ByteString(b)| String::from_utf8_lossy(b).trim().to_owned())
+    Ok((code_ref.name.clone(), code_ref.key.clone()))
+}
+
+/// The app key the controller published, or why there is none: None while the
+/// controller has not looked at this generation yet (so it may still come).
+fn published_app_key(
+    instance: &DropboxElementInstance,
+    namespace: &str,
+    name: &str,
+) -> Option<Result<String, ConnectError>> {
+    let status = instance.status.as_ref();
+    if let Some(key) = status
+        .and_then(|s| s.app_key.as_deref())
         .filter(|k| !k.is_empty())
-        .ok_or_else(|| {
-            err(format!(
-                "the app Secret {namespace}/{} has no (non-empty) key {:?} with the app key",
-                app_ref.name, app_ref.client_id_key
+    {
+        return Some(Ok(key.to_owned()));
+    }
+    let seen = status.and_then(|s| s.observed_generation).is_some()
+        && status.and_then(|s| s.observed_generation) == instance.metadata.generation;
+    if !seen {
+        return None;
+    }
+    let why = find(instance, AUTHORIZED)
+        .filter(|c| c.status == "False")
+        .map(|c| format!(" (Authorized=False {}: {})", c.reason, c.message))
+        .unwrap_or_default();
+    let app = instance
+        .spec
+        .authentication
+        .app_secret_ref
+        .as_ref()
+        .map(|r| format!("{namespace}/{} key {:?}", r.name, r.client_id_key))
+        .unwrap_or_else(|| "(appSecretRef)".into());
+    Some(Err(ConnectError::Instance(format!(
+        "{namespace}/{name} has no status.appKey: the controller could not read the app key from \
+         the app Secret {app}{why}. Fix that (the instance's Authorized condition says how), then \
+         run connect again"
+    ))))
+}
+
+/// Reads the instance; waits (up to `wait`) for the controller to publish its
+/// app key when it has not looked at the instance yet.
+async fn read_target(
+    instances: &Api<DropboxElementInstance>,
+    namespace: &str,
+    name: &str,
+    wait: Duration,
+    out: &Output,
+) -> Result<Target, ConnectError> {
+    let not_found = || {
+        ConnectError::Instance(format!(
+            "DropboxElementInstance {namespace}/{name} not found"
+        ))
+    };
+    let mut instance = instances
+        .get_opt(name)
+        .await
+        .map_err(|e| {
+            ConnectError::Kubernetes(format!(
+                "cannot read DropboxElementInstance {namespace}/{name}: {e}"
             ))
-        })?;
+        })?
+        .ok_or_else(not_found)?;
+    check_instance(&instance, namespace, name)?;
+    let app_key = match published_app_key(&instance, namespace, name) {
+        Some(key) => key?,
+        None => {
+            out.say(&format!(
+                "Waiting up to {} for the operator to publish the app key of {namespace}/{name} (status.appKey)...",
+                humanize(wait)
+            ));
+            let stream = watcher(
+                instances.clone(),
+                watcher::Config::default().fields(&format!("metadata.name={name}")),
+            )
+            .default_backoff()
+            .applied_objects();
+            let mut stream = std::pin::pin!(stream);
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Err(_) => {
+                        return Err(ConnectError::Instance(format!(
+                            "the operator did not publish status.appKey of {namespace}/{name} within {} \
+                             (--wait-timeout): is the controller running and does it watch namespace {namespace}?",
+                            humanize(wait)
+                        )));
+                    }
+                    Ok(None) => {
+                        return Err(ConnectError::Kubernetes(
+                            "the watch on the instance ended".into(),
+                        ));
+                    }
+                    Ok(Some(Err(e))) => {
+                        tracing::warn!(error = %e, "watching the instance; retrying");
+                        continue;
+                    }
+                    Ok(Some(Ok(next))) => instance = next,
+                }
+                check_instance(&instance, namespace, name)?;
+                if let Some(key) = published_app_key(&instance, namespace, name) {
+                    break key?;
+                }
+            }
+        }
+    };
+    let (code_secret, code_key) = check_instance(&instance, namespace, name)?;
     Ok(Target {
         app_key,
-        code_secret: code_ref.name.clone(),
-        code_key: code_ref.key.clone(),
-        callback_url: auth.callback_url.clone(),
+        code_secret,
+        code_key,
+        callback_url: instance.spec.authentication.callback_url.clone(),
     })
 }
 
-async fn connect(args: &ConnectArgs) -> Result<(), ConnectError> {
+async fn connect(args: &ConnectArgs, out: &Output) -> Result<Connected, ConnectError> {
     let (client, namespace) = kube_client(args).await?;
     let name = args.instance.as_str();
     let instances: Api<DropboxElementInstance> = Api::namespaced(client.clone(), &namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let target = read_target(&instances, &secrets, &namespace, name).await?;
+    let target = read_target(&instances, &namespace, name, args.wait_timeout, out).await?;
     let redirect = choose_redirect(args, target.callback_url.as_deref())?;
 
     let pkce = Pkce::new();
     let state = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 24]>());
+    let page = PageContext {
+        instance: format!("{namespace}/{name}"),
+        rerun: format!("kubectl dropbox connect {name} -n {namespace}"),
+    };
     // Listen before the link is shown: the redirect can come at once.
-    let listener = match &redirect {
-        Some(uri) => Some(Listener::bind(uri, &state).await?),
+    let mut listener = match &redirect {
+        Some(uri) => Some(Listener::bind(uri, &state, page.clone()).await?),
         None => None,
     };
     let link = crate::dropbox::authorize_url(
@@ -286,29 +510,64 @@ async fn connect(args: &ConnectArgs) -> Result<(), ConnectError> {
         &state,
         Some(&pkce.challenge),
     );
-    println!("Approve the Dropbox app for {namespace}/{name} at:\n\n  {link}\n");
+    out.say(&format!(
+        "Approve the Dropbox app for {namespace}/{name} at:\n\n  {link}\n"
+    ));
+    out.event(json!({
+        "event": "link", "instance": page.instance, "url": link,
+        "redirectUri": redirect.as_ref().map(Url::as_str),
+        "pasteCode": redirect.is_none(), "timeoutSeconds": args.timeout.as_secs(),
+    }));
     match &redirect {
-        Some(uri) => println!(
+        Some(uri) => out.say(&format!(
             "Waiting up to {} for Dropbox to redirect to {uri} (this exact URI must be a redirect URI \
              of the app in the Dropbox App Console).",
             humanize(args.timeout)
-        ),
-        None => println!(
+        )),
+        None => out.say(&format!(
             "After approving, Dropbox shows a code: paste it here and press Enter (waiting up to {}).",
             humanize(args.timeout)
-        ),
+        )),
     }
     if !args.no_browser && webbrowser::open(&link).is_ok() {
-        println!("(opened in your browser)");
+        out.say("(opened in your browser)");
     }
 
-    let code = match listener {
-        Some(listener) => listener.wait(args.timeout).await?,
-        None => read_pasted_code(args.timeout).await?,
+    let code = match listener.as_mut() {
+        Some(listener) => listener.code(args.timeout).await,
+        None => read_pasted_code(args.timeout).await,
     };
+    let result = match code {
+        Ok(code) => {
+            store_and_wait(
+                args, out, &instances, &secrets, &target, &redirect, &pkce, &code, &page,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Some(listener) = listener {
+        // The landing page shows the outcome of the whole run.
+        listener.finish(page.outcome(&result)).await;
+    }
+    result
+}
 
-    // Only now is anything written. Status before the write tells a fresh
-    // verdict from an old one.
+/// Writes the code and follows the instance until it is Ready with it.
+#[allow(clippy::too_many_arguments)]
+async fn store_and_wait(
+    args: &ConnectArgs,
+    out: &Output,
+    instances: &Api<DropboxElementInstance>,
+    secrets: &Api<Secret>,
+    target: &Target,
+    redirect: &Option<Url>,
+    pkce: &Pkce,
+    code: &str,
+    page: &PageContext,
+) -> Result<Connected, ConnectError> {
+    let name = args.instance.as_str();
+    // Status before the write tells a fresh verdict from an old one.
     let before = instances
         .get_opt(name)
         .await
@@ -316,28 +575,48 @@ async fn connect(args: &ConnectArgs) -> Result<(), ConnectError> {
         .flatten()
         .and_then(|i| authorized_summary(&i));
     write_code_secret(
-        &secrets,
-        &target,
-        &code,
+        secrets,
+        target,
+        code,
         &pkce.verifier,
         redirect.as_ref().map(Url::as_str),
     )
     .await
     .map_err(|e| {
-        err(format!(
-            "cannot write the code Secret {namespace}/{}: {e}",
+        ConnectError::Kubernetes(format!(
+            "cannot write the code Secret {}/{}: {e}. connect needs create and patch on that Secret",
+            page.namespace(),
             target.code_secret
         ))
     })?;
-    println!(
-        "Stored the code in Secret {namespace}/{} (keys {:?}, {CODE_VERIFIER_KEY:?}, {CODE_REDIRECT_URI_KEY:?}); \
+    out.say(&format!(
+        "Stored the code in Secret {}/{} (keys {:?}, {CODE_VERIFIER_KEY:?}, {CODE_REDIRECT_URI_KEY:?}); \
          waiting up to {} for the instance to be Ready...",
+        page.namespace(),
         target.code_secret,
         target.code_key,
         humanize(args.wait_timeout)
-    );
-    let fingerprint = crate::controller::inputs::fingerprint(&code);
-    wait_ready(&instances, name, &fingerprint, before, args.wait_timeout).await
+    ));
+    out.event(json!({
+        "event": "stored",
+        "secret": format!("{}/{}", page.namespace(), target.code_secret),
+        "keys": [target.code_key, CODE_VERIFIER_KEY, CODE_REDIRECT_URI_KEY],
+        "waitTimeoutSeconds": args.wait_timeout.as_secs(),
+    }));
+    let fingerprint = crate::controller::inputs::fingerprint(code);
+    wait_ready(
+        instances,
+        name,
+        &fingerprint,
+        before,
+        args.wait_timeout,
+        out,
+    )
+    .await
+    .map(|account| Connected {
+        instance: page.instance.clone(),
+        account,
+    })
 }
 
 fn humanize(d: Duration) -> String {
@@ -389,11 +668,225 @@ async fn write_code_secret(
     Ok(())
 }
 
-/// The loopback server that receives Dropbox's redirect.
+// ---- the landing page ----------------------------------------------------------
+
+/// What the landing pages name.
+#[derive(Clone)]
+struct PageContext {
+    /// `namespace/name`.
+    instance: String,
+    /// The command that starts over.
+    rerun: String,
+}
+
+impl PageContext {
+    fn namespace(&self) -> &str {
+        self.instance.split('/').next().unwrap_or_default()
+    }
+
+    fn name(&self) -> &str {
+        self.instance.rsplit('/').next().unwrap_or_default()
+    }
+
+    /// The page for a failure class: what happened, what to do next and the
+    /// command that does it.
+    fn failure(&self, e: &ConnectError) -> Landing {
+        let (ns, name) = (self.namespace(), self.name());
+        let rerun = self.rerun.clone();
+        let (title, next, command) = match e {
+            ConnectError::Denied(_) => (
+                "Not connected: the approval was denied".to_owned(),
+                "To connect the account, run connect again and choose Allow on Dropbox's page."
+                    .to_owned(),
+                rerun,
+            ),
+            ConnectError::Redirect(_) => (
+                "Not connected: this is not the link connect is waiting for".to_owned(),
+                "Close this tab and older ones, run connect again and open the link it prints \
+                 (each run's link is new)."
+                    .to_owned(),
+                rerun,
+            ),
+            ConnectError::NotReady(_) => (
+                format!("Not connected: {name} is not Ready"),
+                "The code is stored but cannot work as things are. Fix what the message says \
+                 (this command shows the details), then run connect again: a code works only once."
+                    .to_owned(),
+                format!("kubectl describe dbxi {name} -n {ns}"),
+            ),
+            ConnectError::ReadyTimeout(_) => (
+                format!("Still waiting: {name} is not Ready yet"),
+                "The code is stored and the operator goes on with it. This command shows how it \
+                 goes on; if it stays not Ready, kubectl describe says why."
+                    .to_owned(),
+                format!("kubectl get dbxi {name} -n {ns}"),
+            ),
+            ConnectError::Kubernetes(_) => (
+                "Not connected: Kubernetes refused or failed a request".to_owned(),
+                format!(
+                    "Check your access to namespace {ns} (connect needs get, list and watch on the \
+                     instance, create and patch on its code Secret), then run connect again."
+                ),
+                rerun,
+            ),
+            ConnectError::ApprovalTimeout(_)
+            | ConnectError::Instance(_)
+            | ConnectError::Local(_) => (
+                "Not connected".to_owned(),
+                "The terminal says why; then run connect again.".to_owned(),
+                rerun,
+            ),
+        };
+        Landing {
+            class: e.class(),
+            title,
+            message: sentence_case(&e.to_string()),
+            next,
+            command,
+        }
+    }
+
+    /// The final outcome the waiting page shows.
+    fn outcome(&self, result: &Result<Connected, ConnectError>) -> Landing {
+        match result {
+            Ok(connected) => {
+                let account = connected
+                    .account
+                    .as_ref()
+                    .and_then(|a| a.email.clone().or_else(|| a.account_id.clone()))
+                    .map(|a| format!("The Dropbox account {a}"))
+                    .unwrap_or_else(|| "The Dropbox account".into());
+                Landing {
+                    class: "connected",
+                    title: format!("Connected: {} is Ready", self.name()),
+                    message: format!(
+                        "{account} is connected to {}. The operator keeps its access token fresh \
+                         from now on.",
+                        self.instance
+                    ),
+                    next: "You can close this tab. This command shows the instance; its events \
+                           (if enabled) go to spec.events.callbackUrl."
+                        .to_owned(),
+                    command: format!("kubectl get dbxi {} -n {}", self.name(), self.namespace()),
+                }
+            }
+            Err(e) => self.failure(e),
+        }
+    }
+}
+
+/// `the approval ...` → `The approval ...` (messages are written to follow `error: `).
+fn sentence_case(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// One landing page's content.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Landing {
+    /// `connected`, `pending` or a failure class.
+    pub class: &'static str,
+    pub title: String,
+    pub message: String,
+    pub next: String,
+    /// The command the next step runs (may be empty).
+    pub command: String,
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The landing page; with `poll`, it asks connect for the final outcome
+/// ([`OUTCOME_PATH`]) and shows it in place.
+fn landing_page(landing: &Landing, poll: bool) -> axum::response::Html<String> {
+    let script = if poll {
+        format!(
+            r#"<script>
+(async () => {{
+  const show = (o) => {{
+    document.body.dataset.outcome = o.class;
+    document.getElementById("title").textContent = o.title;
+    document.getElementById("message").textContent = o.message;
+    document.getElementById("next").textContent = o.next;
+    document.getElementById("command").textContent = o.command;
+    document.title = o.title;
+  }};
+  for (;;) {{
+    try {{
+      const r = await fetch("{OUTCOME_PATH}", {{cache: "no-store"}});
+      if (r.status === 200) {{ show(await r.json()); return; }}
+    }} catch (e) {{
+      show({{class: "unknown", title: "connect has stopped",
+        message: "connect is no longer running, so this page cannot say how it ended.",
+        next: "The terminal where you ran connect says it.", command: ""}});
+      return;
+    }}
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }}
+}})();
+</script>"#
+        )
+    } else {
+        String::new()
+    };
+    axum::response::Html(format!(
+        r#"<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body {{ font: 16px/1.5 system-ui, sans-serif; max-width: 44rem; margin: 3rem auto; padding: 0 1rem; color: #1e1919; }}
+h1 {{ font-size: 1.5rem; border-left: 6px solid #b3261e; padding-left: .75rem; }}
+body[data-outcome="connected"] h1 {{ border-color: #0a7d32; }}
+body[data-outcome="pending"] h1 {{ border-color: #0061fe; }}
+body[data-outcome="ready-timeout"] h1 {{ border-color: #a15c00; }}
+.next {{ background: #f7f5f2; padding: .75rem 1rem; border-radius: 6px; }}
+pre {{ margin: .5rem 0 0; white-space: pre-wrap; }}
+pre:empty {{ display: none; }}
+footer {{ color: #736c64; font-size: .85rem; margin-top: 2rem; }}
+</style></head>
+<body data-outcome="{class}">
+<h1 id="title">{title}</h1>
+<p id="message">{message}</p>
+<div class="next"><strong>Next:</strong> <span id="next">{next}</span><pre id="command">{command}</pre></div>
+<footer>dropbox-operator connect</footer>
+{script}
+</body></html>
+"#,
+        title = escape(&landing.title),
+        class = landing.class,
+        message = escape(&landing.message),
+        next = escape(&landing.next),
+        command = escape(&landing.command),
+    ))
+}
+
+/// The loopback server that receives Dropbox's redirect and serves the landing
+/// pages until the run ends.
 struct Listener {
     outcome: mpsc::Receiver<Result<String, ConnectError>>,
     servers: Vec<tokio::task::JoinHandle<()>>,
     shutdown: tokio_util::sync::CancellationToken,
+    shared: Arc<PageShared>,
+}
+
+/// What the handlers share with the run.
+struct PageShared {
+    expected: Expected,
+    page: PageContext,
+    tx: mpsc::Sender<Result<String, ConnectError>>,
+    /// The run's final outcome, once there is one.
+    last: Mutex<Option<Landing>>,
+    /// Notified when a page fetched the final outcome.
+    fetched: Notify,
+    /// Whether a redirect with a code was answered with the waiting page.
+    waiting_page: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Listener {
@@ -405,7 +898,7 @@ impl Drop for Listener {
 }
 
 impl Listener {
-    async fn bind(uri: &Url, state: &str) -> Result<Listener, ConnectError> {
+    async fn bind(uri: &Url, state: &str, page: PageContext) -> Result<Listener, ConnectError> {
         let port = uri.port_or_known_default().unwrap_or(80);
         let addrs: Vec<IpAddr> = match uri.host() {
             Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
@@ -417,21 +910,27 @@ impl Listener {
             ],
         };
         let (tx, outcome) = mpsc::channel(4);
-        let expected = Expected {
-            path: uri.path().to_owned(),
-            state: state.to_owned(),
-        };
+        let shared = Arc::new(PageShared {
+            expected: Expected {
+                path: uri.path().to_owned(),
+                state: state.to_owned(),
+            },
+            page,
+            tx,
+            last: Mutex::new(None),
+            fetched: Notify::new(),
+            waiting_page: std::sync::atomic::AtomicBool::new(false),
+        });
         let mut servers = Vec::new();
         let mut first_error = None;
         let shutdown = tokio_util::sync::CancellationToken::new();
         for ip in addrs {
             match tokio::net::TcpListener::bind(SocketAddr::new(ip, port)).await {
                 Ok(listener) => {
-                    let app = axum::Router::new().fallback({
-                        let tx = tx.clone();
-                        let expected = expected.clone();
-                        move |uri: axum::http::Uri| redirect_page(uri, expected.clone(), tx.clone())
-                    });
+                    let app = axum::Router::new()
+                        .route(OUTCOME_PATH, axum::routing::get(outcome_json))
+                        .fallback(redirect_page)
+                        .with_state(shared.clone());
                     let stop = shutdown.clone().cancelled_owned();
                     servers.push(tokio::spawn(async move {
                         let _ = axum::serve(listener, app)
@@ -445,7 +944,7 @@ impl Listener {
             }
         }
         if servers.is_empty() {
-            return Err(err(format!(
+            return Err(ConnectError::Local(format!(
                 "cannot listen on the redirect URI {uri} ({}); pick a free port with --port or --redirect-uri \
                  (and register that URI in the Dropbox App Console)",
                 first_error.unwrap_or_default()
@@ -455,28 +954,39 @@ impl Listener {
             outcome,
             servers,
             shutdown,
+            shared,
         })
     }
 
-    async fn wait(mut self, timeout: Duration) -> Result<String, ConnectError> {
+    /// The code of the first redirect, or why there is none.
+    async fn code(&mut self, timeout: Duration) -> Result<String, ConnectError> {
         match tokio::time::timeout(timeout, self.outcome.recv()).await {
-            Ok(Some(outcome)) => {
-                // The browser gets its page before the command goes on (or exits).
-                self.shutdown.cancel();
-                let servers = std::mem::take(&mut self.servers);
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    futures::future::join_all(servers),
-                )
-                .await;
-                outcome
-            }
-            Ok(None) => Err(err("the redirect listener stopped")),
-            Err(_) => Err(err(format!(
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => Err(ConnectError::Local("the redirect listener stopped".into())),
+            Err(_) => Err(ConnectError::ApprovalTimeout(format!(
                 "no approval within {} (--timeout); nothing was written. Run connect again to get a new link",
                 humanize(timeout)
             ))),
         }
+    }
+
+    /// Publishes the run's outcome to a waiting landing page, gives it a moment
+    /// to fetch it, and stops serving once the pages have been sent.
+    async fn finish(mut self, last: Landing) {
+        let waiting = self
+            .shared
+            .waiting_page
+            .load(std::sync::atomic::Ordering::Acquire);
+        let fetched = self.shared.fetched.notified();
+        *self.shared.last.lock().expect("landing lock") = Some(last);
+        if waiting {
+            // The page polls every second.
+            let _ = tokio::time::timeout(Duration::from_secs(3), fetched).await;
+        }
+        self.shutdown.cancel();
+        let servers = std::mem::take(&mut self.servers);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(servers)).await;
     }
 }
 
@@ -486,29 +996,76 @@ struct Expected {
     state: String,
 }
 
+/// The run's final outcome for the waiting page: 204 until there is one.
+async fn outcome_json(
+    axum::extract::State(shared): axum::extract::State<Arc<PageShared>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let last = shared.last.lock().expect("landing lock").clone();
+    match last {
+        Some(landing) => {
+            shared.fetched.notify_one();
+            (
+                [(axum::http::header::CACHE_CONTROL, "no-store")],
+                axum::Json(landing),
+            )
+                .into_response()
+        }
+        None => axum::http::StatusCode::NO_CONTENT.into_response(),
+    }
+}
+
 /// Judges one request on the redirect URI; the page tells the person the same.
 async fn redirect_page(
+    axum::extract::State(shared): axum::extract::State<Arc<PageShared>>,
     uri: axum::http::Uri,
-    expected: Expected,
-    tx: mpsc::Sender<Result<String, ConnectError>>,
 ) -> (axum::http::StatusCode, axum::response::Html<String>) {
     use axum::http::StatusCode;
-    if uri.path() != expected.path {
-        return (StatusCode::NOT_FOUND, page("Not found."));
+    if uri.path() != shared.expected.path {
+        let landing = Landing {
+            class: "not-found",
+            title: "Not found".into(),
+            message: format!(
+                "connect waits for Dropbox's redirect on {}, not here.",
+                shared.expected.path
+            ),
+            next: "Open the link connect printed.".into(),
+            command: String::new(),
+        };
+        return (StatusCode::NOT_FOUND, landing_page(&landing, false));
     }
     let query: HashMap<String, String> =
         url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
-    let (status, outcome) = judge_redirect(&query, &expected.state);
-    let text = match &outcome {
-        Ok(_) => "The Dropbox account is approved. You can close this tab: connect finishes in the terminal.".to_owned(),
-        Err(e) => format!("{e}"),
+    let (status, outcome) = judge_redirect(&query, &shared.expected.state);
+    let (landing, poll) = match &outcome {
+        Ok(_) => {
+            shared
+                .waiting_page
+                .store(true, std::sync::atomic::Ordering::Release);
+            (
+                Landing {
+                    class: "pending",
+                    title: "Approved in Dropbox".into(),
+                    message: format!(
+                        "connect is storing the code for {} and waiting for the instance to become Ready. \
+                         This page shows the result.",
+                        shared.page.instance
+                    ),
+                    next: "Keep this tab open for a moment (the terminal shows the progress too)."
+                        .into(),
+                    command: String::new(),
+                },
+                true,
+            )
+        }
+        Err(e) => (shared.page.failure(e), false),
     };
-    let _ = tx.try_send(outcome);
+    let _ = shared.tx.try_send(outcome);
     (
         StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
-        page(&text),
+        landing_page(&landing, poll),
     )
 }
 
@@ -522,9 +1079,10 @@ pub fn judge_redirect(
     if query.get("state").map(String::as_str) != Some(expected_state) {
         return (
             400,
-            Err(err(
+            Err(ConnectError::Redirect(
                 "the redirect's state does not match the link connect printed (a redirect of another \
-                 authorization, or a forged one); nothing was written. Run connect again and use the new link",
+                 authorization, or a forged one); nothing was written. Run connect again and use the new link"
+                    .into(),
             )),
         );
     }
@@ -540,7 +1098,7 @@ pub fn judge_redirect(
         } else {
             format!("Dropbox refused the authorization ({error}{description}); nothing was written")
         };
-        return (200, Err(err(message)));
+        return (200, Err(ConnectError::Denied(message)));
     }
     match query
         .get("code")
@@ -550,22 +1108,11 @@ pub fn judge_redirect(
         Some(code) => (200, Ok(code.to_owned())),
         None => (
             400,
-            Err(err(
-                "the redirect carries neither a code nor an error; nothing was written",
+            Err(ConnectError::Redirect(
+                "the redirect carries neither a code nor an error; nothing was written".into(),
             )),
         ),
     }
-}
-
-fn page(text: &str) -> axum::response::Html<String> {
-    let escaped = text
-        .replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;");
-    axum::response::Html(format!(
-        "<!DOCTYPE html>\n<html><head><title>dropbox-operator connect</title></head>\
-         <body><p>{escaped}</p></body></html>\n"
-    ))
 }
 
 async fn read_pasted_code(timeout: Duration) -> Result<String, ConnectError> {
@@ -573,20 +1120,23 @@ async fn read_pasted_code(timeout: Duration) -> Result<String, ConnectError> {
         let mut line = String::new();
         std::io::stdin().read_line(&mut line).map(|n| (n, line))
     });
+    let local = ConnectError::Local;
     match tokio::time::timeout(timeout, line).await {
-        Err(_) => Err(err(format!(
+        Err(_) => Err(ConnectError::ApprovalTimeout(format!(
             "no code pasted within {} (--timeout); nothing was written",
             humanize(timeout)
         ))),
-        Ok(Err(e)) => Err(err(format!("reading standard input: {e}"))),
-        Ok(Ok(Err(e))) => Err(err(format!("reading standard input: {e}"))),
-        Ok(Ok(Ok((0, _)))) => Err(err(
-            "standard input ended before a code was pasted; nothing was written",
+        Ok(Err(e)) => Err(local(format!("reading standard input: {e}"))),
+        Ok(Ok(Err(e))) => Err(local(format!("reading standard input: {e}"))),
+        Ok(Ok(Ok((0, _)))) => Err(local(
+            "standard input ended before a code was pasted; nothing was written".into(),
         )),
         Ok(Ok(Ok((_, line)))) => {
             let code = line.trim();
             if code.is_empty() {
-                Err(err("an empty code was pasted; nothing was written"))
+                Err(local(
+                    "an empty code was pasted; nothing was written".into(),
+                ))
             } else {
                 Ok(code.to_owned())
             }
@@ -624,7 +1174,7 @@ const TERMINAL: [&str; 7] = [
 /// Where the instance stands for the code just written.
 #[derive(Debug, PartialEq)]
 pub enum Verdict {
-    Ready(String),
+    Ready(Option<AccountStatus>),
     Failed(String),
     Waiting,
 }
@@ -641,12 +1191,7 @@ pub fn verdict(
     let ours = status.and_then(|s| s.code_fingerprint.as_deref()) == Some(fingerprint);
     let ready = find(instance, READY).is_some_and(|c| c.status == "True");
     if ours && ready {
-        let account = status
-            .and_then(|s| s.account.as_ref())
-            .and_then(|a| a.email.clone().or_else(|| a.account_id.clone()))
-            .map(|a| format!(" (account {a})"))
-            .unwrap_or_default();
-        return Verdict::Ready(account);
+        return Verdict::Ready(status.and_then(|s| s.account.clone()));
     }
     if let Some(c) = find(instance, AUTHORIZED)
         && c.status == "False"
@@ -680,13 +1225,25 @@ fn progress(instance: &DropboxElementInstance) -> String {
     format!("  phase {phase}: {}", conditions.join(", "))
 }
 
+fn progress_event(instance: &DropboxElementInstance) -> Value {
+    let status = instance.status.as_ref();
+    json!({
+        "event": "progress",
+        "phase": status.and_then(|s| s.phase).map(|p| format!("{p:?}")),
+        "conditions": status.map(|s| s.conditions.iter().map(|c| json!({
+            "type": c.type_, "status": c.status, "reason": c.reason,
+        })).collect::<Vec<_>>()).unwrap_or_default(),
+    })
+}
+
 async fn wait_ready(
     instances: &Api<DropboxElementInstance>,
     name: &str,
     fingerprint: &str,
     before: Option<(String, String)>,
     timeout: Duration,
-) -> Result<(), ConnectError> {
+    out: &Output,
+) -> Result<Option<AccountStatus>, ConnectError> {
     let stream = watcher(
         instances.clone(),
         watcher::Config::default().fields(&format!("metadata.name={name}")),
@@ -711,7 +1268,7 @@ async fn wait_ready(
                         )
                     })
                     .unwrap_or_default();
-                return Err(err(format!(
+                return Err(ConnectError::ReadyTimeout(format!(
                     "the instance did not become Ready within {} (--wait-timeout){last}. The code is stored; \
                      `kubectl get dbxi {name}` shows how it goes on",
                     humanize(timeout)
@@ -721,22 +1278,26 @@ async fn wait_ready(
         let instance = match next {
             Some(Ok(instance)) => instance,
             Some(Err(e)) => {
-                eprintln!("  (watching the instance: {e}; retrying)");
+                if !out.json() {
+                    eprintln!("  (watching the instance: {e}; retrying)");
+                }
                 continue;
             }
-            None => return Err(err("the watch on the instance ended")),
+            None => {
+                return Err(ConnectError::Kubernetes(
+                    "the watch on the instance ended".into(),
+                ));
+            }
         };
         let line = progress(&instance);
         if line != last_line {
-            println!("{line}");
+            out.say(&line);
+            out.event(progress_event(&instance));
             last_line = line;
         }
         match verdict(&instance, fingerprint, before.as_ref()) {
-            Verdict::Ready(account) => {
-                println!("Connected: {name} is Ready{account}.");
-                return Ok(());
-            }
-            Verdict::Failed(message) => return Err(err(message)),
+            Verdict::Ready(account) => return Ok(account),
+            Verdict::Failed(message) => return Err(ConnectError::NotReady(message)),
             Verdict::Waiting => {}
         }
         last_seen = Some(instance);
@@ -883,5 +1444,131 @@ mod tests {
         ));
         let transient = instance(Some(ours), &[("Authorized", "False", "DropboxUnavailable")]);
         assert_eq!(verdict(&transient, ours, None), Verdict::Waiting);
+    }
+
+    #[test]
+    fn each_failure_class_has_its_documented_exit_code() {
+        let all = [
+            ConnectError::Kubernetes(String::new()),
+            ConnectError::Instance(String::new()),
+            ConnectError::Local(String::new()),
+            ConnectError::Denied(String::new()),
+            ConnectError::Redirect(String::new()),
+            ConnectError::ApprovalTimeout(String::new()),
+            ConnectError::NotReady(String::new()),
+            ConnectError::ReadyTimeout(String::new()),
+        ];
+        let rows: Vec<(u8, &str)> = EXIT_CODES_HELP
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let code = words.next()?.parse().ok()?;
+                Some((code, words.next()?))
+            })
+            .collect();
+        assert!(rows.contains(&(0, "connected")), "{rows:?}");
+        // clap's own code for usage errors.
+        assert!(rows.contains(&(2, "usage")), "{rows:?}");
+        for e in &all {
+            assert!(
+                rows.contains(&(e.exit_code(), e.class())),
+                "{} {} is not in the table: {rows:?}",
+                e.exit_code(),
+                e.class()
+            );
+        }
+        let mut codes: Vec<u8> = all.iter().map(ConnectError::exit_code).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), all.len(), "one code per class");
+        assert_eq!(
+            rows.len(),
+            all.len() + 2,
+            "no row without a class: {rows:?}"
+        );
+    }
+
+    fn with_status(generation: i64, status: serde_json::Value) -> DropboxElementInstance {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "elements.dropbox-operator.dev/v1alpha1",
+            "kind": "DropboxElementInstance",
+            "metadata": {"name": "x", "generation": generation},
+            "spec": {"element": {"key": "dropbox"}, "authentication": {
+                "type": "oauth2", "appSecretRef": {"name": "app"}, "codeSecretRef": {"name": "code"}}},
+            "status": status,
+        }))
+        .expect("instance")
+    }
+
+    #[test]
+    fn the_app_key_comes_from_status_once_the_controller_looked() {
+        let key = |i: &DropboxElementInstance| {
+            published_app_key(i, "ns", "x").map(|r| r.map_err(|e| e.to_string()))
+        };
+        let published = with_status(
+            2,
+            serde_json::json!({"observedGeneration": 1, "appKey": "k3y"}),
+        );
+        assert_eq!(key(&published), Some(Ok("k3y".into())));
+        // Not looked at yet (no status, or an older generation): wait.
+        assert_eq!(key(&with_status(1, serde_json::json!({}))), None);
+        assert_eq!(
+            key(&with_status(
+                2,
+                serde_json::json!({"observedGeneration": 1})
+            )),
+            None
+        );
+        // Looked at, no key: the Authorized condition says why.
+        let missing = with_status(
+            1,
+            serde_json::json!({"observedGeneration": 1, "conditions": [{
+                "type": "Authorized", "status": "False", "reason": "SecretKeyMissing",
+                "message": "Secret ns/app has no key \"oauth.api.key\"",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+        );
+        let err = key(&missing).expect("verdict").expect_err("no key");
+        assert!(err.contains("SecretKeyMissing"), "{err}");
+        assert!(err.contains("\"oauth.api.key\""), "{err}");
+    }
+
+    #[test]
+    fn landing_pages_say_what_happened_and_what_to_do() {
+        let page = PageContext {
+            instance: "team-a/marketing".into(),
+            rerun: "kubectl dropbox connect marketing -n team-a".into(),
+        };
+        let denied = page.failure(&ConnectError::Denied("the approval was denied <b>".into()));
+        let html = landing_page(&denied, false).0;
+        assert!(html.contains("data-outcome=\"denied\""), "{html}");
+        assert!(html.contains("denied &lt;b&gt;"), "escaped: {html}");
+        assert!(
+            html.contains("kubectl dropbox connect marketing -n team-a"),
+            "{html}"
+        );
+        assert!(!html.contains("<script>"), "a final page does not poll");
+        let ok = page.outcome(&Ok(Connected {
+            instance: "team-a/marketing".into(),
+            account: None,
+        }));
+        assert_eq!(ok.class, "connected");
+        assert!(ok.title.contains("marketing is Ready"));
+        let pending = Landing {
+            class: "pending",
+            title: "t".into(),
+            message: "m".into(),
+            next: "n".into(),
+            command: String::new(),
+        };
+        assert!(landing_page(&pending, true).0.contains(OUTCOME_PATH));
+        for e in [
+            ConnectError::Redirect(String::new()),
+            ConnectError::NotReady(String::new()),
+            ConnectError::ReadyTimeout(String::new()),
+        ] {
+            let l = page.failure(&e);
+            assert_eq!(l.class, e.class());
+            assert!(!l.next.is_empty() && !l.title.is_empty());
+        }
     }
 }

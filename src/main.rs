@@ -1,18 +1,30 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use dropbox_operator::cli::{Cli, Command, ControllerArgs, DropboxArgs, IngressArgs, LogFormat};
+use dropbox_operator::cli::{Command, ControllerArgs, DropboxArgs, IngressArgs, LogFormat};
 use dropbox_operator::dropbox::DropboxClient;
 use dropbox_operator::{api, controller, ingress};
 use tracing_subscriber::EnvFilter;
 
-fn init_logging(cli: &Cli) {
-    let filter = EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+/// The services log as their flags (or LOG_LEVEL/LOG_FORMAT) say; the commands
+/// a person runs only let warnings through, as text, unless `connect
+/// --log-level` asks for more (cli::ServiceLogArgs says why).
+fn init_logging(command: &Command) {
+    let (level, format) = match command {
+        Command::Controller(args) => (args.log.log_level.as_str(), args.log.log_format),
+        Command::Ingress(args) => (args.log.log_level.as_str(), args.log.log_format),
+        Command::Connect(args) => (args.log_level.as_str(), LogFormat::Text),
+        Command::Crd
+        | Command::Import(_)
+        | Command::Completion(_)
+        | Command::ReleaseFinalizers(_) => ("warn", LogFormat::Text),
+    };
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match cli.log_format {
+    match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
@@ -38,10 +50,8 @@ fn identity(explicit: Option<&str>) -> String {
     })
 }
 
-fn controller_options(
-    args: &ControllerArgs,
-    log_format: &str,
-) -> Result<controller::RunOptions, BoxError> {
+fn controller_options(args: &ControllerArgs) -> Result<controller::RunOptions, BoxError> {
+    let log_format = log_format_name(args.log.log_format);
     let options = controller::RunOptions {
         config: controller::Config {
             refresh_margin: args.token_refresh_margin,
@@ -153,7 +163,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, BoxError> {
 fn main() -> ExitCode {
     // Also started as `kubectl-dropbox` (the kubectl plugin): same arguments.
     let cli = dropbox_operator::cli::parse_args();
-    init_logging(&cli);
+    init_logging(&cli.command);
     dropbox_operator::tls::install_crypto_provider();
     let result: Result<(), BoxError> = match &cli.command {
         Command::Crd => api::crd_yaml().map_err(Into::into).and_then(|yaml| {
@@ -161,12 +171,11 @@ fn main() -> ExitCode {
                 .write_all(yaml.as_bytes())
                 .map_err(Into::into)
         }),
-        Command::Controller(args) => controller_options(args, log_format_name(cli.log_format))
-            .and_then(|options| {
-                runtime()?
-                    .block_on(controller::run(options))
-                    .map_err(Into::into)
-            }),
+        Command::Controller(args) => controller_options(args).and_then(|options| {
+            runtime()?
+                .block_on(controller::run(options))
+                .map_err(Into::into)
+        }),
         Command::Ingress(args) => ingress_options(args).and_then(|options| {
             runtime()?
                 .block_on(ingress::run(options))
@@ -176,6 +185,13 @@ fn main() -> ExitCode {
         Command::Import(args) => return dropbox_operator::import::run(args),
         Command::Connect(args) => return dropbox_operator::connect::run(args),
         Command::ReleaseFinalizers(args) => return dropbox_operator::release::run(args),
+        Command::Completion(args) => {
+            let plugin = dropbox_operator::cli::invoked_as_kubectl_plugin(
+                std::env::args_os().next().as_deref(),
+            );
+            let script = dropbox_operator::cli::completion_script(args.shell, plugin);
+            std::io::stdout().write_all(&script).map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

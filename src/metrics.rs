@@ -73,6 +73,118 @@ impl Collector for TokenExpiry {
     }
 }
 
+/// One instance as the controller's cache shows it, for [`ClusterState`].
+pub struct InstanceState {
+    pub namespace: String,
+    pub name: String,
+    /// `status.phase` (Pending, AwaitingAuthorization, Ready, Degraded, Failed); None before the first status.
+    pub phase: Option<&'static str>,
+    /// The Ready condition is True.
+    pub ready: bool,
+}
+
+/// What [`ClusterState`] exports, read at scrape time.
+#[derive(Default)]
+pub struct StateSnapshot {
+    pub instances: Vec<InstanceState>,
+    /// Whether an ingress replica is alive; None while no instance needs the
+    /// ingress (or before the first look).
+    pub ingress_alive: Option<bool>,
+}
+
+/// Phases of `status.phase`, each exported (0 when none) so the series exist.
+pub const PHASES: [&str; 5] = [
+    "Pending",
+    "AwaitingAuthorization",
+    "Ready",
+    "Degraded",
+    "Failed",
+];
+
+type SnapshotSource = Box<dyn Fn() -> StateSnapshot + Send + Sync>;
+
+/// Instances by phase, per-instance readiness and ingress liveness, computed
+/// at scrape time from the leader's cache (so it holds no copy of its own and
+/// is never stale). A replica that does not lead exports none of them.
+#[derive(Default)]
+pub struct ClusterState {
+    source: Mutex<Option<SnapshotSource>>,
+}
+
+impl std::fmt::Debug for ClusterState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterState").finish_non_exhaustive()
+    }
+}
+
+impl ClusterState {
+    /// Starts exporting what `source` returns (the leader, once its cache runs).
+    pub fn set_source(&self, source: impl Fn() -> StateSnapshot + Send + Sync + 'static) {
+        *self.source.lock().expect("cluster state lock") = Some(Box::new(source));
+    }
+
+    /// Stops exporting (the replica stopped leading).
+    pub fn clear_source(&self) {
+        *self.source.lock().expect("cluster state lock") = None;
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+impl Collector for ClusterState {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = match self.source.lock().expect("cluster state lock").as_ref() {
+            Some(source) => source(),
+            None => return Ok(()),
+        };
+        let gauge = ConstGauge::new(0i64);
+        {
+            let mut family = encoder.encode_descriptor(
+                "dropbox_operator_instances",
+                "DropboxElementInstances by status.phase (\"\": no status yet)",
+                None,
+                gauge.metric_type(),
+            )?;
+            let mut counts: BTreeMap<&'static str, i64> = PHASES.iter().map(|p| (*p, 0)).collect();
+            for i in &snapshot.instances {
+                *counts.entry(i.phase.unwrap_or("")).or_default() += 1;
+            }
+            for (phase, count) in counts {
+                ConstGauge::new(count).encode(family.encode_family(&PhaseLabels { phase })?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "dropbox_operator_instance_ready",
+                "1 while the instance's Ready condition is True, else 0",
+                None,
+                gauge.metric_type(),
+            )?;
+            for i in snapshot.instances {
+                let labels = InstanceLabels {
+                    namespace: i.namespace,
+                    name: i.name,
+                };
+                ConstGauge::new(i64::from(i.ready)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(alive) = snapshot.ingress_alive {
+            let family = encoder.encode_descriptor(
+                "dropbox_operator_ingress_alive",
+                "1 while a webhook ingress replica renews its heartbeat, 0 when none does; \
+                 absent while no instance has events enabled",
+                None,
+                gauge.metric_type(),
+            )?;
+            ConstGauge::new(i64::from(alive)).encode(family)?;
+        }
+        Ok(())
+    }
+}
+
 /// Metrics of the controller.
 #[derive(Clone)]
 pub struct ControllerMetrics {
@@ -85,6 +197,7 @@ pub struct ControllerMetrics {
     pub token_expiry: Arc<TokenExpiry>,
     pub leader: Gauge,
     pub reconcile_panics: Counter,
+    pub cluster: Arc<ClusterState>,
 }
 
 impl ControllerMetrics {
@@ -99,6 +212,7 @@ impl ControllerMetrics {
             token_expiry: Arc::new(TokenExpiry::default()),
             leader: Gauge::default(),
             reconcile_panics: Counter::default(),
+            cluster: Arc::new(ClusterState::default()),
         };
         let r = registry.sub_registry_with_prefix("dropbox_operator");
         r.register(
@@ -142,6 +256,7 @@ impl ControllerMetrics {
             m.reconcile_panics.clone(),
         );
         registry.register_collector(Box::new(m.token_expiry.clone()));
+        registry.register_collector(Box::new(m.cluster.clone()));
         m
     }
 
@@ -192,6 +307,7 @@ pub struct IngressMetrics {
     pub open_connections: Gauge,
     pub body_bytes_in_flight: Gauge,
     pub handoffs: Family<ResultLabels, Counter>,
+    pub parked_instances: Gauge,
 }
 
 impl IngressMetrics {
@@ -212,6 +328,7 @@ impl IngressMetrics {
             open_connections: Gauge::default(),
             body_bytes_in_flight: Gauge::default(),
             handoffs: Family::default(),
+            parked_instances: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("dropbox_ingress");
         r.register(
@@ -288,6 +405,12 @@ impl IngressMetrics {
             "handoffs",
             "Webhooks handed between replicas by result (forwarded, failed, local: sent / received, refused: at the peer endpoint)",
             m.handoffs.clone(),
+        );
+        r.register(
+            "parked_instances",
+            "Instances whose delivery is parked (their callback failed permanently or for too long), \
+             of those this replica is responsible for",
+            m.parked_instances.clone(),
         );
         m
     }

@@ -352,7 +352,10 @@ fn rendered_controller_settings_are_accepted_by_the_binary() -> Result<()> {
     assert_eq!(args.ingress.ingress_replicas, 2);
     assert_eq!(
         args.ingress.ingress_image,
-        concat!("dropbox-operator:", env!("CARGO_PKG_VERSION"))
+        concat!(
+            "ghcr.io/dropbox-operator/dropbox-operator:",
+            env!("CARGO_PKG_VERSION")
+        )
     );
     assert_eq!(args.ingress.allowed_callback_cidrs, "");
     let resources = args

@@ -1106,8 +1106,11 @@ async fn admission_policy_denies_writes_to_foreign_objects() -> Result<()> {
     support::install_crd(&admin).await?;
     let ops = support::namespace(&admin, "lc-vap").await;
     let apps = support::namespace(&admin, "lc-vap-apps").await;
-    // The chart's placeholder image: NOTES warns.
-    let notes = install(&ops, &json!({"admissionPolicy": {"enabled": true}}))?;
+    // A bare local image name, which no registry serves: NOTES warns.
+    let notes = install(
+        &ops,
+        &json!({"admissionPolicy": {"enabled": true}, "image": {"repository": "dropbox-operator"}}),
+    )?;
     ensure!(
         notes.contains("WARNING: image.repository") && notes.contains("Uninstall:"),
         "{notes}"

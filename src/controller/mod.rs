@@ -532,6 +532,13 @@ async fn run_controller(
         stop.clone(),
     ));
 
+    let cluster = metrics.cluster.clone();
+    cluster.set_source({
+        let store = store.clone();
+        let ingress = ingress.clone();
+        move || cluster_state(&store, &ingress)
+    });
+
     let reporter = Reporter {
         controller: "dropbox-operator".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -586,6 +593,7 @@ async fn run_controller(
             }
         })
         .await;
+    cluster.clear_source();
     revoke_unstorable(&ctx).await;
     tracing::info!("controller stopped");
 }
@@ -613,6 +621,44 @@ async fn revoke_unstorable(ctx: &Context) {
             })
             .inc();
         tracing::warn!(instance_uid = %uid, result = outcome.label(), "revoked tokens that could not be stored before stopping");
+    }
+}
+
+/// What the state metrics show at a scrape: every cached instance's phase and
+/// readiness, and the ingress's liveness while an instance needs it.
+fn cluster_state(
+    store: &Store<DropboxElementInstance>,
+    ingress: &ingress::IngressManager,
+) -> crate::metrics::StateSnapshot {
+    let mut needed = false;
+    let instances = store
+        .state()
+        .iter()
+        .map(|i| {
+            needed |= i.meta().deletion_timestamp.is_none()
+                && i.spec.events.as_ref().is_some_and(|e| e.enabled);
+            let status = i.status.as_ref();
+            crate::metrics::InstanceState {
+                namespace: i.namespace().unwrap_or_default(),
+                name: i.name_any(),
+                phase: status.and_then(|s| s.phase).map(|p| match p {
+                    crate::api::Phase::Pending => "Pending",
+                    crate::api::Phase::AwaitingAuthorization => "AwaitingAuthorization",
+                    crate::api::Phase::Ready => "Ready",
+                    crate::api::Phase::Degraded => "Degraded",
+                    crate::api::Phase::Failed => "Failed",
+                }),
+                ready: status.is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == crate::conditions::READY && c.status == "True")
+                }),
+            }
+        })
+        .collect();
+    crate::metrics::StateSnapshot {
+        instances,
+        ingress_alive: ingress.alive().filter(|_| needed),
     }
 }
 

@@ -222,13 +222,16 @@ async fn reconcile_once(instance: &DropboxElementInstance, ctx: &Context) -> Res
         None => ctx.metrics.token_expiry.remove(&namespace, &name),
     }
 
-    let desired = desired_status(
+    let mut desired = desired_status(
         instance,
         &verdict,
         events.as_ref(),
         delivery.as_ref(),
         &Time(now()),
     );
+    // The app key is public (every authorize link carries it); published so that
+    // `connect` needs no access to the app Secret (README, "Connect an account").
+    desired.app_key = app.map(|a| a.client_id.clone());
     if conditions::status_differs(instance.status.as_ref(), &desired) {
         tracing::debug!(
             instance = %key,

@@ -84,6 +84,8 @@ pub fn desired_status(
         token: step.token_status.clone(),
         code_fingerprint: step.code_fingerprint.clone(),
         authorize_url: step.authorize_url.clone(),
+        // What the last read of the app Secret said; reconcile sets it anew.
+        app_key: prev.app_key.clone(),
         events: events.map(|e| EventsStatus {
             webhook_path: e.webhook_path.clone(),
             last_delivery_time: delivery

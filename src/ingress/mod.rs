@@ -197,6 +197,7 @@ pub async fn run(options: RunOptions) -> Result<(), RunError> {
         options.longpoll.clone(),
         draining.clone(),
     ));
+    tokio::spawn(count_parked(syncer.clone(), draining.clone()));
     let heartbeat = tokio::spawn(heartbeat::run(
         configmaps,
         membership.clone(),
@@ -332,6 +333,31 @@ async fn resync(
                 Some(_) => {}
                 None => return,
             },
+            _ = draining.cancelled() => return,
+        }
+    }
+}
+
+/// How often `dropbox_ingress_parked_instances` is recounted.
+const PARKED_COUNT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps `dropbox_ingress_parked_instances` at the number of instances this
+/// replica delivers whose delivery is parked (their callback failed
+/// permanently or for too long, and nothing resumed them).
+async fn count_parked(syncer: Arc<sync::Syncer>, draining: CancellationToken) {
+    loop {
+        let parked = syncer
+            .projections
+            .all()
+            .iter()
+            .filter(|p| syncer.membership.owns(p.uid()) && syncer.reports.parked(&p.instance))
+            .count();
+        syncer
+            .metrics
+            .parked_instances
+            .set(i64::try_from(parked).unwrap_or(i64::MAX));
+        tokio::select! {
+            _ = tokio::time::sleep(PARKED_COUNT_INTERVAL) => {}
             _ = draining.cancelled() => return,
         }
     }

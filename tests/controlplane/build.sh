@@ -28,8 +28,13 @@ staging=$(cd "$here/kubernetes" && go list -m -f '{{.Replace.Version}}' k8s.io/c
 build_date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
 # build NAME MODULE_DIR VERSION PACKAGE LDFLAGS
+# With CONTROLPLANE_ONLY="helm ..." only the binaries named there are built
+# (the release workflow needs helm alone).
 build() {
   local name=$1 dir=$2 version=$3 pkg=$4 ldflags=$5
+  if [ -n "${CONTROLPLANE_ONLY:-}" ] && [[ " $CONTROLPLANE_ONLY " != *" $name "* ]]; then
+    return 0
+  fi
   if [ -x "$bin/$name" ] && [ "$(cat "$bin/$name.version" 2>/dev/null)" = "$version" ]; then
     return 0
   fi

@@ -187,7 +187,7 @@ impl Emulator {
     /// 400 (nobody is there to click).
     pub fn script_approval(&self, app_key: &str, approval: Approval) {
         let mut st = self.st();
-        if let Approval::Approve { account_id } = &approval {
+        if let Approval::Approve { account_id } | Approval::Ask { account_id } = &approval {
             assert!(
                 st.accounts.contains_key(account_id),
                 "script_approval: unknown account {account_id}"
@@ -682,6 +682,11 @@ pub enum Approval {
     Approve { account_id: String },
     /// Clicks "Cancel": Dropbox redirects with `error=access_denied`.
     Deny,
+    /// Signed in as this account, the page shows "Allow" and "Cancel" buttons
+    /// and waits: a browser (a person, or a test driving one) clicks. The
+    /// buttons POST the authorize parameters back with `decision` = `allow` or
+    /// `deny` (the emulator's own form; Dropbox's is not documented).
+    Ask { account_id: String },
 }
 
 /// A PKCE challenge a code was issued for (RFC 7636).
@@ -1703,7 +1708,11 @@ fn dispatch(
     body: &[u8],
 ) -> Reply {
     if route == "/oauth2/authorize" {
-        if method != Method::GET {
+        // POST: a click on the approval page's buttons (Approval::Ask).
+        if method == Method::POST && form.contains_key("decision") {
+            return authorize(st, form);
+        }
+        if method != Method::GET || form.contains_key("decision") {
             let mut reply = Reply::text(405, "Method Not Allowed");
             reply.headers.push(("allow", "GET".into()));
             return reply;
@@ -1986,7 +1995,27 @@ fn authorize(st: &mut State, query: &BTreeMap<String, String>) -> Reply {
             );
         }
     };
-    let approval = app.approval.clone();
+    let approval = match (
+        app.approval.clone(),
+        query.get("decision").map(String::as_str),
+    ) {
+        (Some(Approval::Ask { account_id }), None) => {
+            let email = st
+                .accounts
+                .get(&account_id)
+                .map(|a| a.email.clone())
+                .unwrap_or_default();
+            return approval_page(app_key, &email, query);
+        }
+        (Some(Approval::Ask { account_id }), Some("allow")) => {
+            Some(Approval::Approve { account_id })
+        }
+        (Some(Approval::Ask { .. }), Some(_)) => Some(Approval::Deny),
+        (_, Some(_)) => {
+            return Reply::html(400, "emulator: no approval page is waiting for a click");
+        }
+        (approval, None) => approval,
+    };
     let redirect = |params: &[(&str, &str)]| -> Reply {
         let mut url = url::Url::parse(redirect_uri.expect("checked by the caller"))
             .expect("registered redirect URIs are URLs");
@@ -2008,6 +2037,7 @@ fn authorize(st: &mut State, query: &BTreeMap<String, String>) -> Reply {
             400,
             "emulator: nobody is scripted to approve or deny this app",
         ),
+        Some(Approval::Ask { .. }) => unreachable!("answered above"),
         Some(Approval::Deny) => match redirect_uri {
             // The description Dropbox sends with a denial.
             Some(_) => redirect(&[
@@ -2043,6 +2073,41 @@ fn authorize(st: &mut State, query: &BTreeMap<String, String>) -> Reply {
                 ),
             }
         }
+    }
+}
+
+/// The approval page of [`Approval::Ask`]: who is signed in, which app asks,
+/// and two buttons that POST the authorize parameters back with a decision.
+fn approval_page(app_key: &str, email: &str, query: &BTreeMap<String, String>) -> Reply {
+    let escape = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let hidden: String = query
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+                escape(k),
+                escape(v)
+            )
+        })
+        .collect();
+    Reply {
+        status: 200,
+        headers: vec![("content-type", "text/html; charset=utf-8".into())],
+        body: format!(
+            "<!DOCTYPE html>\n<html><head><title>API Request Authorization - Dropbox (emulator)</title></head>\
+             <body><h1>App {app} wants access to your Dropbox</h1><p>Signed in as {email}</p>\
+             <form method=\"post\" action=\"/oauth2/authorize\">{hidden}\
+             <button type=\"submit\" name=\"decision\" value=\"deny\" id=\"deny\">Cancel</button> \
+             <button type=\"submit\" name=\"decision\" value=\"allow\" id=\"allow\">Allow</button>\
+             </form></body></html>\n",
+            app = escape(app_key),
+            email = escape(email),
+        ),
     }
 }
 
