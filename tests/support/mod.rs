@@ -2,6 +2,7 @@
 //! binary, a namespace per test, the CRD installed once, and small wait helpers.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod bench;
 pub mod chart;
 pub mod controlplane;
 pub mod dropbox;
