@@ -153,7 +153,7 @@ def fmt(value, unit):
 def rounds_cell(f):
     rounds = f.get("rounds") or []
     if not rounds:
-        return "1 (before rounds were kept)"
+        return "not kept"
     lo, hi = min(rounds), max(rounds)
     n = len(rounds)
     count = f"**{n}**" if n < MIN_ROUNDS else f"{n}"
