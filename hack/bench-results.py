@@ -95,6 +95,7 @@ def collect(keep):
             continue
         doc = json.loads(path.read_text())
         if "provenance" not in doc or "bench" not in doc:
+            print(f"skipping {path.relative_to(ROOT)}: not a stamped section (from an older harness?)")
             continue
         name = doc.pop("bench")
         sections[name] = doc

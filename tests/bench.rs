@@ -97,9 +97,6 @@ async fn populate(client: &Client, ns: &str, emu: &Emulator, n: usize) {
         .await;
 }
 
-/// kube-apiserver requests by `VERB resource[/subresource][ (dry run)]`, from its
-/// metrics. Watches are long-running and left out.
-
 fn is_write(key: &str) -> bool {
     ["POST ", "PUT ", "PATCH ", "DELETE ", "APPLY "]
         .iter()
