@@ -1026,8 +1026,9 @@ async fn generate(
     let summary: Value = serde_json::from_slice(&out.stdout)?;
     anyhow::ensure!(
         summary["errors"] == 0,
-        "bench-load: {} requests not answered 200",
-        summary["errors"]
+        "bench-load {mode} {param}: {} requests not answered 200: {}",
+        summary["errors"],
+        summary["outcomes"]
     );
     Ok(summary)
 }

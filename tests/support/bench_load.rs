@@ -14,7 +14,8 @@
 //! percentiles in ms. In the open loop latency counts from each request's
 //! scheduled time (no coordinated omission), and `lateness` gives the
 //! generator's own delay between the scheduled time and the moment it
-//! actually started the request (what the generator adds by itself).
+//! actually started the request (what the generator adds by itself, also
+//! waiting for one of its `BENCH_MAX_IN_FLIGHT` (256) connections).
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -42,6 +43,8 @@ struct Shot {
     latency: Duration,
     lateness: Duration,
     ok: bool,
+    /// The status, or what went wrong.
+    outcome: String,
 }
 
 async fn shoot(
@@ -52,18 +55,30 @@ async fn shoot(
     due: Instant,
 ) -> Shot {
     let started = Instant::now();
-    let ok = client
+    let outcome = match client
         .post(url)
         .header("Content-Type", "application/json")
         .header("X-Dropbox-Signature", signature)
         .body(body.clone())
         .send()
         .await
-        .is_ok_and(|r| r.status() == 200);
+    {
+        Ok(r) => r.status().as_u16().to_string(),
+        Err(e) => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text = format!("{text}: {s}");
+                source = s.source();
+            }
+            text
+        }
+    };
     Shot {
         latency: due.elapsed(),
         lateness: started.saturating_duration_since(due),
-        ok,
+        ok: outcome == "200",
+        outcome,
     }
 }
 
@@ -80,6 +95,8 @@ fn main() -> Result<(), Error> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // The crate's TLS set-up (rustls with ring), as every client of it needs.
+    dropbox_operator::tls::install_crypto_provider();
     let local = tokio::task::LocalSet::new();
     let shots = local.block_on(&runtime, async {
         let client = reqwest::Client::builder()
@@ -117,12 +134,31 @@ fn main() -> Result<(), Error> {
             "open" => {
                 let rate: f64 = param.parse()?;
                 let start = Instant::now() + Duration::from_millis(20);
+                // At most this many requests (connections) at once; a request
+                // waiting for one counts as the generator's lateness.
+                let slots = Rc::new(tokio::sync::Semaphore::new(
+                    std::env::var("BENCH_MAX_IN_FLIGHT")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(256),
+                ));
                 let mut handles = Vec::with_capacity(count);
                 for i in 0..count {
                     let due = start + Duration::from_secs_f64(i as f64 / rate);
-                    tokio::time::sleep_until(due).await;
-                    let shared = shared.clone();
+                    // Tokio's timer has a 1 ms resolution: sleep to just
+                    // before the due time, then yield until it (the other
+                    // requests run meanwhile; the CPU is the generator's own).
+                    if let Some(early) = due.checked_sub(Duration::from_millis(2))
+                        && early > Instant::now()
+                    {
+                        tokio::time::sleep_until(early).await;
+                    }
+                    while Instant::now() < due {
+                        tokio::task::yield_now().await;
+                    }
+                    let (shared, slots) = (shared.clone(), slots.clone());
                     handles.push(tokio::task::spawn_local(async move {
+                        let _slot = slots.acquire().await.expect("semaphore open");
                         let (client, url, body, sig) = &*shared;
                         shoot(client, url, body, sig, due).await
                     }));
@@ -137,12 +173,17 @@ fn main() -> Result<(), Error> {
     })?;
     let (shots, took) = shots;
     let errors = shots.iter().filter(|s| !s.ok).count();
+    let mut outcomes = std::collections::BTreeMap::<&str, usize>::new();
+    for s in &shots {
+        *outcomes.entry(s.outcome.as_str()).or_default() += 1;
+    }
     println!(
         "{}",
         serde_json::json!({
             "mode": mode,
             "requests": shots.len(),
             "errors": errors,
+            "outcomes": outcomes,
             "seconds": took.as_secs_f64(),
             "rate": shots.len() as f64 / took.as_secs_f64(),
             "latency_ms": percentiles(shots.iter().map(|s| s.latency).collect()),
