@@ -422,7 +422,7 @@ fn call_table(
     same
 }
 
-/// Removes the finalizers of every instance in `ns` (its controller is
+/// Removes the finalizers of every instance and Secret in `ns` (its controller is
 /// stopped: nothing else would) and deletes the namespace, waiting until it is
 /// gone, so every round starts on an API server holding what the first held.
 async fn cleanup(client: &Client, ns: &str) {
@@ -437,6 +437,33 @@ async fn cleanup(client: &Client, ns: &str) {
             let api = api.clone();
             async move {
                 let _ = api
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
+            }
+        })
+        .await;
+    // The controller's token Secrets carry its finalizer too.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let held: Vec<String> = secrets
+        .list_metadata(&kube::api::ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|s| s.finalizers().iter().next().is_some())
+                .map(ResourceExt::name_any)
+                .collect()
+        })
+        .unwrap_or_default();
+    futures::stream::iter(held)
+        .for_each_concurrent(CONCURRENCY, |name| {
+            let secrets = secrets.clone();
+            async move {
+                let _ = secrets
                     .patch(
                         &name,
                         &PatchParams::default(),

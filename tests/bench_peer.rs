@@ -583,7 +583,8 @@ fn figures(rounds: &[Round], own: &'static str) -> Figures {
             *exchanges.entry(k.clone()).or_insert(0.0) += v / webhooks as f64;
         }
     }
-    exchanges.insert("api".into(), calls.values().sum());
+    // `+ 0.0`: an empty sum is -0.0.
+    exchanges.insert("api".into(), calls.values().sum::<f64>() + 0.0);
     let mut cpu: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for r in rounds {
         for (k, v) in cpu_us(r, own) {
