@@ -107,7 +107,8 @@ fn is_write(key: &str) -> bool {
 /// Writes to objects of instances (not the leader Lease or the ingress's
 /// Deployment, which are per controller, not per instance).
 fn instance_writes(calls: &BTreeMap<String, f64>) -> f64 {
-    calls
+    // `+ 0.0`: an empty sum is -0.0.
+    0.0 + calls
         .iter()
         .filter(|(k, _)| is_write(k))
         .filter(|(k, _)| {
@@ -116,7 +117,7 @@ fn instance_writes(calls: &BTreeMap<String, f64>) -> f64 {
                 .any(|r| k.split(' ').nth(1).is_some_and(|res| res.starts_with(r)))
         })
         .map(|(_, v)| v)
-        .sum()
+        .sum::<f64>()
 }
 
 fn is_ready(instance: &DropboxElementInstance) -> bool {
@@ -478,11 +479,28 @@ async fn cleanup(client: &Client, ns: &str) {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(900) {
         if namespaces.get_opt(ns).await.ok().flatten().is_none() {
+            settle().await;
             return;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     eprintln!("namespace {ns} still there after 15 min; going on");
+}
+
+/// Waits until kube-apiserver has served no resource request for 3 s (at most
+/// a minute): the garbage collector's work after a cleanup must not fall into
+/// the next round's count of calls.
+async fn settle() {
+    let started = Instant::now();
+    let mut last = resource_requests(&apiserver_requests());
+    while started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = resource_requests(&apiserver_requests());
+        if now == last {
+            return;
+        }
+        last = now;
+    }
 }
 
 /// The controller with `BENCH_INSTANCES` instances (default 1,000), in
