@@ -20,25 +20,43 @@ dev: controlplane
 test: controlplane testdeps
 	$(CARGO) test --all-targets --no-fail-fast
 
-## bench: the benchmarks (release build, real control plane); figures in target/bench/results.json
+## bench: the benchmarks (release build, real control plane): controller (1,000 instances),
+## ingress, long-polls; BENCH_ROUNDS rounds per figure (default 3). Sections in target/bench/,
+## collected into docs/benchmarks/results.json (BENCH_KEEP=name,... keeps sections measured
+## on another source tree, and says so in results.json)
+BENCH_ROUNDS ?= 3
+BENCH_RELEASE = $(CARGO) build --release --bins --example bare-webhook --example bench-load --example bench-deliver
+BENCH_COLLECT = python3 hack/bench-results.py collect $(if $(BENCH_KEEP),--keep $(BENCH_KEEP))
 bench: controlplane
-	$(CARGO) build --release --examples
-	$(CARGO) test --release --test bench -- --ignored --nocapture --test-threads=1
-	python3 hack/bench-results.py collect
+	$(BENCH_RELEASE)
+	BENCH_ROUNDS=$(BENCH_ROUNDS) $(CARGO) test --release --test bench -- --ignored --nocapture --test-threads=1
+	$(BENCH_COLLECT)
 
-## bench-scale: the controller with 10,000 instances (one round; about 15 minutes)
+## bench-scale: the controller with BENCH_INSTANCES instances (default 10,000; 30000 works too),
+## BENCH_ROUNDS alternating rounds (default 3; about 15 minutes a round at 10,000)
+BENCH_INSTANCES ?= 10000
 bench-scale: controlplane
-	BENCH_INSTANCES=10000 BENCH_ROUNDS=1 $(CARGO) test --release --test bench -- --ignored --nocapture bench_controller
-	python3 hack/bench-results.py collect
+	$(BENCH_RELEASE)
+	BENCH_INSTANCES=$(BENCH_INSTANCES) BENCH_ROUNDS=$(BENCH_ROUNDS) $(CARGO) test --release --test bench -- --ignored --nocapture bench_controller
+	$(BENCH_COLLECT)
 
-## bench-readme: README's performance table from docs/benchmarks/results.json
-bench-readme:
+## bench-readme: README's performance table and the plots in docs/benchmarks/ from
+## docs/benchmarks/results.json (matplotlib, pinned, in a venv under target/)
+bench-readme: target/bench-venv/.installed
 	python3 hack/bench-results.py readme
+	target/bench-venv/bin/python hack/bench-results.py plots
+
+target/bench-venv/.installed: hack/bench-requirements.txt
+	python3 -m venv target/bench-venv
+	target/bench-venv/bin/pip install --quiet --disable-pip-version-check -r hack/bench-requirements.txt
+	touch $@
 
 ## bench-peer: the ingress beside Knative's GitHubSource receive adapter, which you
 ## bring (README.md, "Side by side with Knative's GitHubSource adapter"); not in CI
 bench-peer: controlplane
+	$(BENCH_RELEASE)
 	hack/bench-peer.sh
+	$(BENCH_COLLECT)
 
 ## lint: formatting and clippy, as CI checks them
 lint:

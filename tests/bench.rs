@@ -1,18 +1,28 @@
 //! Benchmarks, measured side by side in one run (ratios, not absolute timings:
-//! the machine is shared). Ignored by `cargo test`; run with `make bench`, which
-//! builds in release mode and writes the results to target/bench/ (a text
-//! report and a JSON file per benchmark; `make bench-readme` turns them into
-//! README's performance table).
+//! the machine is shared). Ignored by `cargo test`; run with `make bench`
+//! (`make bench-scale` for 10,000 instances, `BENCH_INSTANCES=30000` for more),
+//! which builds in release mode and writes one section per benchmark to
+//! target/bench/ (a text report and a JSON file stamped with the commit, the
+//! time and the source tree's digest); `hack/bench-results.py collect` merges
+//! them into docs/benchmarks/results.json and `make bench-readme` turns that
+//! into README's performance table and the plots in docs/benchmarks/.
 //!
 //! The rules every figure here follows (README, "Performance"):
+//! - every figure is the median of at least 3 rounds (`BENCH_ROUNDS`), and
+//!   every round's value is kept (the table shows their spread);
 //! - a baseline makes exactly the calls the measured side makes, and the
-//!   benchmark prints both sides' API calls per instance to show it;
+//!   benchmark prints both sides' API calls per instance to show it; a
+//!   baseline that does the measured side's work runs in a process of its own
+//!   (the delivery baseline: the `bench-deliver` example);
 //! - completion is detected the same way on both sides (a watch);
-//! - time ratios are medians of alternating rounds, printed with their spread;
+//! - time ratios are medians of alternating rounds;
 //! - CPU per request is also counted in instructions (callgrind), which the
 //!   machine's noise does not move;
 //! - latency is measured from each request's scheduled send time (no
-//!   coordinated omission), and percentiles come from at least 1,000 samples.
+//!   coordinated omission) by a load generator in a process of its own (the
+//!   `bench-load` example), pinned to another CPU than the ingress, which
+//!   reports its own send lateness; each latency names the load it was
+//!   measured under.
 
 mod support;
 
@@ -23,14 +33,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use base64::Engine as _;
 use dropbox_operator::api::DropboxElementInstance;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
+use support::bench::{
+    Figure, Load, Section, apiserver_requests, cpu_seconds, cpus_of, diff, env_usize,
+    example_binary, list, ms, percentile, percentiles_ms, pin_pair, resource_requests, rounds,
+    rss_kib, spread, summary, taskset,
+};
 use support::dropbox::Emulator;
 use support::operator::OperatorProcess;
 use support::receiver::Receiver;
@@ -40,139 +56,6 @@ const APP_SECRET: &str = "bench-app-secret";
 const ACCOUNT: &str = "dbid:AAB-bench-account";
 const CONCURRENCY: usize = 16;
 const SIGNATURE_KEY: &[u8] = b"bench-key";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn bench_dir() -> PathBuf {
-    let dir = support::controlplane::repo_root().join("target/bench");
-    let _ = std::fs::create_dir_all(&dir);
-    dir
-}
-
-/// One measured figure, as README's table shows it.
-struct Figure {
-    id: &'static str,
-    what: String,
-    value: f64,
-    unit: &'static str,
-    /// `("<=" | ">=", bound)`, when the figure has a target.
-    target: Option<(&'static str, f64)>,
-    /// How it was obtained (rounds, spread, sample counts).
-    detail: String,
-}
-
-impl Figure {
-    fn new(id: &'static str, what: impl Into<String>, value: f64, unit: &'static str) -> Self {
-        Figure {
-            id,
-            what: what.into(),
-            value,
-            unit,
-            target: None,
-            detail: String::new(),
-        }
-    }
-
-    fn at_most(mut self, bound: f64) -> Self {
-        self.target = Some(("<=", bound));
-        self
-    }
-
-    fn at_least(mut self, bound: f64) -> Self {
-        self.target = Some((">=", bound));
-        self
-    }
-
-    fn detail(mut self, detail: impl Into<String>) -> Self {
-        self.detail = detail.into();
-        self
-    }
-
-    fn met(&self) -> Option<bool> {
-        self.target.map(|(op, bound)| match op {
-            "<=" => self.value <= bound,
-            _ => self.value >= bound,
-        })
-    }
-
-    fn json(&self) -> Value {
-        json!({
-            "id": self.id, "what": self.what, "value": self.value, "unit": self.unit,
-            "target": self.target.map(|(op, bound)| format!("{op} {bound}")),
-            "met": self.met(), "detail": self.detail,
-        })
-    }
-}
-
-/// Writes `target/bench/<name>.txt` (the report) and `<name>.json` (the figures).
-fn record(name: &str, text: &str, figures: &[Figure]) {
-    let dir = bench_dir();
-    let mut text = text.to_owned();
-    let _ = writeln!(text, "figures:");
-    for f in figures {
-        let verdict = match f.met() {
-            Some(true) => "met",
-            Some(false) => "MISSED",
-            None => "-",
-        };
-        let target = f
-            .target
-            .map(|(op, b)| format!(" (target {op} {b})"))
-            .unwrap_or_default();
-        let _ = writeln!(
-            text,
-            "  {:<34} {:>12.3} {:<10}{target} {verdict}  {}",
-            f.id, f.value, f.unit, f.detail
-        );
-    }
-    let _ = std::fs::write(dir.join(format!("{name}.txt")), &text);
-    let doc = json!({
-        "bench": name,
-        "figures": figures.iter().map(Figure::json).collect::<Vec<_>>(),
-    });
-    let _ = std::fs::write(
-        dir.join(format!("{name}.json")),
-        serde_json::to_string_pretty(&doc).expect("figures serialize"),
-    );
-    println!("{text}");
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// Median, minimum and maximum.
-fn spread(values: &[f64]) -> (f64, f64, f64) {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let median = if v.len() % 2 == 1 {
-        v[v.len() / 2]
-    } else {
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
-    (median, v[0], v[v.len() - 1])
-}
-
-fn list(values: &[f64], precision: usize) -> String {
-    values
-        .iter()
-        .map(|v| format!("{v:.precision$}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 async fn secret(client: &Client, ns: &str, name: &str, data: Value) {
     let s: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
@@ -214,53 +97,6 @@ async fn populate(client: &Client, ns: &str, emu: &Emulator, n: usize) {
         .await;
 }
 
-/// kube-apiserver requests by `VERB resource[/subresource][ (dry run)]`, from its
-/// metrics. Watches are long-running and left out.
-fn apiserver_requests() -> BTreeMap<String, f64> {
-    let (ok, out, _) = support::kubectl(&["get", "--raw", "/metrics"]);
-    assert!(ok, "read apiserver metrics");
-    let label = |line: &str, name: &str| {
-        line.split(&format!("{name}=\""))
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .unwrap_or("")
-            .to_owned()
-    };
-    let mut requests = BTreeMap::new();
-    for line in out
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let verb = label(line, "verb");
-        if verb == "WATCH" || verb == "CONNECT" {
-            continue;
-        }
-        let (resource, sub) = (label(line, "resource"), label(line, "subresource"));
-        let mut key = format!("{verb} {resource}");
-        if !sub.is_empty() {
-            key = format!("{key}/{sub}");
-        }
-        if !label(line, "dry_run").is_empty() {
-            key.push_str(" (dry run)");
-        }
-        let value: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        *requests.entry(key).or_insert(0.0) += value;
-    }
-    requests
-}
-
-fn diff(after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
-        .filter(|(_, v)| *v > 0.0)
-        .collect()
-}
-
 fn is_write(key: &str) -> bool {
     ["POST ", "PUT ", "PATCH ", "DELETE ", "APPLY "]
         .iter()
@@ -271,7 +107,8 @@ fn is_write(key: &str) -> bool {
 /// Writes to objects of instances (not the leader Lease or the ingress's
 /// Deployment, which are per controller, not per instance).
 fn instance_writes(calls: &BTreeMap<String, f64>) -> f64 {
-    calls
+    // `+ 0.0`: an empty sum is -0.0.
+    0.0 + calls
         .iter()
         .filter(|(k, _)| is_write(k))
         .filter(|(k, _)| {
@@ -280,20 +117,7 @@ fn instance_writes(calls: &BTreeMap<String, f64>) -> f64 {
                 .any(|r| k.split(' ').nth(1).is_some_and(|res| res.starts_with(r)))
         })
         .map(|(_, v)| v)
-        .sum()
-}
-
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+        .sum::<f64>()
 }
 
 fn is_ready(instance: &DropboxElementInstance) -> bool {
@@ -599,16 +423,107 @@ fn call_table(
     same
 }
 
+/// Removes the finalizers of every instance and Secret in `ns` (its controller is
+/// stopped: nothing else would) and deletes the namespace, waiting until it is
+/// gone, so every round starts on an API server holding what the first held.
+async fn cleanup(client: &Client, ns: &str) {
+    let api: Api<DropboxElementInstance> = Api::namespaced(client.clone(), ns);
+    let names: Vec<String> = api
+        .list_metadata(&kube::api::ListParams::default())
+        .await
+        .map(|l| l.items.iter().map(ResourceExt::name_any).collect())
+        .unwrap_or_default();
+    futures::stream::iter(names)
+        .for_each_concurrent(CONCURRENCY, |name| {
+            let api = api.clone();
+            async move {
+                let _ = api
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
+            }
+        })
+        .await;
+    // The controller's token Secrets carry its finalizer too.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let held: Vec<String> = secrets
+        .list_metadata(&kube::api::ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|s| s.finalizers().iter().next().is_some())
+                .map(ResourceExt::name_any)
+                .collect()
+        })
+        .unwrap_or_default();
+    futures::stream::iter(held)
+        .for_each_concurrent(CONCURRENCY, |name| {
+            let secrets = secrets.clone();
+            async move {
+                let _ = secrets
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
+            }
+        })
+        .await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(900) {
+        if namespaces.get_opt(ns).await.ok().flatten().is_none() {
+            settle().await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eprintln!("namespace {ns} still there after 15 min; going on");
+}
+
+/// Waits until kube-apiserver has served no resource request for 3 s (at most
+/// a minute): the garbage collector's work after a cleanup must not fall into
+/// the next round's count of calls.
+async fn settle() {
+    let started = Instant::now();
+    let mut last = resource_requests(&apiserver_requests());
+    while started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = resource_requests(&apiserver_requests());
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// The controller with `BENCH_INSTANCES` instances (default 1,000), in
+/// `BENCH_ROUNDS` alternating rounds (default 3) against the fair plain loop:
+/// time to Ready, API calls and writes per instance, RSS, and a restart per
+/// round (resync writes, Secret reads per settled instance, calls). With
+/// 5,000 instances or more (or `BENCH_INGRESS_AT_SCALE=1`) also the ingress's
+/// RSS with every instance events-enabled, over as many ingress starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: make bench"]
 async fn bench_controller() -> Result<()> {
     let n = env_usize("BENCH_INSTANCES", 1000);
-    let rounds = env_usize("BENCH_ROUNDS", 3);
+    let rounds = rounds();
     let name = if n == 1000 {
         "controller".to_owned()
     } else {
         format!("controller-{n}")
     };
+    let section = Section::start(&name);
+    let clean = std::env::var("BENCH_CLEANUP").map_or(true, |v| v != "0");
+    let ingress_too = n >= 5000 || std::env::var("BENCH_INGRESS_AT_SCALE").is_ok_and(|v| v == "1");
+    // Ten times what 10,000 instances took in the last measurement, at least 15 min.
+    let ready_timeout = Duration::from_secs_f64((n as f64 * 0.1).max(900.0));
     let client = support::client().await;
     support::install_crd(&client).await?;
     let emu = Emulator::start().await;
@@ -631,11 +546,14 @@ async fn bench_controller() -> Result<()> {
     };
 
     // The controller's memory with no instance, for the cost per instance.
-    let idle_ns = support::namespace(&client, "bench-idle").await;
-    let idle = controller(&idle_ns).start().await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (idle_rss, _) = rss_kib(idle.pid().context("pid")?);
-    drop(idle);
+    let mut idle_rss = Vec::new();
+    for _ in 0..rounds {
+        let idle_ns = support::namespace(&client, "bench-idle").await;
+        let idle = controller(&idle_ns).start().await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        idle_rss.push(rss_kib(idle.pid().context("pid")?).0 as f64 / 1024.0);
+    }
+    let (idle_median, _, _) = spread(&idle_rss);
 
     // A warm-up round of each side, not measured: the first start of a binary
     // and the API server's first writes to a new resource are slower.
@@ -646,98 +564,120 @@ async fn bench_controller() -> Result<()> {
         let watch = ReadyWatch::start(Api::namespaced(client.clone(), &ns), warmup).await;
         plain_run(&ns, &emu.url, warmup).await?;
         watch.wait(Duration::from_secs(300)).await?;
-        let ns = support::namespace(&client, "bench-warm-controller").await;
-        populate(&client, &ns, &emu, warmup).await;
-        let watch = ReadyWatch::start(Api::namespaced(client.clone(), &ns), warmup).await;
-        let warm = controller(&ns).start().await;
+        let ns_controller = support::namespace(&client, "bench-warm-controller").await;
+        populate(&client, &ns_controller, &emu, warmup).await;
+        let watch =
+            ReadyWatch::start(Api::namespaced(client.clone(), &ns_controller), warmup).await;
+        let warm = controller(&ns_controller).start().await;
         watch.wait(Duration::from_secs(300)).await?;
         drop(warm);
+        if clean {
+            cleanup(&client, &ns).await;
+            cleanup(&client, &ns_controller).await;
+        }
     }
 
-    let mut plain_ns = Vec::new();
-    let mut controller_ns = Vec::new();
-    for _ in 0..rounds {
-        let ns = support::namespace(&client, "bench-plain").await;
-        populate(&client, &ns, &emu, n).await;
-        plain_ns.push(ns);
-        let ns = support::namespace(&client, "bench-controller").await;
-        populate(&client, &ns, &emu, n).await;
-        controller_ns.push(ns);
-    }
-
-    // Alternating rounds: plain loop, controller, plain loop, ...
+    // Alternating rounds: plain loop, controller (and its restart), plain loop, ...
+    // Each round's namespaces are filled just before it (not measured) and
+    // removed after it.
     let (mut plain_s, mut controller_s) = (Vec::new(), Vec::new());
     // First, half and all Ready per round: start-up shows in the first,
     // throughput in the slope after it.
     let (mut plain_milestones, mut controller_milestones) = (Vec::new(), Vec::new());
     let (mut plain_calls, mut controller_calls) = (BTreeMap::new(), BTreeMap::new());
-    let mut writes = Vec::new();
-    let mut last = None;
+    let (mut writes, mut calls_first, mut plain_calls_first) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut rss, mut peak) = (Vec::new(), Vec::new());
+    let (mut resync_writes, mut resync_s, mut secret_gets, mut secret_lists, mut restart_calls) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut resync = BTreeMap::new();
+    let mut same_calls = Vec::new();
+    let mut ingress_rss = Vec::new();
+    let mut ingress_synced = Vec::new();
     for round in 0..rounds {
-        let api = Api::<DropboxElementInstance>::namespaced(client.clone(), &plain_ns[round]);
+        let ns = support::namespace(&client, "bench-plain").await;
+        populate(&client, &ns, &emu, n).await;
+        let api = Api::<DropboxElementInstance>::namespaced(client.clone(), &ns);
         let before = apiserver_requests();
         let watch = ReadyWatch::start(api, n).await;
         let started = Instant::now();
-        plain_run(&plain_ns[round], &emu.url, n).await?;
-        let done = watch.wait(Duration::from_secs(900)).await?;
+        plain_run(&ns, &emu.url, n).await?;
+        let done = watch.wait(ready_timeout).await?;
         plain_s.push(done.all.duration_since(started).as_secs_f64());
         plain_milestones.push(done.since(started));
         tokio::time::sleep(Duration::from_secs(3)).await;
         plain_calls = diff(&apiserver_requests(), &before);
+        plain_calls_first.push(resource_requests(&plain_calls) / n as f64);
+        if clean {
+            cleanup(&client, &ns).await;
+        }
 
-        let api = Api::<DropboxElementInstance>::namespaced(client.clone(), &controller_ns[round]);
+        let ns = support::namespace(&client, "bench-controller").await;
+        populate(&client, &ns, &emu, n).await;
+        let api = Api::<DropboxElementInstance>::namespaced(client.clone(), &ns);
         let before = apiserver_requests();
         let watch = ReadyWatch::start(api, n).await;
         let started = Instant::now();
-        let process = controller(&controller_ns[round]).start().await;
-        let done = watch.wait(Duration::from_secs(900)).await?;
+        let mut process = controller(&ns).start().await;
+        let done = watch.wait(ready_timeout).await?;
         controller_s.push(done.all.duration_since(started).as_secs_f64());
         controller_milestones.push(done.since(started));
         tokio::time::sleep(Duration::from_secs(3)).await;
         controller_calls = diff(&apiserver_requests(), &before);
         writes.push(instance_writes(&controller_calls) / n as f64);
-        last = Some(process);
+        calls_first.push(resource_requests(&controller_calls) / n as f64);
+        let (r, p) = rss_kib(process.pid().context("pid")?);
+        rss.push(r as f64 / 1024.0);
+        peak.push(p as f64 / 1024.0);
+        let mut table = String::new();
+        same_calls.push(call_table(&mut table, n, &plain_calls, &controller_calls));
+
+        // A restart: the new controller reconciles every settled instance again.
+        process.terminate(Duration::from_secs(10));
+        let before = apiserver_requests();
+        let resync_started = Instant::now();
+        let process = controller(&ns).start().await;
+        while process
+            .metric_sum("dropbox_operator_reconciles_total", "")
+            .await
+            < n as f64
+        {
+            anyhow::ensure!(
+                resync_started.elapsed() < ready_timeout,
+                "resync did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        resync_s.push(resync_started.elapsed().as_secs_f64());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        resync = diff(&apiserver_requests(), &before);
+        resync_writes.push(instance_writes(&resync) / n as f64);
+        secret_gets.push(resync.get("GET secrets").copied().unwrap_or(0.0) / n as f64);
+        secret_lists.push(resync.get("LIST secrets").copied().unwrap_or(0.0));
+        restart_calls.push(resource_requests(&resync) / n as f64);
+
+        // At scale, in the last round: the ingress with every instance
+        // events-enabled in its cache, started `rounds` times.
+        if ingress_too && round + 1 == rounds {
+            for (r, synced) in ingress_at_scale(&client, &ns, &emu.url, n, rounds).await? {
+                ingress_rss.push(r as f64 / 1024.0);
+                ingress_synced.push(synced);
+            }
+        }
+        drop(process);
+        if clean {
+            cleanup(&client, &ns).await;
+        }
     }
-    let mut process = last.context("at least one round")?;
-    let (rss, peak) = rss_kib(process.pid().context("pid")?);
 
-    // Resync: a restarted controller reconciles everything again.
-    process.terminate(Duration::from_secs(10));
-    let resync_ns = controller_ns.last().context("a round")?;
-    let before = apiserver_requests();
-    let resync_started = Instant::now();
-    let process = controller(resync_ns).start().await;
-    while process
-        .metric_sum("dropbox_operator_reconciles_total", "")
-        .await
-        < n as f64
-    {
-        anyhow::ensure!(
-            resync_started.elapsed() < Duration::from_secs(600),
-            "resync did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let resync_time = resync_started.elapsed();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let resync = diff(&apiserver_requests(), &before);
-
-    // At scale: the ingress with every instance events-enabled in its cache.
-    let ingress_rss = if n >= 5000 {
-        Some(ingress_at_scale(&client, resync_ns, &emu.url, n).await?)
-    } else {
-        None
-    };
-    drop(process);
-
-    let (plain_median, plain_min, plain_max) = spread(&plain_s);
-    let (ctl_median, ctl_min, ctl_max) = spread(&controller_s);
+    let (plain_median, _, _) = spread(&plain_s);
+    let (ctl_median, _, _) = spread(&controller_s);
     let ratios: Vec<f64> = controller_s
         .iter()
         .zip(&plain_s)
         .map(|(c, p)| c / p)
         .collect();
     let ratio = ctl_median / plain_median;
+    let same = same_calls.iter().all(|s| *s);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -745,12 +685,14 @@ async fn bench_controller() -> Result<()> {
     );
     let _ = writeln!(
         out,
-        "plain loop: median {plain_median:.2}s (rounds: {})",
+        "plain loop: {} s (rounds: {})",
+        summary(&plain_s, 2),
         list(&plain_s, 2)
     );
     let _ = writeln!(
         out,
-        "controller: median {ctl_median:.2}s (rounds: {})",
+        "controller: {} s (rounds: {})",
+        summary(&controller_s, 2),
         list(&controller_s, 2)
     );
     let _ = writeln!(
@@ -764,92 +706,150 @@ async fn bench_controller() -> Result<()> {
         plain_milestones.join(", "),
         controller_milestones.join(", ")
     );
-    let same = call_table(&mut out, n, &plain_calls, &controller_calls);
+    let same_last = call_table(&mut out, n, &plain_calls, &controller_calls);
     let _ = writeln!(
         out,
-        "same calls per instance on both sides: {same} (last round)"
+        "same calls per instance on both sides: {same} (every round; last round above: {same_last})"
     );
     let _ = writeln!(
         out,
-        "resync after restart ({:.1}s), calls:",
-        resync_time.as_secs_f64()
+        "restart (last round, {:.1} s), calls:",
+        resync_s.last().copied().unwrap_or_default()
     );
     for (k, v) in &resync {
         let _ = writeln!(out, "  {k}: {v}");
     }
-    let resync_writes = instance_writes(&resync) / n as f64;
-    let per_instance_kib = (rss.saturating_sub(idle_rss)) as f64 / n as f64;
-    let (writes_median, _, writes_max) = spread(&writes);
-    let prefix = if n == 1000 { "" } else { "scale " };
-    let figures = vec![
-        Figure::new(
-            if n == 1000 { "controller_ratio" } else { "scale_controller_ratio" },
-            format!("{prefix}{n} instances to Ready: controller / fair plain loop (medians of {rounds} alternating rounds)"),
-            ratio,
+    let per_instance_kib: Vec<f64> = rss
+        .iter()
+        .map(|r| (r - idle_median).max(0.0) * 1024.0 / n as f64)
+        .collect();
+    let prefix = if n == 1000 { "" } else { "scale_" };
+    let id = |s: &str| format!("{prefix}{s}");
+    let mut figures = vec![
+        Figure::of_rounds(
+            id("controller_ratio"),
+            format!("{n} instances to Ready: controller / fair plain loop"),
+            ratios.clone(),
             "x",
         )
+        .with_value(ratio)
         .at_most(1.2)
         .detail(format!(
-            "{ctl_median:.2} s ({ctl_min:.2}-{ctl_max:.2}) / {plain_median:.2} s ({plain_min:.2}-{plain_max:.2}); per round {}; same calls: {same}",
-            list(&ratios, 2)
+            "ratio of the medians; {} s / {} s; same calls: {same}",
+            summary(&controller_s, 2),
+            summary(&plain_s, 2)
         )),
-        Figure::new(
-            if n == 1000 { "writes_first" } else { "scale_writes_first" },
-            format!("{prefix}API writes per instance, first reconcile"),
-            writes_median,
+        Figure::of_rounds(
+            id("writes_first"),
+            format!("API writes per instance, first reconcile ({n})"),
+            writes,
             "writes",
         )
-        .at_most(3.0)
-        .detail(format!("max over rounds {writes_max:.2}")),
-        Figure::new(
-            if n == 1000 { "writes_resync" } else { "scale_writes_resync" },
-            format!("{prefix}API writes per instance, resync after a restart"),
+        .at_most(3.0),
+        Figure::of_rounds(
+            id("calls_first"),
+            format!("API calls per instance, first reconcile ({n})"),
+            calls_first,
+            "calls",
+        )
+        .detail(format!(
+            "plain loop {}; every request kube-apiserver counted while the instances turned Ready, watches left out",
+            summary(&plain_calls_first, 2)
+        )),
+        Figure::of_rounds(
+            id("writes_resync"),
+            format!("API writes per instance, resync after a restart ({n})"),
             resync_writes,
             "writes",
         )
-        .at_most(0.0)
-        .detail(format!("resync of {n} took {:.1} s", resync_time.as_secs_f64())),
-        Figure::new(
-            if n == 1000 { "controller_rss" } else { "scale_controller_rss" },
-            format!("{prefix}controller RSS with {n} Ready instances"),
-            rss as f64 / 1024.0,
+        .at_most(0.0),
+        Figure::of_rounds(
+            id("restart_secret_gets"),
+            format!("Secret reads (GET) per settled instance on a controller restart ({n})"),
+            secret_gets,
+            "reads",
+        )
+        .at_most(0.1)
+        .detail(format!(
+            "LISTs of Secrets per restart: {}; kube-apiserver's request counters over the restart",
+            list(&secret_lists, 0)
+        )),
+        Figure::of_rounds(
+            id("restart_calls"),
+            format!("API calls per settled instance on a controller restart ({n})"),
+            restart_calls,
+            "calls",
+        )
+        .detail(format!(
+            "until every instance was reconciled again: {} s",
+            summary(&resync_s, 1)
+        )),
+        Figure::of_rounds(
+            id("controller_rss"),
+            format!("controller RSS with {n} Ready instances"),
+            rss.clone(),
             "MiB",
         )
-        .at_most(if n == 1000 { 50.0 } else { 80.0 })
-        .detail(format!("peak {:.1} MiB; idle (no instance) {:.1} MiB", peak as f64 / 1024.0, idle_rss as f64 / 1024.0)),
-        Figure::new(
-            if n == 1000 { "controller_kib_per_instance" } else { "scale_controller_kib_per_instance" },
-            format!("{prefix}controller memory per instance ((RSS - idle RSS) / {n})"),
+        .at_most(if n <= 1000 { 50.0 } else { 80.0 })
+        .detail(format!(
+            "peak {} MiB; idle (no instance) {} MiB",
+            summary(&peak, 1),
+            summary(&idle_rss, 1)
+        )),
+        Figure::of_rounds(
+            id("controller_kib_per_instance"),
+            format!("controller memory per instance ((RSS - idle RSS) / {n})"),
             per_instance_kib,
             "KiB",
         ),
     ];
-    let mut figures = figures;
-    if let Some((rss, synced)) = ingress_rss {
+    if !ingress_rss.is_empty() {
         figures.push(
-            Figure::new(
-                "scale_ingress_rss",
-                format!("scale ingress RSS with {n} events-enabled instances in its cache"),
-                rss as f64 / 1024.0,
+            Figure::of_rounds(
+                id("ingress_rss"),
+                format!("ingress RSS with {n} events-enabled instances in its cache"),
+                ingress_rss.clone(),
                 "MiB",
             )
-            .detail(format!("after its start-up sync of {synced} instances")),
+            .detail(format!(
+                "each after its start-up sync ({} instances synced); one ingress start per round",
+                list(&ingress_synced, 0)
+            )),
         );
     }
-    record(&name, &out, &figures);
+    let per_instance = |m: &BTreeMap<String, f64>| -> BTreeMap<String, f64> {
+        m.iter().map(|(k, v)| (k.clone(), v / n as f64)).collect()
+    };
+    let data = json!({
+        "instances": n,
+        "rounds": rounds,
+        "controller_ready_s": controller_s,
+        "plain_ready_s": plain_s,
+        "controller_rss_mib": rss,
+        "controller_peak_rss_mib": peak,
+        "idle_rss_mib": idle_rss,
+        "ingress_rss_mib": if ingress_rss.is_empty() { Value::Null } else { json!(ingress_rss) },
+        "milestones_s": {"plain": plain_milestones, "controller": controller_milestones},
+        "calls_per_instance_last_round": {"plain": per_instance(&plain_calls), "controller": per_instance(&controller_calls)},
+        "restart_calls_per_instance_last_round": per_instance(&resync),
+        "restart_s": resync_s,
+    });
+    section.record(&out, &figures, data);
     anyhow::ensure!(same, "the baseline's calls differ from the controller's");
     Ok(())
 }
 
 /// Turns events on for all `n` instances of `ns`, waits until the controller
-/// projected them, starts an ingress and returns its RSS (KiB) once its
-/// start-up sync went through every instance, with the number synced.
+/// projected them, then starts an ingress `starts` times, one after the other:
+/// its RSS (KiB) once its start-up sync went through every instance, with the
+/// number synced.
 async fn ingress_at_scale(
     client: &Client,
     ns: &str,
     emu_url: &str,
     n: usize,
-) -> Result<(u64, f64)> {
+    starts: usize,
+) -> Result<Vec<(u64, f64)>> {
     let receiver = Receiver::start(None).await;
     let api: Api<DropboxElementInstance> = Api::namespaced(client.clone(), ns);
     let patch = json!({"spec": {"events": {"enabled": true, "callbackUrl": receiver.url}}});
@@ -889,38 +889,27 @@ async fn ingress_at_scale(
         );
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    let ingress = OperatorProcess::ingress(ns, emu_url)
-        .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8")
-        .env("LOG_LEVEL", "warn")
-        .start()
-        .await;
-    let started = Instant::now();
-    let mut synced = 0.0;
-    while synced < n as f64 && started.elapsed() < Duration::from_secs(900) {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        synced = ingress.metric_sum("dropbox_ingress_syncs_total", "").await;
+    let mut measured = Vec::new();
+    for _ in 0..starts {
+        let mut ingress = OperatorProcess::ingress(ns, emu_url)
+            .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8")
+            .env("LOG_LEVEL", "warn")
+            .start()
+            .await;
+        let started = Instant::now();
+        let mut synced = 0.0;
+        while synced < n as f64 && started.elapsed() < Duration::from_secs(900) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            synced = ingress.metric_sum("dropbox_ingress_syncs_total", "").await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (rss, _) = rss_kib(ingress.pid().context("ingress pid")?);
+        measured.push((rss, synced));
+        ingress.terminate(Duration::from_secs(10));
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (rss, _) = rss_kib(ingress.pid().context("ingress pid")?);
-    Ok((rss, synced))
+    Ok(measured)
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of /proc/<pid>/stat (index 11, 12 after the comm).
-    fields
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-}
-
-/// Sends `count` requests with `concurrency` in flight.
 async fn blast(
     http: &reqwest::Client,
     url: &str,
@@ -958,15 +947,12 @@ fn kib_body() -> String {
     body
 }
 
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn bare_webhook_binary() -> PathBuf {
-    support::controlplane::repo_root().join(format!(
-        "target/{}/examples/bare-webhook",
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        }
-    ))
+    example_binary("bare-webhook")
 }
 
 /// Starts the bare handler (optionally under a wrapper such as valgrind);
@@ -1054,15 +1040,118 @@ fn dumps(base: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Runs the `bench-load` generator (its own process, pinned to `cpu` when
+/// given) and returns its JSON summary; fails when a request was not answered 200.
+async fn generate(
+    mode: &str,
+    url: &str,
+    param: &str,
+    count: usize,
+    body_file: &Path,
+    signature: &str,
+    cpu: Option<usize>,
+) -> Result<Value> {
+    let binary = example_binary("bench-load");
+    let mut argv: Vec<String> = cpu.map(taskset).unwrap_or_default();
+    argv.push(binary.display().to_string());
+    argv.extend([mode.into(), url.into(), param.into(), count.to_string()]);
+    let out = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("BENCH_BODY", body_file)
+        .env("BENCH_SIGNATURE", signature)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("run {}", binary.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bench-load failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout)?;
+    anyhow::ensure!(
+        summary["errors"] == 0,
+        "bench-load {mode} {param}: {} requests not answered 200: {}",
+        summary["errors"],
+        summary["outcomes"]
+    );
+    Ok(summary)
+}
+
+/// Events per second at the receiver over a list of deliveries: from the first
+/// one's answer to the last one's, the events after the first.
+fn events_per_second(ds: &[support::receiver::Delivery]) -> f64 {
+    match (ds.first(), ds.last()) {
+        (Some(a), Some(b)) if ds.len() > 1 => {
+            let events: usize = ds[1..].iter().map(|d| d.event_count).sum();
+            events as f64 / b.at.duration_since(a.at).as_secs_f64()
+        }
+        _ => 0.0,
+    }
+}
+
+/// Whether every delivery was accepted with both signatures valid.
+fn all_verified(ds: &[support::receiver::Delivery]) -> bool {
+    ds.iter().all(|d| {
+        d.is_accepted()
+            && d.elements_signature_ok == Some(true)
+            && d.standard_webhooks_ok == Some(true)
+    })
+}
+
+fn delivery_account(k: usize) -> String {
+    format!("dbid:AAB-bench-deliver-{k:02}")
+}
+
+/// Creates an oauth2 instance `name` for `account` with events to `callback`
+/// signed with Secret `key` (its code Secret too).
+async fn events_instance(
+    client: &Client,
+    ns: &str,
+    emu: &Emulator,
+    name: &str,
+    account: &str,
+    callback: &str,
+) -> Result<()> {
+    let code = emu.issue_code(APP_KEY, account, Some("https://app.example.com/auth"));
+    secret(client, ns, &format!("code-{name}"), json!({"code": code})).await;
+    let instance: DropboxElementInstance = serde_json::from_value(json!({
+        "apiVersion": "elements.dropbox-operator.dev/v1alpha1", "kind": "DropboxElementInstance",
+        "metadata": {"name": name},
+        "spec": {"element": {"key": "dropbox"}, "authentication": {"type": "oauth2", "appSecretRef": {"name": "app"},
+                 "codeSecretRef": {"name": format!("code-{name}")}, "callbackUrl": "https://app.example.com/auth"},
+                 "events": {"enabled": true, "callbackUrl": callback, "signatureKeySecretRef": {"name": "key"}}}
+    }))?;
+    Api::<DropboxElementInstance>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &instance)
+        .await?;
+    Ok(())
+}
+
+/// The ingress: CPU and instructions per accepted webhook against a bare
+/// handler, the maximum acceptance rate and acknowledgement latency under three
+/// loads (a pinned load generator of its own), delivery throughput against a
+/// baseline process doing the same POSTs, and webhook-to-delivery latency.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: make bench"]
 async fn bench_ingress() -> Result<()> {
+    let rounds = rounds();
+    let section = Section::start("ingress");
+    let pin = pin_pair();
+    let server_pin: Vec<String> = pin.map(|(a, _)| taskset(a)).unwrap_or_default();
+    let generator_cpu = pin.map(|(_, b)| b);
     let client = support::client().await;
     support::install_crd(&client).await?;
     let ns = support::namespace(&client, "bench-ingress").await;
     let emu = Emulator::start().await;
     emu.add_app(APP_KEY, APP_SECRET);
     emu.add_account(ACCOUNT, "bench@example.com", "Bench");
+    let delivery_instances = env_usize("BENCH_DELIVERY_INSTANCES", 8).max(1);
+    for k in 0..delivery_instances {
+        emu.add_account(&delivery_account(k), &format!("d{k}@example.com"), "Bench");
+        // The folder exists before the first cursor: every upload is one change.
+        emu.create_folder(&delivery_account(k), "/bench");
+    }
     let _controller = OperatorProcess::new(&ns, &emu.url)
         .env("LOG_LEVEL", "warn")
         .start()
@@ -1073,7 +1162,15 @@ async fn bench_ingress() -> Result<()> {
             .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8")
             .env("LOG_LEVEL", &log_level)
     };
-    let ingress = ingress_process().start().await;
+    let pinned: Vec<&str> = server_pin.iter().map(String::as_str).collect();
+    let ingress = if pinned.is_empty() {
+        ingress_process().start().await
+    } else {
+        ingress_process()
+            .wrapped(&pinned, Duration::from_secs(15))
+            .start()
+            .await
+    };
     let receiver = Receiver::start(Some(SIGNATURE_KEY)).await;
     secret(
         &client,
@@ -1089,37 +1186,39 @@ async fn bench_ingress() -> Result<()> {
         json!({"event.notification.signature.key": std::str::from_utf8(SIGNATURE_KEY)?}),
     )
     .await;
-    let code = emu.issue_code(APP_KEY, ACCOUNT, Some("https://app.example.com/auth"));
-    secret(&client, &ns, "code", json!({"code": code})).await;
-    let instance: DropboxElementInstance = serde_json::from_value(json!({
-        "apiVersion": "elements.dropbox-operator.dev/v1alpha1", "kind": "DropboxElementInstance",
-        "metadata": {"name": "bench"},
-        "spec": {"element": {"key": "dropbox"}, "authentication": {"type": "oauth2", "appSecretRef": {"name": "app"},
-                 "codeSecretRef": {"name": "code"}, "callbackUrl": "https://app.example.com/auth"},
-                 "events": {"enabled": true, "callbackUrl": receiver.url, "signatureKeySecretRef": {"name": "key"}}}
-    }))?;
+    events_instance(&client, &ns, &emu, "bench", ACCOUNT, &receiver.url).await?;
+    for k in 0..delivery_instances {
+        events_instance(
+            &client,
+            &ns,
+            &emu,
+            &format!("deliver-{k}"),
+            &delivery_account(k),
+            &receiver.url,
+        )
+        .await?;
+    }
     let api: Api<DropboxElementInstance> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &instance).await?;
-    support::eventually(
-        "bench instance Ready",
-        Duration::from_secs(60),
-        || async { Ok(api.get("bench").await.is_ok_and(|i| is_ready(&i))) },
-        |r| *r,
-    )
-    .await?;
-    // The instance's events are live once its first sync delivered nothing new
-    // and the EventsReady condition is set; a webhook then finds it.
-    support::wait_condition(
-        &api,
-        "bench",
-        "EventsReady",
-        "True",
-        None,
-        Duration::from_secs(60),
-    )
-    .await?;
+    // The instances' events are live once their first sync delivered nothing
+    // new and EventsReady is set; a webhook then finds them.
+    for name in std::iter::once("bench".to_owned())
+        .chain((0..delivery_instances).map(|k| format!("deliver-{k}")))
+    {
+        support::wait_condition(&api, &name, "Ready", "True", None, Duration::from_secs(120))
+            .await?;
+        support::wait_condition(
+            &api,
+            &name,
+            "EventsReady",
+            "True",
+            None,
+            Duration::from_secs(120),
+        )
+        .await?;
+    }
 
-    let (mut bare, bare_url) = start_bare(&[], None)?;
+    let bare_pinned: Vec<&str> = server_pin.iter().map(String::as_str).collect();
+    let (mut bare, bare_url) = start_bare(&bare_pinned, None)?;
     let ingress_url = format!("{}/webhooks/dropbox/{APP_KEY}", ingress.url());
     let http = support::dropbox::http_client();
     let body = kib_body();
@@ -1127,402 +1226,590 @@ async fn bench_ingress() -> Result<()> {
         APP_SECRET.as_bytes(),
         body.as_bytes(),
     ));
+    let ingress_pid = ingress.pid().context("ingress pid")?;
+    let pinning = json!({
+        "ingress_cpus": cpus_of(ingress_pid),
+        "bare_handler_cpus": cpus_of(bare.id()),
+        "generator_cpus": generator_cpu.map_or("any".to_owned(), |c| c.to_string()),
+    });
 
     // 1. CPU per accepted webhook, in time: alternating rounds, medians.
-    let ingress_pid = ingress.pid().context("ingress pid")?;
-    let per_round = 20_000;
-    let rounds = 5;
+    let per_round = env_usize("BENCH_CPU_WEBHOOKS", 20_000);
+    let cpu_rounds = rounds.max(5);
     blast(&http, &ingress_url, &body, &signature, 500, 8).await;
     blast(&http, &bare_url, &body, &signature, 500, 8).await;
-    let tick_us = 1e6 / 100.0; // USER_HZ
-    let (mut ingress_us, mut bare_us, mut ingress_rate) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        let (c0, t0) = (cpu_ticks(ingress_pid), Instant::now());
+    let (mut ingress_us, mut bare_us) = (Vec::new(), Vec::new());
+    for _ in 0..cpu_rounds {
+        let c0 = cpu_seconds(ingress_pid);
         blast(&http, &ingress_url, &body, &signature, per_round, 8).await;
-        ingress_rate.push(per_round as f64 / t0.elapsed().as_secs_f64());
-        ingress_us.push((cpu_ticks(ingress_pid) - c0) as f64 * tick_us / per_round as f64);
-        let c0 = cpu_ticks(bare.id());
+        ingress_us.push((cpu_seconds(ingress_pid) - c0) * 1e6 / per_round as f64);
+        let c0 = cpu_seconds(bare.id());
         blast(&http, &bare_url, &body, &signature, per_round, 8).await;
-        bare_us.push((cpu_ticks(bare.id()) - c0) as f64 * tick_us / per_round as f64);
+        bare_us.push((cpu_seconds(bare.id()) - c0) * 1e6 / per_round as f64);
     }
     // Where the ingress's time goes (BENCH_PROFILE=1): a sampled profile of one
     // more round (software clock: this VM has no hardware counters).
     if std::env::var("BENCH_PROFILE").is_ok_and(|v| v == "1") {
-        let data = bench_dir().join("perf.ingress.data");
-        let mut perf = std::process::Command::new("perf")
-            .args(["record", "-e", "cpu-clock", "-F", "2999", "-g", "-o"])
-            .arg(&data)
-            .args(["-p", &ingress_pid.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("run perf record")?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        blast(&http, &ingress_url, &body, &signature, per_round, 8).await;
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(perf.id() as i32, libc::SIGINT);
-        }
-        let _ = perf.wait();
-        let report = std::process::Command::new("perf")
-            .args([
-                "report",
-                "--stdio",
-                "--no-children",
-                "--sort",
-                "dso,symbol",
-                "--percent-limit",
-                "1",
-                "-g",
-                "none",
-                "-i",
-            ])
-            .arg(&data)
-            .output()
-            .context("run perf report")?;
-        std::fs::write(bench_dir().join("ingress-profile.txt"), &report.stdout)?;
+        profile(
+            ingress_pid,
+            &http,
+            &ingress_url,
+            &body,
+            &signature,
+            per_round,
+        )
+        .await?;
     }
     let _ = bare.kill();
-    let (ingress_cpu, ingress_min, ingress_max) = spread(&ingress_us);
-    let (bare_cpu, bare_min, bare_max) = spread(&bare_us);
     let time_ratios: Vec<f64> = ingress_us
         .iter()
         .zip(&bare_us)
         .map(|(i, b)| i / b)
         .collect();
-    let (max_rate, _, _) = spread(&ingress_rate);
 
-    // 2. Acknowledgement latency at half the maximum rate, open loop: request i
-    // is due at start + i/rate and its latency counts from then, also when the
-    // sender fell behind (no coordinated omission).
-    let rate = max_rate / 2.0;
-    let samples = ((rate * 5.0) as usize).max(1000);
-    let shared = Arc::new((
-        http.clone(),
-        ingress_url.clone(),
-        body.clone(),
-        signature.clone(),
-    ));
-    let start = tokio::time::Instant::now() + Duration::from_millis(10);
-    let mut handles = Vec::with_capacity(samples);
-    for i in 0..samples {
-        let due = start + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(due).await;
-        let shared = shared.clone();
-        handles.push(tokio::spawn(async move {
-            let (http, url, body, sig) = &*shared;
-            let r = http
-                .post(url)
-                .header("X-Dropbox-Signature", sig)
-                .body(body.clone())
-                .send()
-                .await;
-            assert!(r.is_ok_and(|r| r.status() == 200));
-            due.elapsed()
-        }));
-    }
-    let mut acks = Vec::with_capacity(samples);
-    for h in handles {
-        acks.push(h.await?);
-    }
-    acks.sort();
-
-    // 3. Delivered events per second vs a plain loop that signs the same bodies
-    // the same way (both signatures; the receiver verifies both for both sides).
-    let changes = 2000;
-    for i in 0..changes {
-        emu.upload(ACCOUNT, &format!("/bench/f-{i:05}.txt"), b"x");
-    }
-    let t0 = Instant::now();
-    emu.send_webhook(&ingress_url, APP_KEY, &[ACCOUNT]).await;
-    while receiver.accepted_event_count() < changes {
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(300),
-            "delivery did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let ingress_total = t0.elapsed();
-    let delivered = receiver.accepted();
-    anyhow::ensure!(
-        delivered
-            .iter()
-            .all(|d| d.elements_signature_ok == Some(true) && d.standard_webhooks_ok == Some(true)),
-        "every ingress delivery is signed"
-    );
-    let plain_from = receiver.all().len();
-    for d in &delivered {
-        let timestamp = jiff::Timestamp::now().as_second();
-        let mut request = http
-            .post(&receiver.url)
-            .header("Content-Type", d.content_type.clone());
-        for (name, value) in dropbox_operator::ingress::payload::signature_headers(
-            Some(SIGNATURE_KEY),
-            &d.event_id,
-            timestamp,
-            &d.raw,
-        ) {
-            request = request.header(name, value);
+    // 2. Acknowledgement latency under three loads, from the pinned generator:
+    // none (one request at a time), 8 in flight (which also gives the maximum
+    // rate), and an open loop at half that rate, where request i is due at
+    // start + i/rate and counts from then (no coordinated omission).
+    let body_file = section_file("ack-body.json");
+    std::fs::write(&body_file, &body)?;
+    let gen_ = |mode: &'static str, param: String, count: usize| {
+        let (url, body_file, signature) =
+            (ingress_url.clone(), body_file.clone(), signature.clone());
+        async move {
+            generate(
+                mode,
+                &url,
+                &param,
+                count,
+                &body_file,
+                &signature,
+                generator_cpu,
+            )
+            .await
         }
-        let r = request.body(d.raw.clone()).send().await?;
-        assert!(r.status().is_success());
-    }
-    let all = receiver.all();
-    anyhow::ensure!(
-        all[plain_from..]
-            .iter()
-            .all(|d| d.elements_signature_ok == Some(true) && d.standard_webhooks_ok == Some(true)),
-        "every plain-loop delivery verifies"
-    );
-    // The delivery phase alone, timed the same way for both at the receiver:
-    // from the first notification's arrival to the last one's.
-    let window = |ds: &[support::receiver::Delivery]| match (ds.first(), ds.last()) {
-        (Some(a), Some(b)) if ds.len() > 1 => {
-            let events: usize = ds[1..].iter().map(|d| d.events().len()).sum();
-            events as f64 / b.at.duration_since(a.at).as_secs_f64()
-        }
-        _ => 0.0,
     };
-    let ingress_eps = window(&all[..delivered.len()]);
-    let plain_eps = window(&all[plain_from..]);
-
-    // 4. Webhook-to-delivery latency, one change per webhook, from the moment
-    // the webhook is sent to the delivery's arrival at the receiver.
-    let samples_w2d = env_usize("BENCH_LATENCY_SAMPLES", 1000);
-    let mut latencies = Vec::with_capacity(samples_w2d);
-    for i in 0..samples_w2d {
-        let seen = receiver.all().len();
-        emu.upload(ACCOUNT, &format!("/latency/{i}.txt"), b"x");
-        let sent = Instant::now();
-        emu.send_webhook(&ingress_url, APP_KEY, &[ACCOUNT]).await;
-        let arrived = loop {
-            let all = receiver.all();
-            if let Some(d) = all[seen..].iter().find(|d| d.is_accepted()) {
-                break d.arrived;
-            }
-            anyhow::ensure!(
-                sent.elapsed() < Duration::from_secs(30),
-                "delivery timed out"
-            );
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        };
-        latencies.push(arrived.saturating_duration_since(sent));
+    gen_("closed", "8".into(), 2000).await?; // warm-up
+    let idle_samples = env_usize("BENCH_ACK_IDLE_SAMPLES", 2000);
+    let busy_samples = env_usize("BENCH_ACK_SAMPLES", 20_000);
+    let (mut idle, mut busy, mut half) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        idle.push(gen_("closed", "1".into(), idle_samples).await?);
     }
-    latencies.sort();
+    for _ in 0..rounds {
+        busy.push(gen_("closed", "8".into(), busy_samples).await?);
+    }
+    let max_rates: Vec<f64> = busy
+        .iter()
+        .map(|s| s["rate"].as_f64().unwrap_or(0.0))
+        .collect();
+    let (max_rate, _, _) = spread(&max_rates);
+    let rate = max_rate / 2.0;
+    let half_samples = ((rate * 5.0) as usize).max(1000);
+    for _ in 0..rounds {
+        half.push(gen_("open", format!("{rate:.1}"), half_samples).await?);
+    }
+    let field = |runs: &[Value], group: &str, key: &str| -> Vec<f64> {
+        runs.iter()
+            .map(|s| s[group][key].as_f64().unwrap_or(0.0))
+            .collect()
+    };
+    let latency_entry = |name: &str, load: Load, runs: &[Value]| {
+        json!({
+            "name": name, "load": load.label(),
+            "p50": field(runs, "latency_ms", "p50"), "p90": field(runs, "latency_ms", "p90"),
+            "p99": field(runs, "latency_ms", "p99"), "p999": field(runs, "latency_ms", "p999"),
+            "max": field(runs, "latency_ms", "max"),
+            "generator_lateness_p99": field(runs, "lateness_ms", "p99"),
+            "samples_per_round": runs.first().map_or(Value::Null, |r| r["latency_ms"]["samples"].clone()),
+        })
+    };
+
+    // 3. Delivered events per second: the ingress (fetch, deliver, commit) against
+    // the `bench-deliver` baseline process POSTing the same bodies, signed the
+    // same way, to the same verifying receiver; both on the ingress's CPU.
+    let notifications = env_usize("BENCH_DELIVERY_NOTIFICATIONS", 10_000);
+    let per_instance = (notifications
+        * dropbox_operator::ingress::payload::MAX_EVENTS_PER_NOTIFICATION)
+        .div_ceil(delivery_instances);
+    let accounts: Vec<String> = (0..delivery_instances).map(delivery_account).collect();
+    let account_refs: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    receiver.lean(true);
+    let (mut ingress_eps, mut plain_eps, mut delivery_ratios) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut ingress_cpu_us, mut plain_cpu_us, mut sent_notifications) =
+        (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for account in &accounts {
+            for i in 0..per_instance {
+                emu.upload(account, &format!("/bench/r{round}-f{i:06}.txt"), b"x");
+            }
+        }
+        let events = per_instance * delivery_instances;
+        receiver.take_all();
+        let c0 = cpu_seconds(ingress_pid);
+        let t0 = Instant::now();
+        emu.send_webhook(&ingress_url, APP_KEY, &account_refs).await;
+        while receiver.accepted_event_count() < events {
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(900),
+                "delivery did not finish: {} of {events} events",
+                receiver.accepted_event_count()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let delivered = receiver.take_all();
+        let cpu = cpu_seconds(ingress_pid) - c0;
+        anyhow::ensure!(all_verified(&delivered), "every ingress delivery is signed");
+        ingress_eps.push(events_per_second(&delivered));
+        ingress_cpu_us.push(cpu * 1e6 / delivered.len() as f64);
+        sent_notifications.push(delivered.len() as f64);
+        // The baseline's input: the same bodies, per instance in order.
+        let file = section_file("delivery-notifications.jsonl");
+        let mut lines = String::new();
+        for d in &delivered {
+            let body: Value = serde_json::from_slice(&d.raw)?;
+            let _ = writeln!(
+                lines,
+                "{}",
+                json!({"instance": body["message"]["instanceId"], "event_id": d.event_id,
+                       "content_type": d.content_type,
+                       "body": base64::engine::general_purpose::STANDARD.encode(&d.raw)})
+            );
+        }
+        std::fs::write(&file, lines)?;
+        let count = delivered.len();
+        drop(delivered);
+        let mut argv: Vec<String> = server_pin.clone();
+        argv.push(example_binary("bench-deliver").display().to_string());
+        argv.extend([receiver.url.clone(), file.display().to_string()]);
+        let out = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("BENCH_SIGNATURE_KEY", std::str::from_utf8(SIGNATURE_KEY)?)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("run bench-deliver")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bench-deliver failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&out.stdout)?;
+        let plain = receiver.take_all();
+        anyhow::ensure!(
+            plain.len() == count && all_verified(&plain),
+            "the baseline's {} deliveries (of {count}) verify",
+            plain.len()
+        );
+        plain_eps.push(events_per_second(&plain));
+        plain_cpu_us.push(report["cpu_seconds"].as_f64().unwrap_or(0.0) * 1e6 / count as f64);
+        delivery_ratios.push(ingress_eps[round] / plain_eps[round]);
+    }
+    receiver.lean(false);
+
+    // 4. Webhook-to-delivery latency, one change per webhook and nothing else
+    // running, from the moment the webhook is sent to the delivery's arrival.
+    let samples_w2d = env_usize("BENCH_LATENCY_SAMPLES", 1000);
+    let mut w2d = Vec::new();
+    for round in 0..rounds {
+        let mut latencies = Vec::with_capacity(samples_w2d);
+        for i in 0..samples_w2d {
+            let seen = receiver.all().len();
+            emu.upload(ACCOUNT, &format!("/latency/{round}-{i}.txt"), b"x");
+            let sent = Instant::now();
+            emu.send_webhook(&ingress_url, APP_KEY, &[ACCOUNT]).await;
+            let arrived = loop {
+                let all = receiver.all();
+                if let Some(d) = all[seen..].iter().find(|d| d.is_accepted()) {
+                    break d.arrived;
+                }
+                anyhow::ensure!(
+                    sent.elapsed() < Duration::from_secs(30),
+                    "delivery timed out"
+                );
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            };
+            latencies.push(arrived.saturating_duration_since(sent));
+        }
+        latencies.sort();
+        w2d.push(percentiles_ms(&latencies));
+        receiver.take_all();
+    }
     drop(ingress);
 
     // 5. Instructions per accepted webhook (callgrind), ingress and bare
-    // handler on the same request mix; alternating rounds.
-    let dir = bench_dir();
-    let ingress_base = dir.join("callgrind.ingress");
-    let bare_base = dir.join("callgrind.bare");
-    for old in dumps(&ingress_base).into_iter().chain(dumps(&bare_base)) {
-        let _ = std::fs::remove_file(old);
-    }
-    let ingress_out = format!("--callgrind-out-file={}.%p", ingress_base.display());
-    let bare_out = format!("--callgrind-out-file={}.%p", bare_base.display());
-    let valgrind = |out: &str| {
-        vec![
-            "valgrind".to_owned(),
-            "--tool=callgrind".to_owned(),
-            "--quiet".to_owned(),
-            out.to_owned(),
-        ]
-    };
-    let signed_base = dir.join("callgrind.bare-signed");
-    for old in dumps(&signed_base) {
-        let _ = std::fs::remove_file(old);
-    }
-    let signed_out = format!("--callgrind-out-file={}.%p", signed_base.display());
-    let ingress_wrapper = valgrind(&ingress_out);
-    let bare_wrapper = valgrind(&bare_out);
-    let signed_wrapper = valgrind(&signed_out);
-    let counted = ingress_process()
-        .wrapped(
-            &ingress_wrapper
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-            Duration::from_secs(120),
-        )
-        .start()
-        .await;
-    let (mut counted_bare, counted_bare_url) = start_bare(
-        &bare_wrapper.iter().map(String::as_str).collect::<Vec<_>>(),
-        None,
-    )?;
-    // Where the difference goes: the bare handler that also checks the
-    // signature, and the syncs the accepted webhooks start in the ingress.
-    let (mut counted_signed, counted_signed_url) = start_bare(
-        &signed_wrapper
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        Some(APP_SECRET),
-    )?;
-    let counted_url = format!("{}/webhooks/dropbox/{APP_KEY}", counted.url());
-    let per_count = 2000;
-    blast(&http, &counted_url, &body, &signature, 200, 8).await;
-    blast(&http, &counted_bare_url, &body, &signature, 200, 8).await;
-    blast(&http, &counted_signed_url, &body, &signature, 200, 8).await;
-    let (mut ingress_ir, mut bare_ir, mut signed_ir) = (Vec::new(), Vec::new(), Vec::new());
-    let syncs_before = counted.metric_sum("dropbox_ingress_syncs_total", "").await;
-    for _ in 0..3 {
-        let ir = instructions(
-            counted.pid().context("pid")?,
-            &ingress_base,
-            blast(&http, &counted_url, &body, &signature, per_count, 8),
-        )
-        .await?;
-        ingress_ir.push(ir as f64 / per_count as f64);
-        let ir = instructions(
-            counted_bare.id(),
-            &bare_base,
-            blast(&http, &counted_bare_url, &body, &signature, per_count, 8),
-        )
-        .await?;
-        bare_ir.push(ir as f64 / per_count as f64);
-        let ir = instructions(
-            counted_signed.id(),
-            &signed_base,
-            blast(&http, &counted_signed_url, &body, &signature, per_count, 8),
-        )
-        .await?;
-        signed_ir.push(ir as f64 / per_count as f64);
-    }
-    let syncs = counted.metric_sum("dropbox_ingress_syncs_total", "").await - syncs_before;
-    let _ = counted_bare.kill();
-    let _ = counted_signed.kill();
-    drop(counted);
-    let (ingress_instr, _, _) = spread(&ingress_ir);
-    let (bare_instr, _, _) = spread(&bare_ir);
-    let (signed_instr, _, _) = spread(&signed_ir);
+    // handlers on the same request mix; alternating rounds.
+    let counted = count_instructions(&ingress_process, &http, &body, &signature, rounds).await?;
 
+    let ack = |runs: &[Value], key: &str| field(runs, "latency_ms", key);
+    let lateness = |runs: &[Value]| field(runs, "lateness_ms", "p99");
     let mut out = String::new();
-    let _ = writeln!(out, "## ingress");
+    let _ = writeln!(out, "## ingress ({rounds} rounds per figure)");
     let _ = writeln!(
         out,
-        "instructions per accepted 1 KiB webhook (callgrind, 3 alternating rounds of {per_count}, 8 in flight): ingress {} / bare axum {} = {:.2}",
-        list(&ingress_ir, 0),
-        list(&bare_ir, 0),
-        ingress_instr / bare_instr
+        "pinning: ingress on CPUs {}, bare handler on {}, load generator on {}",
+        pinning["ingress_cpus"], pinning["bare_handler_cpus"], pinning["generator_cpus"]
     );
     let _ = writeln!(
         out,
-        "  bare axum checking the signature too: {}; the ingress ran {syncs} syncs for {} webhooks",
-        list(&signed_ir, 0),
-        3 * per_count
+        "instructions per accepted 1 KiB webhook (callgrind, {rounds} alternating rounds of {}, 8 in flight): ingress {} / bare axum {} / bare checking the signature {}; the ingress ran {} syncs",
+        counted.per_round,
+        list(&counted.ingress, 0),
+        list(&counted.bare, 0),
+        list(&counted.signed, 0),
+        counted.syncs
     );
     let _ = writeln!(
         out,
-        "CPU time per accepted webhook ({rounds} alternating rounds of {per_round}, 8 in flight): ingress {} us, bare {} us; ratios {}",
+        "CPU time per accepted webhook ({cpu_rounds} alternating rounds of {per_round}, 8 in flight): ingress {} us, bare {} us; ratios {}",
         list(&ingress_us, 1),
         list(&bare_us, 1),
         list(&time_ratios, 2)
     );
+    for (label, runs) in [
+        (Load::None.label(), &idle),
+        (Load::InFlight(8).label(), &busy),
+        (
+            format!("{} ({rate:.0}/s)", Load::HalfMaxRate.label()),
+            &half,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "acknowledgement, load {label}: p50 {} ms, p99 {} ms, p99.9 {} ms; generator lateness p99 {} ms; rate {}/s",
+            list(&ack(runs, "p50"), 2),
+            list(&ack(runs, "p99"), 2),
+            list(&ack(runs, "p999"), 2),
+            list(&lateness(runs), 2),
+            list(
+                &runs
+                    .iter()
+                    .map(|r| r["rate"].as_f64().unwrap_or(0.0))
+                    .collect::<Vec<_>>(),
+                0
+            ),
+        );
+    }
     let _ = writeln!(
         out,
-        "acknowledgement at {rate:.0}/s (half of the measured {max_rate:.0}/s), {} samples from their scheduled send times: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        acks.len(),
-        ms(percentile(&acks, 0.5)),
-        ms(percentile(&acks, 0.99)),
-        ms(percentile(&acks, 1.0)),
+        "delivery, events/s at the receiver ({} instances, {} notifications per round): ingress {}, baseline process {}; CPU us per notification: ingress (fetch + deliver + commit) {}, baseline {}",
+        delivery_instances,
+        list(&sent_notifications, 0),
+        list(&ingress_eps, 0),
+        list(&plain_eps, 0),
+        list(&ingress_cpu_us, 1),
+        list(&plain_cpu_us, 1),
     );
+    let w2d_p =
+        |key: &str| -> Vec<f64> { w2d.iter().map(|p| p[key].as_f64().unwrap_or(0.0)).collect() };
     let _ = writeln!(
         out,
-        "delivery phase, events/s at the receiver: ingress {ingress_eps:.0}, signing plain loop {plain_eps:.0}; end to end incl. fetching {changes} changes: {:.2} s",
-        ingress_total.as_secs_f64()
+        "webhook-to-delivery, {samples_w2d} samples per round: p50 {} ms, p99 {} ms, max {} ms",
+        list(&w2d_p("p50"), 2),
+        list(&w2d_p("p99"), 2),
+        list(&w2d_p("max"), 2),
     );
-    let _ = writeln!(
-        out,
-        "webhook-to-delivery, {} samples: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        latencies.len(),
-        ms(percentile(&latencies, 0.5)),
-        ms(percentile(&latencies, 0.99)),
-        ms(percentile(&latencies, 1.0)),
-    );
+
+    let (ingress_instr, _, _) = spread(&counted.ingress);
+    let (bare_instr, _, _) = spread(&counted.bare);
+    let (signed_instr, _, _) = spread(&counted.signed);
+    let ratio_rounds =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x / y).collect() };
+    let (ingress_cpu, _, _) = spread(&ingress_us);
+    let (bare_cpu, _, _) = spread(&bare_us);
+    let (ieps, _, _) = spread(&ingress_eps);
+    let (peps, _, _) = spread(&plain_eps);
     let figures = vec![
-        Figure::new(
+        Figure::of_rounds(
             "ingress_instructions_ratio",
             "instructions per accepted 1 KiB webhook: ingress / bare axum handler (callgrind)",
-            ingress_instr / bare_instr,
+            ratio_rounds(&counted.ingress, &counted.bare),
             "x",
         )
+        .with_value(ingress_instr / bare_instr)
         .at_most(1.2)
         .detail(format!(
-            "{:.0} / {:.0} instructions (medians of 3 alternating rounds of {per_count})",
-            ingress_instr, bare_instr
+            "{} / {} instructions, rounds of {}",
+            summary(&counted.ingress, 0),
+            summary(&counted.bare, 0),
+            counted.per_round
         )),
-        Figure::new(
+        Figure::of_rounds(
             "ingress_instructions_vs_signed_bare",
             "instructions per accepted 1 KiB webhook: ingress / bare axum handler that also checks the signature (callgrind)",
-            ingress_instr / signed_instr,
+            ratio_rounds(&counted.ingress, &counted.signed),
             "x",
         )
+        .with_value(ingress_instr / signed_instr)
         .detail(format!(
             "{:.0} / {:.0}; the HMAC alone {:.0} instructions (software SHA-256 under valgrind); {:.1} syncs per 1000 accepted webhooks",
             ingress_instr,
             signed_instr,
             signed_instr - bare_instr,
-            syncs * 1000.0 / (3 * per_count) as f64
+            counted.syncs * 1000.0 / (rounds * counted.per_round) as f64
         )),
-        Figure::new(
+        Figure::of_rounds(
             "ingress_cpu_time_ratio",
             "CPU time per accepted 1 KiB webhook: ingress / bare axum handler",
-            ingress_cpu / bare_cpu,
+            time_ratios,
             "x",
         )
+        .with_value(ingress_cpu / bare_cpu)
         .detail(format!(
-            "{ingress_cpu:.1} us ({ingress_min:.1}-{ingress_max:.1}) / {bare_cpu:.1} us ({bare_min:.1}-{bare_max:.1}), medians of {rounds} alternating rounds of {per_round}"
+            "{} us / {} us, {cpu_rounds} alternating rounds of {per_round}, 8 in flight, both on CPUs {}",
+            summary(&ingress_us, 1),
+            summary(&bare_us, 1),
+            pinning["ingress_cpus"]
         )),
-        Figure::new(
+        Figure::of_rounds(
+            "ingress_max_rate",
+            "accepted webhooks per second, 8 in flight (the maximum rate)",
+            max_rates.clone(),
+            "/s",
+        )
+        .detail(format!(
+            "{busy_samples} per round; ingress on CPUs {}, load generator on {}",
+            pinning["ingress_cpus"], pinning["generator_cpus"]
+        )),
+        Figure::of_rounds(
             "ack_p99",
-            format!("acknowledgement p99 at half the measured maximum rate ({rate:.0}/s of {max_rate:.0}/s)"),
-            ms(percentile(&acks, 0.99)),
+            format!("acknowledgement p99 at half the measured maximum rate ({rate:.0}/s)"),
+            ack(&half, "p99"),
             "ms",
         )
         .at_most(2.0)
+        .load(Load::HalfMaxRate)
         .detail(format!(
-            "p50 {:.2} ms, {} samples from scheduled send times",
-            ms(percentile(&acks, 0.5)),
-            acks.len()
+            "p50 {} ms, p99.9 {} ms; the generator's own send lateness p99 {} ms (counted in); {half_samples} samples per round from scheduled send times",
+            summary(&ack(&half, "p50"), 2),
+            summary(&ack(&half, "p999"), 2),
+            summary(&lateness(&half), 2)
         )),
-        Figure::new(
+        Figure::of_rounds(
+            "ack_p99_in_flight",
+            "acknowledgement p99, 8 in flight",
+            ack(&busy, "p99"),
+            "ms",
+        )
+        .load(Load::InFlight(8))
+        .detail(format!(
+            "p50 {} ms; {busy_samples} samples per round",
+            summary(&ack(&busy, "p50"), 2)
+        )),
+        Figure::of_rounds(
+            "ack_p99_idle",
+            "acknowledgement p99, one at a time",
+            ack(&idle, "p99"),
+            "ms",
+        )
+        .load(Load::None)
+        .detail(format!(
+            "p50 {} ms; {idle_samples} samples per round",
+            summary(&ack(&idle, "p50"), 2)
+        )),
+        Figure::of_rounds(
             "delivery_ratio",
-            "delivered events/s: ingress / plain loop signing the same bodies",
-            ingress_eps / plain_eps,
+            "delivered events/s: ingress / baseline process POSTing the same signed bodies",
+            delivery_ratios,
             "x",
         )
+        .with_value(ieps / peps)
         .at_least(0.9)
-        .detail(format!("{ingress_eps:.0} / {plain_eps:.0} events/s, receiver's clock, {changes} events")),
-        Figure::new(
+        .detail(format!(
+            "{} / {} events/s, receiver's clock; {} notifications of up to 20 events per round from {delivery_instances} instances; CPU per notification {} / {} us",
+            summary(&ingress_eps, 0),
+            summary(&plain_eps, 0),
+            summary(&sent_notifications, 0),
+            summary(&ingress_cpu_us, 1),
+            summary(&plain_cpu_us, 1)
+        )),
+        Figure::of_rounds(
             "webhook_to_delivery_p99",
             "webhook-to-delivery p99 (one change per webhook)",
-            ms(percentile(&latencies, 0.99)),
+            w2d_p("p99"),
             "ms",
         )
         .at_most(20.0)
+        .load(Load::None)
         .detail(format!(
-            "p50 {:.2} ms, {} samples",
-            ms(percentile(&latencies, 0.5)),
-            latencies.len()
+            "p50 {} ms, {samples_w2d} samples per round",
+            summary(&w2d_p("p50"), 2)
         )),
     ];
-    record("ingress", &out, &figures);
+    let data = json!({
+        "pinning": pinning,
+        "max_rate_per_s": max_rates,
+        "half_rate_per_s": rate,
+        "latencies": [
+            latency_entry("acknowledgement", Load::None, &idle),
+            latency_entry("acknowledgement", Load::InFlight(8), &busy),
+            latency_entry("acknowledgement", Load::HalfMaxRate, &half),
+            {
+                "name": "webhook to delivery", "load": Load::None.label(),
+                "p50": w2d_p("p50"), "p90": w2d_p("p90"), "p99": w2d_p("p99"), "p999": w2d_p("p999"),
+                "samples_per_round": samples_w2d,
+            },
+        ],
+        "delivery": {
+            "instances": delivery_instances, "notifications": sent_notifications,
+            "ingress_events_per_s": ingress_eps, "baseline_events_per_s": plain_eps,
+            "ingress_cpu_us_per_notification": ingress_cpu_us, "baseline_cpu_us_per_notification": plain_cpu_us,
+        },
+        "cpu_us_per_webhook": {"ingress": ingress_us, "bare": bare_us},
+        "instructions_per_webhook": {"ingress": counted.ingress, "bare": counted.bare, "bare_signed": counted.signed},
+    });
+    section.record(&out, &figures, data);
     Ok(())
 }
 
-/// 1,000 instances with `events.source: longpoll`, each on its own account, on
-/// one ingress replica: the ingress's RSS while it holds all their long-polls,
-/// and change-to-delivery latency (a file written in the emulated Dropbox to the
-/// receiver's arrival of its event, one change at a time, no webhook).
+fn section_file(name: &str) -> PathBuf {
+    support::bench::bench_dir().join(name)
+}
+
+/// A `perf` cpu-clock profile of the ingress over one more round, written to
+/// target/bench/ingress-profile.txt.
+async fn profile(
+    pid: u32,
+    http: &reqwest::Client,
+    url: &str,
+    body: &str,
+    signature: &str,
+    count: usize,
+) -> Result<()> {
+    let data = section_file("perf.ingress.data");
+    let mut perf = std::process::Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "2999", "-g", "-o"])
+        .arg(&data)
+        .args(["-p", &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("run perf record")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    blast(http, url, body, signature, count, 8).await;
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(perf.id() as i32, libc::SIGINT);
+    }
+    let _ = perf.wait();
+    let report = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "dso,symbol",
+            "--percent-limit",
+            "1",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(&data)
+        .output()
+        .context("run perf report")?;
+    std::fs::write(section_file("ingress-profile.txt"), &report.stdout)?;
+    Ok(())
+}
+
+/// Instructions per accepted webhook, per round.
+struct Counted {
+    ingress: Vec<f64>,
+    bare: Vec<f64>,
+    signed: Vec<f64>,
+    syncs: f64,
+    per_round: usize,
+}
+
+async fn count_instructions(
+    ingress_process: &dyn Fn() -> OperatorProcess,
+    http: &reqwest::Client,
+    body: &str,
+    signature: &str,
+    rounds: usize,
+) -> Result<Counted> {
+    let dir = support::bench::bench_dir();
+    let ingress_base = dir.join("callgrind.ingress");
+    let bare_base = dir.join("callgrind.bare");
+    let signed_base = dir.join("callgrind.bare-signed");
+    for old in dumps(&ingress_base)
+        .into_iter()
+        .chain(dumps(&bare_base))
+        .chain(dumps(&signed_base))
+    {
+        let _ = std::fs::remove_file(old);
+    }
+    let valgrind = |base: &Path| {
+        vec![
+            "valgrind".to_owned(),
+            "--tool=callgrind".to_owned(),
+            "--quiet".to_owned(),
+            format!("--callgrind-out-file={}.%p", base.display()),
+        ]
+    };
+    let (ingress_wrapper, bare_wrapper, signed_wrapper) = (
+        valgrind(&ingress_base),
+        valgrind(&bare_base),
+        valgrind(&signed_base),
+    );
+    let counted = ingress_process()
+        .wrapped(&strs(&ingress_wrapper), Duration::from_secs(120))
+        .start()
+        .await;
+    let (mut counted_bare, counted_bare_url) = start_bare(&strs(&bare_wrapper), None)?;
+    // Where the difference goes: the bare handler that also checks the
+    // signature, and the syncs the accepted webhooks start in the ingress.
+    let (mut counted_signed, counted_signed_url) =
+        start_bare(&strs(&signed_wrapper), Some(APP_SECRET))?;
+    let counted_url = format!("{}/webhooks/dropbox/{APP_KEY}", counted.url());
+    let per_round = env_usize("BENCH_CALLGRIND_WEBHOOKS", 2000);
+    blast(http, &counted_url, body, signature, 200, 8).await;
+    blast(http, &counted_bare_url, body, signature, 200, 8).await;
+    blast(http, &counted_signed_url, body, signature, 200, 8).await;
+    let (mut ingress, mut bare, mut signed) = (Vec::new(), Vec::new(), Vec::new());
+    let syncs_before = counted.metric_sum("dropbox_ingress_syncs_total", "").await;
+    for _ in 0..rounds {
+        let ir = instructions(
+            counted.pid().context("pid")?,
+            &ingress_base,
+            blast(http, &counted_url, body, signature, per_round, 8),
+        )
+        .await?;
+        ingress.push(ir as f64 / per_round as f64);
+        let ir = instructions(
+            counted_bare.id(),
+            &bare_base,
+            blast(http, &counted_bare_url, body, signature, per_round, 8),
+        )
+        .await?;
+        bare.push(ir as f64 / per_round as f64);
+        let ir = instructions(
+            counted_signed.id(),
+            &signed_base,
+            blast(http, &counted_signed_url, body, signature, per_round, 8),
+        )
+        .await?;
+        signed.push(ir as f64 / per_round as f64);
+    }
+    let syncs = counted.metric_sum("dropbox_ingress_syncs_total", "").await - syncs_before;
+    let _ = counted_bare.kill();
+    let _ = counted_signed.kill();
+    drop(counted);
+    Ok(Counted {
+        ingress,
+        bare,
+        signed,
+        syncs,
+        per_round,
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: make bench"]
 async fn bench_longpoll_1000_instances() -> Result<()> {
-    let n: usize = std::env::var("BENCH_LONGPOLLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+    let n = env_usize("BENCH_LONGPOLLS", 1000);
+    let section = Section::start("longpoll");
     let client = support::client().await;
     support::install_crd(&client).await?;
     let ns = support::namespace(&client, "bench-longpoll").await;
@@ -1590,34 +1877,44 @@ async fn bench_longpoll_1000_instances() -> Result<()> {
     let held = emu.longpolls_waiting();
     let metric = ingress.metric_sum("dropbox_ingress_longpolls", "").await;
 
-    // Change-to-delivery, one change at a time on a different account each.
+    // Change-to-delivery, one change at a time on a different account each,
+    // in rounds; the RSS again after each round.
     let samples = env_usize("BENCH_LONGPOLL_SAMPLES", 1000);
-    let mut latencies = Vec::with_capacity(samples);
-    for k in 0..samples {
-        let i = (k * 7919) % n;
-        let before = receiver.accepted().len();
-        let t = Instant::now();
-        emu.upload(&account(i), &format!("/latency-{k}.txt"), b"x");
-        loop {
-            let accepted = receiver.accepted();
-            if let Some(d) = accepted.get(before) {
-                latencies.push(d.arrived.saturating_duration_since(t));
-                break;
+    let rounds = rounds();
+    let (mut p50, mut p99, mut rss_rounds) = (Vec::new(), Vec::new(), Vec::new());
+    let mut k = 0;
+    for _ in 0..rounds {
+        let mut latencies = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let i = (k * 7919) % n;
+            k += 1;
+            let before = receiver.accepted().len();
+            let t = Instant::now();
+            emu.upload(&account(i), &format!("/latency-{k}.txt"), b"x");
+            loop {
+                let accepted = receiver.accepted();
+                if let Some(d) = accepted.get(before) {
+                    latencies.push(d.arrived.saturating_duration_since(t));
+                    break;
+                }
+                anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "delivery timed out");
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "delivery timed out");
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            // Until its long-poll is back, so the next sample starts from rest.
+            while emu.longpolls_waiting() < n {
+                anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "long-poll not back");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
-        // Until its long-poll is back, so the next sample starts from rest.
-        while emu.longpolls_waiting() < n {
-            anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "long-poll not back");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        latencies.sort();
+        p50.push(ms(percentile(&latencies, 0.5)));
+        p99.push(ms(percentile(&latencies, 0.99)));
+        rss_rounds.push(rss_kib(pid).0 as f64 / 1024.0);
     }
-    latencies.sort();
-    let (rss_after, peak_after) = rss_kib(pid);
+    let (_, peak_after) = rss_kib(pid);
 
     let mut out = String::new();
-    let _ = writeln!(out, "## long-polls");
+    let _ = writeln!(out, "## long-polls ({rounds} rounds)");
     let _ = writeln!(
         out,
         "{n} longpoll instances (one account each) on one ingress replica: {held} long-polls held at the emulator, ingress reports {metric}; Ready and all held {:.1}s after the first instance was created",
@@ -1625,46 +1922,49 @@ async fn bench_longpoll_1000_instances() -> Result<()> {
     );
     let _ = writeln!(
         out,
-        "ingress RSS holding them: {:.1} MiB (peak {:.1} MiB; after the latency run {:.1} MiB, peak {:.1} MiB) (target <= 80 MiB)",
+        "ingress RSS holding them: {:.1} MiB before the latency rounds (peak {:.1} MiB), after each round {} MiB (peak at the end {:.1} MiB) (target <= 80 MiB)",
         rss as f64 / 1024.0,
         peak as f64 / 1024.0,
-        rss_after as f64 / 1024.0,
+        list(&rss_rounds, 1),
         peak_after as f64 / 1024.0
     );
     let _ = writeln!(
         out,
-        "change-to-delivery latency (long-poll, no webhook): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples) (target p50 <= 1 s)",
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
-        latencies.len()
+        "change-to-delivery latency (long-poll, no webhook), {samples} samples per round: p50 {} ms, p99 {} ms (target p50 <= 1 s)",
+        list(&p50, 1),
+        list(&p99, 1),
     );
+    let mut all_rss = vec![rss as f64 / 1024.0];
+    all_rss.extend(&rss_rounds);
     let figures = vec![
-        Figure::new(
+        Figure::of_rounds(
             "longpoll_rss",
             format!("ingress RSS holding {n} long-polls (one replica, one account each)"),
-            rss as f64 / 1024.0,
+            all_rss,
             "MiB",
         )
         .at_most(80.0)
         .detail(format!(
-            "{held} held at the emulator; after the latency run {:.1} MiB",
-            rss_after as f64 / 1024.0
+            "{held} held at the emulator; read before the latency rounds and after each; peak {:.1} MiB",
+            peak_after as f64 / 1024.0
         )),
-        Figure::new(
+        Figure::of_rounds(
             "longpoll_change_to_delivery_p50",
             "change-to-delivery p50 with long-polls (no webhook)",
-            ms(percentile(&latencies, 0.5)),
+            p50.clone(),
             "ms",
         )
         .at_most(1000.0)
+        .load(Load::None)
         .detail(format!(
-            "p99 {:.1} ms, {} samples over different instances",
-            ms(percentile(&latencies, 0.99)),
-            latencies.len()
+            "p99 {} ms, {samples} samples per round over different instances",
+            summary(&p99, 1)
         )),
     ];
-    record("longpoll", &out, &figures);
+    let data = json!({"latencies": [{"name": "change to delivery (long-poll)", "load": Load::None.label(),
+                                     "p50": p50, "p99": p99, "samples_per_round": samples}],
+                      "instances": n});
+    section.record(&out, &figures, data);
     anyhow::ensure!(held >= n, "only {held} of {n} long-polls held");
     Ok(())
 }

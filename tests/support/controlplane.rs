@@ -768,6 +768,18 @@ impl ControlPlane {
             .expect("the API server listens on 127.0.0.1:<port>")
     }
 
+    /// The process id of control-plane process `name` (`etcd`,
+    /// `kube-apiserver`, `kube-controller-manager`): benchmarks read its CPU
+    /// time from /proc.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children
+            .lock()
+            .expect("children lock")
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.child.id())
+    }
+
     /// A kubectl command for this control plane (admin credentials).
     pub fn kubectl(&self) -> Command {
         let mut cmd = Command::new(self.bin_dir.join("kubectl"));

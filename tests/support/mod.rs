@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod argocd;
+pub mod bench;
 pub mod chart;
 pub mod controlplane;
 pub mod dropbox;

@@ -54,6 +54,9 @@ pub struct Delivery {
     /// Both signatures verified with the key (None when no key was expected).
     pub elements_signature_ok: Option<bool>,
     pub standard_webhooks_ok: Option<bool>,
+    /// Events in the body (also kept when the parsed body is not, see
+    /// [`Receiver::lean`]).
+    pub event_count: usize,
     pub status: u16,
     /// When the request arrived (before any stall).
     pub arrived: Instant,
@@ -118,6 +121,9 @@ struct Shared {
     /// `Some(n)`: once `n` deliveries were accepted, hold every further request
     /// until this is set back to `None`.
     gate: Arc<tokio::sync::watch::Sender<Option<usize>>>,
+    /// Keep only the raw body, not the parsed one (benchmarks: thousands of
+    /// large deliveries).
+    lean: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Counts a request as in flight until it is answered or dropped (the client
@@ -197,6 +203,7 @@ impl Receiver {
             in_flight: Arc::default(),
             arrivals: Arc::default(),
             gate: Arc::new(tokio::sync::watch::Sender::new(None)),
+            lean: Arc::default(),
         };
         let server = serve(listener, shared.clone());
         Receiver {
@@ -337,6 +344,17 @@ impl Receiver {
         self.shared.in_flight.load(Ordering::SeqCst)
     }
 
+    /// Keep only the raw body of each delivery, not the parsed one (it is
+    /// still parsed, to count its events); for benchmarks.
+    pub fn lean(&self, lean: bool) {
+        self.shared.lean.store(lean, Ordering::SeqCst);
+    }
+
+    /// Every request received so far, which are then forgotten.
+    pub fn take_all(&self) -> Vec<Delivery> {
+        std::mem::take(&mut *self.shared.received.lock().expect("received lock"))
+    }
+
     /// Every request received, including refused ones.
     pub fn all(&self) -> Vec<Delivery> {
         self.shared.received.lock().expect("received lock").clone()
@@ -356,7 +374,7 @@ impl Receiver {
         received
             .iter()
             .filter(|d| d.is_accepted())
-            .map(|d| d.event_array().map_or(0, Vec::len))
+            .map(|d| d.event_count)
             .sum()
     }
 
@@ -501,23 +519,30 @@ async fn receive(
         .iter()
         .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
         .collect();
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let mut delivery = Delivery {
+        event_id,
+        path,
+        headers: all_headers,
+        content_type: header("content-type").unwrap_or_default(),
+        body: parsed,
+        raw: body.to_vec(),
+        elements_signature_ok: elements_ok,
+        standard_webhooks_ok: standard_ok,
+        event_count: 0,
+        status,
+        arrived,
+        at: Instant::now(),
+    };
+    delivery.event_count = delivery.event_array().map_or(0, Vec::len);
+    if shared.lean.load(Ordering::SeqCst) {
+        delivery.body = Value::Null;
+    }
     shared
         .received
         .lock()
         .expect("received lock")
-        .push(Delivery {
-            event_id,
-            path,
-            headers: all_headers,
-            content_type: header("content-type").unwrap_or_default(),
-            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-            raw: body.to_vec(),
-            elements_signature_ok: elements_ok,
-            standard_webhooks_ok: standard_ok,
-            status,
-            arrived,
-            at: Instant::now(),
-        });
+        .push(delivery);
     let mut response = StatusCode::from_u16(status)
         .unwrap_or(StatusCode::OK)
         .into_response();
