@@ -33,8 +33,9 @@ fn release_health(ns: &str) -> Result<Vec<Health>> {
     cmd.args(["get", "manifest", ns, "-n", ns]);
     let (ok, manifest, err) = run(cmd);
     ensure!(ok, "helm get manifest: {err}");
-    let (ok, live, err) =
-        support::kubectl_stdin(&["get", "-f", "-", "-n", ns, "-o", "json"], &manifest);
+    // Every namespaced object of the chart names its namespace (the release's or
+    // the data namespace), so no `-n`: kubectl refuses one that differs.
+    let (ok, live, err) = support::kubectl_stdin(&["get", "-f", "-", "-o", "json"], &manifest);
     ensure!(ok, "kubectl get: {err}");
     assess(&live)
 }

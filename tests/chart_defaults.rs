@@ -377,7 +377,8 @@ fn values_and_docs_say_what_the_binary_defaults_to() -> Result<()> {
         ports
             == [
                 i64::from(contract::INGRESS_PORT),
-                i64::from(contract::INGRESS_METRICS_PORT)
+                i64::from(contract::INGRESS_METRICS_PORT),
+                i64::from(contract::INGRESS_PEER_PORT)
             ],
         "{ports:?}"
     );
@@ -702,6 +703,10 @@ async fn every_knob_reaches_what_it_configures() -> Result<()> {
     .arg("-f")
     .arg(support::chart::values_file("knobs", &knob_values(&ns))?);
     let (ok, rendered, err) = run(cmd);
+    ensure!(ok, "{err}");
+    // A dry run creates no namespace: the data namespace the chart makes must
+    // exist for the objects the chart puts there.
+    let (ok, _, err) = support::kubectl(&["create", "namespace", &format!("{ns}-ingress-data")]);
     ensure!(ok, "{err}");
     let (ok, out, err) =
         support::kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &rendered);
