@@ -445,7 +445,7 @@ async fn leases_are_granted_only_with_leader_election() -> Result<()> {
         for what in [
             "create leases",
             "get leases/dropbox-operator-controller",
-            "patch leases/dropbox-operator-controller",
+            "update leases/dropbox-operator-controller",
         ] {
             let mut args = vec!["auth", "can-i"];
             args.extend(what.split(' '));
@@ -706,7 +706,12 @@ async fn every_knob_reaches_what_it_configures() -> Result<()> {
     ensure!(ok, "{err}");
     // A dry run creates no namespace: the data namespace the chart makes must
     // exist for the objects the chart puts there.
-    let (ok, _, err) = support::kubectl(&["create", "namespace", &format!("{ns}-ingress-data")]);
+    let (ok, _, err) = support::kubectl(&[
+        "create",
+        "namespace",
+        "--save-config",
+        &format!("{ns}-ingress-data"),
+    ]);
     ensure!(ok, "{err}");
     let (ok, out, err) =
         support::kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &rendered);
