@@ -135,15 +135,6 @@ async fn setup() -> Result<World> {
             .env("RESYNC_INTERVAL", "1h")
             .name(name)
     };
-    let ingress = ingress_base("ingress")
-        .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8,::1/128")
-        .start()
-        .await;
-    let strict = ingress_base("strict")
-        .env("ALLOWED_CALLBACK_CIDRS", "")
-        .env("DENIED_CALLBACK_CIDRS", "93.184.216.0/24")
-        .start()
-        .await;
 
     let victim_rx = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
     let attacker_rx = Receiver::start(None).await;
@@ -242,6 +233,53 @@ async fn setup() -> Result<World> {
         api_key_instance("ssrf", "fake-app", "ssrf-token", &attacker_rx.url),
     )
     .await?;
+
+    // One replica delivers each instance (rendezvous hashing over the live
+    // replicas' ids): pod names for which the permissive ingress delivers the
+    // tenants' instances and the strict one the SSRF instance (row 10). Hand-offs
+    // route every webhook to the owner, whichever replica it reaches.
+    let mut uids = Vec::new();
+    for (ns, name) in [
+        (&victim_ns, "victim"),
+        (&attacker_ns, "attacker"),
+        (&attacker_ns, "other"),
+        (&attacker_ns, "ssrf"),
+    ] {
+        let instance = Api::<DropboxElementInstance>::namespaced(client.clone(), ns)
+            .get(name)
+            .await?;
+        uids.push((name, instance.metadata.uid.context("uid")?));
+    }
+    let id = |pod: &str| {
+        dropbox_operator::contract::replica_id(&dropbox_operator::contract::heartbeat_key(pod))
+    };
+    let (ingress_pod, strict_pod) = (0..100_000)
+        .map(|k| {
+            (
+                format!("attacks-ingress-{k}"),
+                format!("attacks-strict-{k}"),
+            )
+        })
+        .find(|(permissive, strict)| {
+            let view = [id(permissive), id(strict)];
+            uids.iter().all(|(name, uid)| {
+                let wanted = if *name == "ssrf" { strict } else { permissive };
+                dropbox_operator::ingress::membership::owner(&view, uid)
+                    == Some(id(wanted).as_str())
+            })
+        })
+        .context("no pod names with the wanted owners")?;
+    let ingress = ingress_base("ingress")
+        .env("POD_NAME", &ingress_pod)
+        .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8,::1/128")
+        .start()
+        .await;
+    let strict = ingress_base("strict")
+        .env("POD_NAME", &strict_pod)
+        .env("ALLOWED_CALLBACK_CIDRS", "")
+        .env("DENIED_CALLBACK_CIDRS", "93.184.216.0/24")
+        .start()
+        .await;
 
     for (ns, name) in [
         (&victim_ns, "victim"),
@@ -351,7 +389,7 @@ async fn metric(process: &Process, name: &str, labels: &str) -> usize {
 }
 
 async fn run() -> Result<()> {
-    let w = setup().await?;
+    let mut w = setup().await?;
     let mut rows: Vec<Row> = Vec::new();
     // The ingresses' own syncs (at start, when the second replica appeared) are
     // done: from here on only a webhook can start one.
@@ -888,6 +926,31 @@ async fn run() -> Result<()> {
         let_through: echoed,
     });
 
+    // The permissive ingress takes the SSRF instance over once the strict one
+    // is gone (rows 11 and 12 need loopback callbacks): proven by a delivery.
+    ensure!(
+        w.strict.terminate(Duration::from_secs(10)),
+        "the strict ingress did not stop"
+    );
+    set_callback(w.attacker_rx.url.clone()).await?;
+    let handed_over = w.attacker_rx.accepted().len();
+    w.emu.upload(SSRF_ACCOUNT, "/handed-over.txt", b"h");
+    support::eventually(
+        "the permissive ingress to deliver the SSRF instance",
+        Duration::from_secs(60),
+        || async {
+            let _ = http
+                .post(hook(&w.ingress, APP_KEY))
+                .header("X-Dropbox-Signature", sign(ATTACKER_SECRET, &ssrf_body))
+                .body(ssrf_body.clone())
+                .send()
+                .await;
+            Ok(w.attacker_rx.accepted().len())
+        },
+        |n: &usize| *n > handed_over,
+    )
+    .await?;
+
     // 11. A callback that redirects to an internal address: never followed.
     let followed = Arc::new(AtomicUsize::new(0));
     let target = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -921,6 +984,8 @@ async fn run() -> Result<()> {
         )
     };
     let rejected_before = rejected().await;
+    // Something to deliver (the hand-over above delivered everything before).
+    w.emu.upload(SSRF_ACCOUNT, "/redirected.txt", b"r");
     http.post(hook(&w.ingress, APP_KEY))
         .header("X-Dropbox-Signature", sign(ATTACKER_SECRET, &ssrf_body))
         .body(ssrf_body.clone())

@@ -397,7 +397,7 @@ impl ControlPlane {
         for (user, token) in PROCESS_USERS.iter().zip(&process_tokens) {
             token_file += &format!("{token},{user},{user}-uid,\"system:masters\"\n");
         }
-                let tokens: Vec<(String, String)> = options
+        let tokens: Vec<(String, String)> = options
             .users
             .iter()
             .map(|(user, _)| (user.clone(), random_token()))
