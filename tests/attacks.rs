@@ -1576,6 +1576,28 @@ async fn floods() -> Result<()> {
         closed,
     ));
 
+    // (c) Small uploads (8 KiB declared, under the budget's uncharged size),
+    // wrong signature, each stalled half-way: they cost the budget nothing, and
+    // must not hold the webhook slots (`--max-concurrent-webhooks`, 256) that
+    // genuine webhooks need while they wait for their body timeout.
+    let ingress = flood_ingress(&w, "flood-small").await?;
+    let head = Arc::new(
+        format!(
+            "POST /webhooks/dropbox/{APP_KEY} HTTP/1.1\r\nHost: x\r\nX-Dropbox-Signature: {wrong}\r\nContent-Length: 8192\r\n\r\n"
+        )
+        .into_bytes(),
+    );
+    let r = flood_row(ingress, head, 4096, Duration::from_secs(6), false).await?;
+    // Held (no answer) until SIGTERM closed them, or refused with an error.
+    let held = r.count(|f| {
+        matches!(f, Fate::Closed(_) | Fate::Open)
+            || matches!(f, Fate::Answered { status } if *status >= 400)
+    });
+    rows.push(r.row(
+        format!("{FLOOD} stalled 8 KiB uploads, wrong signature ({held} held or refused)"),
+        held,
+    ));
+
     print_flood_table(&rows);
     let bad: Vec<&str> = rows
         .iter()

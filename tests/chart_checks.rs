@@ -394,7 +394,7 @@ async fn an_umbrella_chart_installs_it_under_its_condition() -> Result<()> {
     ensure!(ok, "enabled: true: {err}");
     ensure!(
         out.contains("kind: Deployment")
-            && out.contains("image: \"mirror.example.com/dropbox-operator:"),
+            && out.contains("image: \"mirror.example.com/dropbox-operator/dropbox-operator:"),
         "{out}"
     );
     let (ok, out, err) = template(&["--set", "dropbox-operator.enabled=false"]);

@@ -569,7 +569,13 @@ fn the_binary_is_a_kubectl_plugin() {
     assert!(out.status.success(), "{help}");
     assert_eq!(
         subcommands(&help),
-        ["import", "connect", "completion", "help"],
+        [
+            "import",
+            "connect",
+            "release-finalizers",
+            "completion",
+            "help"
+        ],
         "{help}"
     );
     let out = std::process::Command::new(support::operator::binary())

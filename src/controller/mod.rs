@@ -248,8 +248,82 @@ pub async fn api_client(timeout: Duration, who: &str) -> Result<Client, kube::Er
         config.headers.push((reqwest::header::USER_AGENT, value));
     }
     Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&tower::timeout::TimeoutLayer::new(timeout))
+        .with_layer(&BoundedRequestsLayer { timeout })
         .build())
+}
+
+/// Bounds every request but lists and watches by a timeout. A list is not
+/// bounded by it: after an API server restart, a consistent list can take
+/// longer than the bound (measured: more than 10 s for the Secrets of one
+/// namespace while the restarted server's cache caught up, tests/faults.rs row
+/// 13 under load), and a list cut off every time is retried for ever: the
+/// controller stayed blind. Lists and watches are bounded by the client's read
+/// timeout instead (a black-holed connection still ends).
+#[derive(Clone, Copy)]
+struct BoundedRequestsLayer {
+    timeout: Duration,
+}
+
+impl<S> tower::Layer<S> for BoundedRequestsLayer {
+    type Service = BoundedRequests<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        BoundedRequests {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct BoundedRequests<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+/// A list (kube-runtime's watcher lists in pages, `limit=`) or a watch.
+fn lists_or_watches<B>(request: &axum::http::Request<B>) -> bool {
+    request.method() == axum::http::Method::GET
+        && request.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|p| p.starts_with("watch=") || p.starts_with("limit="))
+        })
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S, B> tower::Service<axum::http::Request<B>> for BoundedRequests<S>
+where
+    S: tower::Service<axum::http::Request<B>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let bounded = !lists_or_watches(&request);
+        let answer = self.inner.call(request);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            if bounded {
+                match tokio::time::timeout(timeout, answer).await {
+                    Ok(result) => result.map_err(Into::into),
+                    Err(_) => Err(Box::new(tower::timeout::error::Elapsed::new()) as BoxError),
+                }
+            } else {
+                answer.await.map_err(Into::into)
+            }
+        })
+    }
 }
 
 async fn run_as_leader(

@@ -91,7 +91,8 @@ Name of the webhook ingress's ServiceAccount.
 {{- end }}
 
 {{/*
-"<registry>/<repository>" with global.imageRegistry, else the repository.
+"<registry>/<repository>" with global.imageRegistry (the registry host the
+repository names, e.g. ghcr.io, replaced by it), else the repository.
 Called with (list $ repository).
 */}}
 {{- define "dropbox-operator.repository" -}}
@@ -100,6 +101,11 @@ Called with (list $ repository).
 {{- $registry := "" }}
 {{- if $root.Values.global }}{{ $registry = $root.Values.global.imageRegistry | default "" }}{{ end }}
 {{- if $registry }}
+{{- $parts := splitList "/" $repository }}
+{{- $first := first $parts }}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- $repository = join "/" (rest $parts) }}
+{{- end }}
 {{- printf "%s/%s" (trimSuffix "/" $registry) $repository }}
 {{- else }}
 {{- $repository }}
