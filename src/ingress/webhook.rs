@@ -6,10 +6,12 @@
 //! - `POST /webhooks/dropbox/{appKey}`: a notification, checked cheapest first:
 //!   1. an app key no events-enabled instance uses: 404, body not read;
 //!   2. a missing or malformed `X-Dropbox-Signature`: 403, body not read;
-//!   3. a declared length over 1 MiB: 413; too many webhooks in flight, or
-//!      a body the process-wide body budget cannot cover (`super::budget`):
-//!      503 with `Retry-After`; the body not read;
-//!   4. the body (at most 1 MiB, within a deadline): 413 / 408 / 400;
+//!   3. a declared length over 1 MiB: 413; a body the process-wide body
+//!      budget cannot cover (`super::budget`): 503 with `Retry-After`; the
+//!      body not read;
+//!   4. the body (at most 1 MiB, within a deadline): 413 / 408 / 400; then
+//!      too many webhooks at work (`--max-concurrent-webhooks`): 503 with
+//!      `Retry-After` (a client stalled in its body holds no such slot);
 //!   5. the signature (hex HMAC-SHA256 of the raw body, constant-time) under the
 //!      app secret of each instance concerned, one HMAC pass per distinct
 //!      secret ([`super::verify`]).
@@ -137,15 +139,6 @@ async fn notification(
             "request body over 1 MiB",
         );
     }
-    let Ok(_permit) = state.permits.try_acquire() else {
-        count(m, "overloaded");
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")],
-            "too many webhooks in flight",
-        )
-            .into_response();
-    };
     // Charged by the declared length; without one (chunked), the largest body.
     let Some(_charge) = state.budget.charge(declared.unwrap_or(MAX_BODY as u64)) else {
         count(m, "over_budget");
@@ -187,6 +180,20 @@ async fn notification(
                 "the request body was not sent in time",
             );
         }
+    };
+
+    // A slot bounds the work on bodies (signature checks, hand-offs), taken
+    // only once the body is here: a client stalled in its body holds no slot
+    // (the connection cap, the body budget and the body deadline bound those),
+    // so stalled uploads cannot keep genuine webhooks out.
+    let Ok(_permit) = state.permits.try_acquire() else {
+        count(m, "overloaded");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1"), (header::CONNECTION, "close")],
+            "too many webhooks in flight",
+        )
+            .into_response();
     };
 
     // Only the account list decides where the work goes.
