@@ -889,7 +889,19 @@ async fn step_webhook(ctx: &Ctx) -> Result<String> {
     let url = webhook_url(&ctx.client).await?;
     ctx.emu
         .upload(ACCOUNT, "/e2e/hello.txt", b"hello from the e2e node");
-    let answer = ctx.emu.send_webhook(&url, APP_KEY, &[ACCOUNT]).await;
+    // Ready pods reach the Service's endpoints (EndpointSlice, then kube-proxy's
+    // rules) a moment later: until then a connection is refused.
+    let answer = wait_for(
+        "the Service to take the webhook",
+        Duration::from_secs(30),
+        async || {
+            ctx.emu
+                .try_send_webhook(&url, APP_KEY, &[ACCOUNT])
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        },
+    )
+    .await?;
     ensure!(
         answer.status() == 200,
         "the ingress answered {}",
