@@ -247,15 +247,17 @@ fn docs_name_only_what_exists() {
         for span in code_spans(&prose) {
             let first = span.split(' ').next().unwrap_or_default();
             let top = first.split('/').next().unwrap_or_default();
-            if first.contains('/') && dirs.contains(top) && !is_placeholder(first) {
-                if !root.join(first).exists() {
-                    miss("missing path", first);
-                }
+            if first.contains('/')
+                && dirs.contains(top)
+                && !is_placeholder(first)
+                && !root.join(first).exists()
+            {
+                miss("missing path", first);
             }
-            if let Some(target) = make_target(&span) {
-                if !targets.contains(target) {
-                    miss("missing make target", target);
-                }
+            if let Some(target) = make_target(&span)
+                && !targets.contains(target)
+            {
+                miss("missing make target", target);
             }
             if value_path_resolves(&values, &span) == Some(false) {
                 miss("Helm value not in values.yaml", &span);
@@ -266,10 +268,10 @@ fn docs_name_only_what_exists() {
         }
 
         for line in &fenced {
-            if let Some(target) = make_target(line) {
-                if !targets.contains(target) {
-                    miss("missing make target", target);
-                }
+            if let Some(target) = make_target(line)
+                && !targets.contains(target)
+            {
+                miss("missing make target", target);
             }
         }
     }
