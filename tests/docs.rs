@@ -5,7 +5,8 @@
 //!   (`[text](docs/operations.md)`, resolved from the file that links): each must
 //!   exist. A backticked path counts when it starts with a directory of the
 //!   repository (`target/` is built, not checked in, so it is not one);
-//!   placeholders (`<`, `*`, `…`, `{`) and URLs are skipped;
+//!   placeholders (`<`, `*`, `…`, `{`) and URLs are skipped; a link's
+//!   `#fragment` into a Markdown file must be one of its headings;
 //! - `make TARGET` (in backticks or on a line of a fenced block): TARGET must be a
 //!   target of the Makefile;
 //! - Helm value paths in backticks whose first segment is a top-level key of the
@@ -85,6 +86,27 @@ fn link_targets(prose: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// GitHub's anchors of a Markdown file's headings: lower case, spaces to `-`,
+/// other punctuation dropped.
+fn anchors(text: &str) -> BTreeSet<String> {
+    let (prose, _) = split_fences(text);
+    prose
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .map(|l| l.trim_start_matches('#'))
+        .filter_map(|l| l.strip_prefix(' '))
+        .map(|heading| {
+            heading
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == '-' || *c == '_' || *c == ' ')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect()
 }
 
 fn is_placeholder(s: &str) -> bool {
@@ -234,13 +256,23 @@ fn docs_name_only_what_exists() {
             |what: &str, name: &str| misses.push(format!("{}: {what} `{name}`", doc.display()));
 
         for target in link_targets(&prose) {
-            let path = target.split('#').next().unwrap_or_default();
-            if path.is_empty() || is_placeholder(path) {
+            let (path, fragment) = target.split_once('#').unwrap_or((&target, ""));
+            if is_placeholder(path) {
                 continue;
             }
             let base = doc.parent().unwrap_or(Path::new(""));
-            if !root.join(base).join(path).exists() {
+            let file = if path.is_empty() {
+                root.join(&doc)
+            } else {
+                root.join(base).join(path)
+            };
+            if !file.exists() {
                 miss("link to a missing path", &target);
+            } else if !fragment.is_empty()
+                && file.extension().is_some_and(|e| e == "md")
+                && !anchors(&fs::read_to_string(&file).unwrap_or_default()).contains(fragment)
+            {
+                miss("link to a missing heading", &target);
             }
         }
 
@@ -321,4 +353,8 @@ fn the_rules_tell_real_from_missing() {
     assert!(make_targets().contains("test"));
     assert_eq!(make_target("make e2e E2E_IMAGE="), Some("e2e"));
     assert!(is_placeholder("tests/*/node_modules"));
+    assert!(
+        anchors("# T\n## Side by side with Knative's GitHubSource adapter\n")
+            .contains("side-by-side-with-knatives-githubsource-adapter")
+    );
 }
