@@ -379,7 +379,7 @@ fn cloud_event(instance: &InstanceInfo, id: &str, time: Timestamp, data: Value) 
 /// receiver using a Standard Webhooks library must hand it
 /// `"whsec_" + base64(key)`.
 ///
-/// Header names are spelled as in README; HTTP header names are
+/// Header names are spelled as in docs/user-guide.md; HTTP header names are
 /// case-insensitive, but `http::HeaderName::from_static` only takes lowercase,
 /// so convert with `HeaderName::try_from`.
 pub fn signature_headers(
