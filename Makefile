@@ -40,7 +40,7 @@ bench-scale: controlplane
 	BENCH_INSTANCES=$(BENCH_INSTANCES) BENCH_ROUNDS=$(BENCH_ROUNDS) $(CARGO) test --release --test bench -- --ignored --nocapture bench_controller
 	$(BENCH_COLLECT)
 
-## bench-readme: README's performance table and the plots in docs/benchmarks/ from
+## bench-readme: docs/performance.md's table and the plots in docs/benchmarks/ from
 ## docs/benchmarks/results.json (matplotlib, pinned, in a venv under target/)
 bench-readme: target/bench-venv/.installed
 	python3 hack/bench-results.py readme
@@ -52,7 +52,7 @@ target/bench-venv/.installed: hack/bench-requirements.txt
 	touch $@
 
 ## bench-peer: the ingress beside Knative's GitHubSource receive adapter, which you
-## bring (README.md, "Side by side with Knative's GitHubSource adapter"); not in CI
+## bring (docs/performance.md, "Side by side with Knative's GitHubSource adapter"); not in CI
 bench-peer: controlplane
 	$(BENCH_RELEASE)
 	hack/bench-peer.sh

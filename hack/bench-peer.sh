@@ -3,7 +3,7 @@
 # (knative-extensions/eventing-github, cmd/receive_adapter): builds the adapter
 # when it is missing, then runs the ignored test tests/bench_peer.rs in release
 # mode against the real test control plane. Results: target/bench/peer.json and
-# target/bench/peer.txt. A documented manual step (README.md, "Side by side with
+# target/bench/peer.txt. A documented manual step (docs/performance.md, "Side by side with
 # Knative's GitHubSource adapter"), not part of CI.
 #
 # The adapter's source is not part of this repository and this script never

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark sections -> results.json -> README's performance table and plots.
+"""Benchmark sections -> results.json -> docs/performance.md's table and plots.
 
   hack/bench-results.py stamp      print where a section is being measured: commit,
                                    source digest, time (the benchmarks call this)
@@ -9,10 +9,10 @@
                                    Refuses a section measured on another source tree
                                    than the current one; --keep NAME keeps that
                                    section anyway and records that it was kept so
-  hack/bench-results.py readme     regenerate README's table from docs/benchmarks/results.json
+  hack/bench-results.py readme     regenerate docs/performance.md's table from docs/benchmarks/results.json
   hack/bench-results.py plots      draw docs/benchmarks/*.svg and *.png from results.json
                                    (needs matplotlib: `make bench-readme` uses a venv)
-  hack/bench-results.py check      fail when README's table or the plots are not the
+  hack/bench-results.py check      fail when docs/performance.md's table or the plots are not the
                                    ones results.json gives (`make lint`)
 
 The source digest of a tree is the SHA-256 of `sha256sum`'s output over the
@@ -36,7 +36,7 @@ COMMITTED = DOCS / "results.json"
 PLOTS_MANIFEST = DOCS / "plots.json"
 PLOTTER = ROOT / "hack" / "bench-plots.py"
 REQUIREMENTS = ROOT / "hack" / "bench-requirements.txt"
-README = ROOT / "README.md"
+TABLE_DOC = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # What the figures are measured on, and what measures them.
 SOURCE = ["src", "Cargo.toml", "Cargo.lock"]
@@ -165,7 +165,7 @@ def table(results):
     lines = [
         f"Collected on {results['generated'][:10]} at commit `{results['commit'][:12]}` "
         "(`make bench`, `make bench-scale`, `make bench-peer`, then `make bench-readme`; raw "
-        "figures in [docs/benchmarks/results.json](docs/benchmarks/results.json)). "
+        "figures in [docs/benchmarks/results.json](benchmarks/results.json)). "
         "Each section was measured on its own source tree:",
         "",
         "| section | commit | measured | source digest | note |",
@@ -205,9 +205,9 @@ def rendered_readme():
     if not COMMITTED.exists():
         sys.exit(f"{COMMITTED.relative_to(ROOT)} is missing: run `make bench` and `make bench-readme`")
     results = json.loads(COMMITTED.read_text())
-    text = README.read_text()
+    text = TABLE_DOC.read_text()
     if BEGIN not in text or END not in text:
-        sys.exit(f"README.md has no {BEGIN} ... {END} markers")
+        sys.exit(f"docs/performance.md has no {BEGIN} ... {END} markers")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     return text, head + BEGIN + "\n" + table(results) + END + tail, results
@@ -274,15 +274,15 @@ def main():
         collect(keep)
     elif cmd == "readme":
         _, new, _ = rendered_readme()
-        README.write_text(new)
-        print("README.md performance table regenerated")
+        TABLE_DOC.write_text(new)
+        print("docs/performance.md table regenerated")
     elif cmd == "plots":
         plots()
     elif cmd == "check":
         old, new, results = rendered_readme()
         problems = []
         if old != new:
-            problems.append("README's performance table differs from docs/benchmarks/results.json")
+            problems.append("docs/performance.md's table differs from docs/benchmarks/results.json")
         problems += check_plots()
         if problems:
             sys.exit("\n".join(problems) + "\nrun `make bench-readme`")
@@ -292,7 +292,7 @@ def main():
         if stale:
             print("note: these sections of docs/benchmarks/results.json were measured on another "
                   f"source tree than this one: {', '.join(stale)}; rerun them before a release")
-        print("README's performance table and plots match docs/benchmarks/results.json")
+        print("docs/performance.md's table and plots match docs/benchmarks/results.json")
     else:
         sys.exit(__doc__)
 

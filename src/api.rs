@@ -1,4 +1,4 @@
-//! The `DropboxElementInstance` custom resource (README, "Resource reference").
+//! The `DropboxElementInstance` custom resource (docs/reference.md, "Resource reference").
 //!
 //! The CRD YAML in `crds/` is generated from these types by `dropbox-operator crd`;
 //! doc comments become the descriptions `kubectl explain` prints, and the
@@ -328,7 +328,7 @@ pub struct DropboxElementInstanceStatus {
     pub code_fingerprint: Option<String>,
 
     /// Set when a person has to (re-)approve the app. Simplest: run
-    /// `kubectl dropbox connect <name>` (README, "Connect an account in one
+    /// `kubectl dropbox connect <name>` (docs/user-guide.md, "Connect an account in one
     /// command"). Or open this Dropbox URL (its redirect URI is callbackUrl),
     /// then put the new code in the code Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,4 +1,4 @@
-//! Condition types and the fixed list of reasons (README, "Conditions and reasons"), and the helpers
+//! Condition types and the fixed list of reasons (docs/reference.md, "Conditions and reasons"), and the helpers
 //! that keep `lastTransitionTime` stable and decide whether status changed.
 
 use std::fmt;
@@ -18,7 +18,7 @@ pub const EVENTS_DELIVERING: &str = "EventsDelivering";
 /// Every condition above that applies is True (controller).
 pub const READY: &str = "Ready";
 
-/// Every reason a condition can carry. The README's condition table is this list.
+/// Every reason a condition can carry. The condition table of docs/reference.md is this list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
     /// Authorized=True: the access token works.
@@ -138,7 +138,7 @@ impl Reason {
     }
 }
 
-/// Every reason, in the README's order.
+/// Every reason, in the order of docs/reference.md's table.
 pub const ALL_REASONS: [Reason; 24] = [
     Reason::TokenValid,
     Reason::SecretNotFound,
@@ -276,13 +276,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_readme_documents_every_reason() {
-        let readme = include_str!("../README.md");
+    fn the_reference_documents_every_reason() {
+        let readme = include_str!("../docs/reference.md");
         for reason in ALL_REASONS {
             assert_eq!(Reason::parse(reason.as_str()), Some(reason));
             assert!(
                 readme.contains(&format!("| `{reason}` |")),
-                "README.md's condition table lacks {reason}"
+                "docs/reference.md's condition table lacks {reason}"
             );
         }
     }

@@ -1,5 +1,5 @@
 //! `dropbox-operator connect` (also `kubectl dropbox connect`): authorizes an
-//! oauth2 instance's Dropbox account in one command (README, "Connect an account
+//! oauth2 instance's Dropbox account in one command (docs/user-guide.md, "Connect an account
 //! in one command").
 //!
 //! 1. Reads the instance; the app key is its `status.appKey`, which the
@@ -1160,7 +1160,7 @@ fn find<'a>(instance: &'a DropboxElementInstance, type_: &str) -> Option<&'a Con
 }
 
 /// Reasons after which this code will not make the instance Ready: a person
-/// has to act (README, "Conditions and reasons").
+/// has to act (docs/reference.md, "Conditions and reasons").
 const TERMINAL: [&str; 7] = [
     "CodeExchangeFailed",
     "CodeAlreadyUsed",

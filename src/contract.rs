@@ -59,7 +59,7 @@ pub const INGRESS_PEER_PORT: i32 = 8082;
 
 /// Annotation on an instance whose delivery was parked (a callback that
 /// failed permanently or for too long): setting it to a new value resumes
-/// delivery from the committed cursor (README, "Delivery guarantees"). A change
+/// delivery from the committed cursor (docs/user-guide.md, "Delivery guarantees"). A change
 /// of the spec resumes it too.
 pub const RESUME_ANNOTATION: &str = "elements.dropbox-operator.dev/resume-delivery";
 
@@ -226,7 +226,7 @@ impl DeliveryState {
 
 /// Key of the PKCE code verifier in an instance's code Secret, next to the
 /// code: written by `dropbox-operator connect`, sent by the controller with the
-/// code (README, "Connect an account in one command").
+/// code (docs/user-guide.md, "Connect an account in one command").
 pub const CODE_VERIFIER_KEY: &str = "code_verifier";
 /// Key of the redirect URI a code was obtained with, in the code Secret (written
 /// by `connect`). When present, the controller sends exactly it when it

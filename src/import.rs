@@ -1,5 +1,5 @@
 //! `dropbox-operator import`: turns a Cloud Elements instance JSON (the body
-//! POSTed to `/instances`, README "Coming from Cloud Elements") into the Secrets and the
+//! POSTed to `/instances`, docs/user-guide.md "Coming from Cloud Elements") into the Secrets and the
 //! `DropboxElementInstance` that `kubectl apply -f -` accepts.
 //!
 //! Secret values go into Secrets (`stringData`, type Opaque), never into the

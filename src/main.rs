@@ -150,7 +150,7 @@ fn log_format_name(f: LogFormat) -> &'static str {
 
 /// jemalloc rather than the system allocator: the controller holds small
 /// objects for every instance, and with jemalloc it keeps less memory resident
-/// per instance (README, "Performance", gives the measured difference).
+/// per instance (docs/performance.md gives the measured difference).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -1,5 +1,5 @@
 //! `dropbox-operator release-finalizers` (also `kubectl dropbox
-//! release-finalizers`): the escape hatch for a removed controller (README,
+//! release-finalizers`): the escape hatch for a removed controller (docs/operations.md,
 //! "Troubleshooting").
 //!
 //! Instances and their token Secrets carry the finalizer

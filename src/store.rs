@@ -90,7 +90,7 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 /// Drops from a cached instance what neither the controller nor the ingress
 /// reads: field-management bookkeeping and kubectl's last-applied copy of the
 /// spec, together most of a small instance's size. Caches hold every instance
-/// for the process's lifetime (README, "Performance").
+/// for the process's lifetime (docs/performance.md).
 pub fn slim_instance(instance: &mut crate::api::DropboxElementInstance) {
     instance.metadata.managed_fields = None;
     if let Some(annotations) = instance.metadata.annotations.as_mut() {

@@ -5,9 +5,9 @@
 //! target/bench/ (a text report and a JSON file stamped with the commit, the
 //! time and the source tree's digest); `hack/bench-results.py collect` merges
 //! them into docs/benchmarks/results.json and `make bench-readme` turns that
-//! into README's performance table and the plots in docs/benchmarks/.
+//! into docs/performance.md's table and the plots in docs/benchmarks/.
 //!
-//! The rules every figure here follows (README, "Performance"):
+//! The rules every figure here follows (docs/performance.md):
 //! - every figure is the median of at least 3 rounds (`BENCH_ROUNDS`), and
 //!   every round's value is kept (the table shows their spread);
 //! - a baseline makes exactly the calls the measured side makes, and the

@@ -7,7 +7,7 @@
 //!
 //! Ignored by `cargo test`: the peer is not part of the project. Run it with
 //! `make bench-peer` (hack/bench-peer.sh), which builds the adapter from a
-//! checkout you bring and this test in release mode; README.md, "Side by side
+//! checkout you bring and this test in release mode; docs/performance.md, "Side by side
 //! with Knative's GitHubSource adapter", has the setup and the figures. Results
 //! go to target/bench/peer.json.
 
@@ -115,7 +115,7 @@ impl Sink {
     }
 }
 
-/// `Elements-Webhook-Signature: sha256=<base64 HMAC-SHA256(key, body)>` (README, "Events").
+/// `Elements-Webhook-Signature: sha256=<base64 HMAC-SHA256(key, body)>` (docs/user-guide.md, "Events").
 fn elements_signature_ok(headers: &HeaderMap, body: &[u8]) -> bool {
     let Some(sig) = headers
         .get("elements-webhook-signature")

@@ -1,4 +1,4 @@
-//! Upgrading the CRD of a Helm release, the documented way (README "Upgrade
+//! Upgrading the CRD of a Helm release, the documented way (docs/operations.md "Upgrade
 //! notes", chart README "CRDs"), with the real helm and kubectl on a real API
 //! server. Its own test binary: here helm must be the one that creates the CRD
 //! (the other test binaries install it themselves).

@@ -774,7 +774,7 @@ fn completion_scripts_complete_in_bash() {
 // ---- a real browser -------------------------------------------------------------
 
 /// Where the browser rows put their screenshots; with DOCS_SCREENSHOTS=1 they
-/// also replace docs/images/connect-*.png (README, "Connect an account").
+/// also replace docs/images/connect-*.png (docs/user-guide.md, "Connect an account").
 fn screenshot_path(name: &str) -> std::path::PathBuf {
     let dir = support::controlplane::repo_root().join("target/screenshots");
     std::fs::create_dir_all(&dir).expect("screenshot dir");
@@ -837,7 +837,7 @@ fn json_lines(stdout: &str) -> Result<Vec<serde_json::Value>> {
         .collect()
 }
 
-/// A user who may do what connect needs and nothing more (README, "Connect an
+/// A user who may do what connect needs and nothing more (docs/user-guide.md, "Connect an
 /// account in one command": the Role there): read instances, create Secrets and
 /// patch the one code Secret. No `get` on any Secret, so not on the app Secret.
 fn connect_user(ns: &str, code_secret: &str) -> Result<std::path::PathBuf> {

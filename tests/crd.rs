@@ -368,7 +368,7 @@ async fn imported_cloud_elements_instance_is_accepted_by_the_api_server() -> Res
     let client = support::client().await;
     support::install_crd(&client).await?;
     let ns = support::namespace(&client, "import").await;
-    // The instance JSON as Cloud Elements documents it (README, "Coming from Cloud Elements"), with values.
+    // The instance JSON as Cloud Elements documents it (docs/user-guide.md, "Coming from Cloud Elements"), with values.
     let json = r#"{
       "element": { "key": "dropbox" },
       "providerData": { "code": "Xo0C2mBkUiAAAAAAAAAAFm3pQwz9Lr7Tn5VhY1cD8sK" },

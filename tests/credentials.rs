@@ -1,4 +1,4 @@
-//! Credential lifecycle guarantees, proven by faults (README, "Conditions and
+//! Credential lifecycle guarantees, proven by faults (docs/reference.md, "Conditions and
 //! reasons" and "Security"): a single-use code is never sent twice, a working
 //! instance never breaks or flaps, and deletion always revokes.
 //!
@@ -938,7 +938,7 @@ async fn quota(c: &mut Ctx) -> Result<Outcome> {
     Ok(out)
 }
 
-/// While the token Secret is refused: the code must stay unsent (README,
+/// While the token Secret is refused: the code must stay unsent (docs/reference.md,
 /// `TokensNotStored`: "the code is kept unsent and retried").
 async fn while_refused(c: &Ctx, name: &str) -> Result<Vec<String>> {
     let i = c.get(name).await?;
@@ -1451,7 +1451,7 @@ async fn malformed_api_key(c: &mut Ctx) -> Result<Outcome> {
         )),
     }
     // Dropbox echoes the Authorization header in its 400 text: the Secret's value
-    // must not travel on into status or Events (README, "Security").
+    // must not travel on into status or Events (docs/security.md).
     let status = serde_json::to_string(&c.get("key").await?.status)?;
     let events = c.warnings("key").await?.join("\n");
     if status.contains(MALFORMED_KEY) || events.contains(MALFORMED_KEY) {
@@ -2281,7 +2281,7 @@ async fn panic_contained(c: &mut Ctx) -> Result<Outcome> {
 /// The controller is removed (killed) with instances Ready; their access
 /// tokens expire; the app Secret, then the namespace, are deleted: the
 /// namespace hangs on the finalizers. `dropbox-operator release-finalizers -n
-/// NS` (the escape hatch README documents) revokes every token family,
+/// NS` (the escape hatch docs/operations.md documents) revokes every token family,
 /// refreshing the expired tokens with the app credentials the token Secrets
 /// keep, and releases the finalizers: the namespace goes away.
 async fn released_by_hand(c: &mut Ctx) -> Result<Outcome> {

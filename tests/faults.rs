@@ -1,4 +1,4 @@
-//! Delivery guarantees under faults (README, "Delivery guarantees"): the real
+//! Delivery guarantees under faults (docs/user-guide.md, "Delivery guarantees"): the real
 //! controller and ingress processes on a real control plane, the Dropbox
 //! emulator and a callback receiver that checks both signatures itself.
 //!
@@ -283,7 +283,7 @@ fn passed_undelivered(
 
 /// Samples an instance's committed cursor every 100 ms and records every path
 /// whose state at the cursor the receiver had not accepted: the cursor must
-/// only move past delivered changes (README, "Delivery guarantees"). The
+/// only move past delivered changes (docs/user-guide.md, "Delivery guarantees"). The
 /// cursor is read before the receiver's record, which only grows, so a sample
 /// never accuses a commit that followed its delivery.
 struct CursorWatch {

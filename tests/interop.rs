@@ -3,10 +3,10 @@
 //!
 //! One end-to-end run (control plane, controller, ingress, Dropbox emulator)
 //! captures an `elements` and a `cloudevents` delivery signed with a key. Each
-//! library then gets the captured raw body and headers, keyed the way README tells
+//! library then gets the captured raw body and headers, keyed the way docs/user-guide.md tells
 //! a receiver to (`whsec_` + base64 of the key): every delivery must be accepted,
 //! a tampered body, a wrong key and a timestamp outside the tolerance refused, and
-//! the CloudEvents delivery must parse to the attributes README documents, with
+//! the CloudEvents delivery must parse to the attributes docs/user-guide.md documents, with
 //! the Standard Webhooks `webhook-id` as its id.
 //!
 //! The Python and Node packages are pinned in `tests/interop/requirements.txt` and
@@ -38,10 +38,10 @@ const APP_SECRET: &str = "APP-SECRET-1nter0p";
 const ACCOUNT: &str = "dbid:AAB-interop-account-0001";
 const REDIRECT: &str = "https://www.mycoolapp.com/auth";
 /// Not base64, not ASCII, with the characters base64 uses: a library (or a
-/// README line) that took the key for anything but raw bytes would fail.
+/// docs/user-guide.md line) that took the key for anything but raw bytes would fail.
 const SIGNING_KEY: &str = "interop key: ü/+= not base64!";
 const WRONG_KEY: &str = "interop key: ü/+= not base64?";
-const README: &str = include_str!("../README.md");
+const GUIDE: &str = include_str!("../docs/user-guide.md");
 
 /// What one library made of one case.
 #[derive(Debug, serde::Deserialize)]
@@ -295,7 +295,7 @@ fn judge(language: &str, case: &Case, outcome: &Outcome, cloudevents: &Delivery,
         assert!(outcome.event.is_none(), "{what}");
         return;
     }
-    // The CloudEvent, attribute by attribute, as README documents it.
+    // The CloudEvent, attribute by attribute, as docs/user-guide.md documents it.
     let event = outcome
         .event
         .as_ref()
@@ -394,7 +394,7 @@ fn rust_outcomes(cases: &[Case]) -> BTreeMap<String, Outcome> {
         .collect()
 }
 
-/// What README shows a Rust receiver doing, line for line (a test checks).
+/// What docs/user-guide.md shows a Rust receiver doing, line for line (a test checks).
 #[rustfmt::skip]
 fn official_rust(key: &[u8], body: Vec<u8>, headers: HeaderMap, format: &str) -> Result<Option<cloudevents::Event>> {
     let webhook = standardwebhooks::Webhook::new(&format!("whsec_{}", STANDARD.encode(key)))?;
@@ -472,22 +472,22 @@ fn script(command: &mut Command, cases: &std::path::Path) -> BTreeMap<String, Ou
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{command:?} printed {stdout}: {e}"))
 }
 
-// --- README shows exactly the lines used here ---
+// --- docs/user-guide.md shows exactly the lines used here ---
 
-/// The first fenced block of `lang` after the line `label` in README.
+/// The first fenced block of `lang` after the line `label` in docs/user-guide.md.
 fn readme_snippet(label: &str, lang: &str) -> &'static str {
-    let start = README
+    let start = GUIDE
         .find(label)
-        .unwrap_or_else(|| panic!("README has no {label:?}"));
+        .unwrap_or_else(|| panic!("docs/user-guide.md has no {label:?}"));
     let fence = format!("```{lang}\n");
-    let body = &README[start..];
+    let body = &GUIDE[start..];
     let open = body.find(&fence).expect("code block") + fence.len();
     let close = body[open..].find("```").expect("closing fence");
     &body[open..open + close]
 }
 
 #[test]
-fn readme_shows_the_official_library_lines_these_tests_run() {
+fn user_guide_shows_the_official_library_lines_these_tests_run() {
     for (label, lang, source) in [
         (
             "Python, official libraries",
@@ -509,7 +509,7 @@ fn readme_shows_the_official_library_lines_these_tests_run() {
         for line in snippet.lines().map(str::trim).filter(|l| !l.is_empty()) {
             assert!(
                 source.lines().any(|l| l.trim() == line),
-                "README's {label:?} line is not what the test runs: {line}"
+                "docs/user-guide.md's {label:?} line is not what the test runs: {line}"
             );
         }
     }

@@ -1,4 +1,5 @@
-//! The signature-verification snippets in README.md work: each is run against a
+//! The signature-verification snippets in docs/user-guide.md ("Verifying a
+//! delivery", by hand) work: each is run against a
 //! body signed by the ingress's own signing code, and must accept it and reject
 //! a tampered body.
 
@@ -6,15 +7,15 @@ use std::process::Command;
 
 use dropbox_operator::ingress::payload::signature_headers;
 
-const README: &str = include_str!("../README.md");
+const GUIDE: &str = include_str!("../docs/user-guide.md");
 
 /// The first fenced block of `lang` after the line `label`.
 fn snippet(label: &str, lang: &str) -> String {
-    let start = README
+    let start = GUIDE
         .find(label)
-        .unwrap_or_else(|| panic!("README has no {label:?}"));
+        .unwrap_or_else(|| panic!("docs/user-guide.md has no {label:?}"));
     let fence = format!("```{lang}\n");
-    let body = &README[start..];
+    let body = &GUIDE[start..];
     let open = body.find(&fence).expect("code block") + fence.len();
     let close = body[open..].find("```").expect("closing fence");
     body[open..open + close].to_owned()
@@ -86,9 +87,9 @@ fn node_snippet_verifies_both_schemes() {
     assert!(ok && out.trim() == "ok", "{out}");
 }
 
-/// README's Rust snippet, verbatim (a test below keeps the two identical).
+/// The guide's Rust snippet, verbatim (a test below keeps the two identical).
 #[rustfmt::skip]
-mod readme_rust {
+mod guide_rust {
     use base64::{Engine, engine::general_purpose::STANDARD};
     use hmac::{Hmac, KeyInit, Mac};
     type HmacSha256 = Hmac<sha2::Sha256>;
@@ -107,9 +108,9 @@ mod readme_rust {
 }
 
 #[test]
-fn rust_snippet_is_the_readme_text_and_verifies_both_schemes() {
+fn rust_snippet_is_the_guide_text_and_verifies_both_schemes() {
     let source = include_str!("readme_snippets.rs");
-    let start = source.find("mod readme_rust {\n").expect("module") + "mod readme_rust {\n".len();
+    let start = source.find("mod guide_rust {\n").expect("module") + "mod guide_rust {\n".len();
     let end = source[start..].find("\n}\n").expect("module end") + start + 1;
     let ours: String = source[start..end]
         .lines()
@@ -119,7 +120,7 @@ fn rust_snippet_is_the_readme_text_and_verifies_both_schemes() {
     assert_eq!(
         ours.trim(),
         snippet("Rust (`hmac`, `sha2`, `base64`):", "rust").trim(),
-        "README's Rust snippet changed"
+        "docs/user-guide.md's Rust snippet changed"
     );
 
     let body = r#"{"message":{"eventId":"evt-123","events":[]}}"#;
@@ -137,7 +138,7 @@ fn rust_snippet_is_the_readme_text_and_verifies_both_schemes() {
         h("webhook-timestamp"),
         h("webhook-signature"),
     );
-    assert!(readme_rust::verify(
+    assert!(guide_rust::verify(
         b"my-key",
         body.as_bytes(),
         &sig,
@@ -145,7 +146,7 @@ fn rust_snippet_is_the_readme_text_and_verifies_both_schemes() {
         &ts,
         &wh
     ));
-    assert!(!readme_rust::verify(
+    assert!(!guide_rust::verify(
         b"my-key",
         b"tampered",
         &sig,
@@ -153,7 +154,7 @@ fn rust_snippet_is_the_readme_text_and_verifies_both_schemes() {
         &ts,
         &wh
     ));
-    assert!(!readme_rust::verify(
+    assert!(!guide_rust::verify(
         b"other",
         body.as_bytes(),
         &sig,

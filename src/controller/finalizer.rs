@@ -1,5 +1,5 @@
 //! The revoke finalizer: deletion always revokes a token that existed
-//! (README, "Security").
+//! (docs/security.md).
 //!
 //! - the instance carries [`FINALIZER`], added before any code is sent (in the
 //!   same write that records the code as sent);

@@ -170,7 +170,7 @@ fn texts(instance: &DropboxElementInstance, token_secret: String) -> Texts {
         .as_ref()
         .map(|r| format!("Secret {:?}", r.name))
         .unwrap_or_else(|| "the app Secret".into());
-    // `connect` first, the raw way second (README, "Connect an account in one command").
+    // `connect` first, the raw way second (docs/user-guide.md, "Connect an account in one command").
     let reapprove_hint = format!(
         "Run `kubectl dropbox connect {} -n {}`, or approve the app again at status.authorizeUrl \
          and put the new code in {code_location}.",

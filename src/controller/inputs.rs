@@ -184,7 +184,7 @@ impl SecretCache {
 
 /// What a reconcile reads of a Secret, held compactly: one is cached per
 /// instance and per referenced Secret, so its size is the controller's memory
-/// per instance (README, "Performance"). A `Secret` keeps each of its maps in a
+/// per instance (docs/performance.md). A `Secret` keeps each of its maps in a
 /// B-tree node of about half a KiB however few entries it has, and carries
 /// metadata no reconcile reads (uid, creation time, field managers, a
 /// `kubectl apply` annotation repeating the data); here maps are exact-size

@@ -13,7 +13,7 @@
 //! Everything here is pure: no API server, no Dropbox, no clock but
 //! `facts.now`, so every transition is tested from a table below.
 //!
-//! The rules it encodes (README, "Conditions and reasons"):
+//! The rules it encodes (docs/reference.md, "Conditions and reasons"):
 //! - a code is single-use and never burned by us: everything that must succeed
 //!   after the exchange is proven before it (the token Secret write, by a dry
 //!   run; the app key and secret, by Dropbox's `check/app`), and its fingerprint

@@ -150,7 +150,7 @@ impl Projector<'_> {
         input: EventsInputs<'_>,
     ) -> Result<EventsStep, kube::Error> {
         // Long-polled instances take no webhook: no webhook path to register, and
-        // no app secret to verify one with (README, "Behind a firewall").
+        // no app secret to verify one with (docs/user-guide.md, "Behind a firewall").
         let longpoll = instance
             .spec
             .events

@@ -230,7 +230,7 @@ async fn reconcile_once(instance: &DropboxElementInstance, ctx: &Context) -> Res
         &Time(now()),
     );
     // The app key is public (every authorize link carries it); published so that
-    // `connect` needs no access to the app Secret (README, "Connect an account").
+    // `connect` needs no access to the app Secret (docs/user-guide.md, "Connect an account").
     desired.app_key = app.map(|a| a.client_id.clone());
     if conditions::status_differs(instance.status.as_ref(), &desired) {
         tracing::debug!(

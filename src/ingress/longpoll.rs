@@ -1,5 +1,5 @@
 //! Long-polls: how instances with `spec.events.source: longpoll` learn of their
-//! changes without any webhook (README, "Behind a firewall").
+//! changes without any webhook (docs/user-guide.md, "Behind a firewall").
 //!
 //! The replica responsible for an instance (the same rendezvous hashing over
 //! the live replicas that decides who delivers it, [`super::membership`]) holds one

@@ -1,4 +1,4 @@
-//! What the ingress sends to a callback (README, "Events"):
+//! What the ingress sends to a callback (docs/user-guide.md, "Events"):
 //! Dropbox `files/list_folder/continue` entries become standardized events,
 //! the events are cut into notifications of at most
 //! [`MAX_EVENTS_PER_NOTIFICATION`], each notification gets a JSON body
@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// README, "Events": "at most 20 events per request".
+/// docs/user-guide.md, "Events": "at most 20 events per request".
 pub const MAX_EVENTS_PER_NOTIFICATION: usize = 20;
 
 /// The header Dropbox signs its webhook notifications with.
@@ -375,11 +375,11 @@ fn cloud_event(instance: &InstanceInfo, id: &str, time: Timestamp, data: Value) 
 /// (<https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md>,
 /// "Signature scheme" and "Webhook headers"). One deviation: the spec presents
 /// secrets as `whsec_<base64>` and HMACs with the decoded bytes; here `key` is
-/// the user's raw key bytes, used directly as the HMAC key (README, "Verifying a delivery"), so a
+/// the user's raw key bytes, used directly as the HMAC key (docs/user-guide.md, "Verifying a delivery"), so a
 /// receiver using a Standard Webhooks library must hand it
 /// `"whsec_" + base64(key)`.
 ///
-/// Header names are spelled as in README; HTTP header names are
+/// Header names are spelled as in docs/user-guide.md; HTTP header names are
 /// case-insensitive, but `http::HeaderName::from_static` only takes lowercase,
 /// so convert with `HeaderName::try_from`.
 pub fn signature_headers(

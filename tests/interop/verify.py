@@ -3,7 +3,7 @@
 Usage: verify.py CASES_JSON. Prints one JSON object: for every case, whether the
 Standard Webhooks library accepted it (and its error), and for CloudEvents cases
 the event the CloudEvents SDK parsed. tests/interop.rs judges the outcome; the
-lines README shows are used here verbatim (the test checks that too).
+lines docs/user-guide.md shows are used here verbatim (the test checks that too).
 """
 
 import base64

@@ -2,7 +2,7 @@
 //! with their rounds, the section files `make bench` collects into
 //! docs/benchmarks/results.json (each stamped with the source tree it was
 //! measured on), process CPU and memory from /proc, kube-apiserver's request
-//! counters, and CPU pinning (README, "Performance", has the method).
+//! counters, and CPU pinning (docs/performance.md has the method).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,7 +30,7 @@ pub fn bench_dir() -> PathBuf {
     dir
 }
 
-/// The load a latency was measured under (README's table has a column for it).
+/// The load a latency was measured under (docs/performance.md's table has a column for it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Load {
     /// One request at a time, nothing else running.
@@ -51,7 +51,7 @@ impl Load {
     }
 }
 
-/// One measured figure, as README's table shows it: the median of its rounds,
+/// One measured figure, as docs/performance.md's table shows it: the median of its rounds,
 /// with every round's value kept.
 pub struct Figure {
     pub id: String,

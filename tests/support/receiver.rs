@@ -9,7 +9,7 @@
 //! last event per path is the path's final state.
 //!
 //! The signatures are checked with this file's own HMAC code, written from the
-//! README's rule ("Events": `sha256=` + base64(HMAC-SHA256(key, raw body)), and
+//! docs/user-guide.md's rule ("Events": `sha256=` + base64(HMAC-SHA256(key, raw body)), and
 //! `v1,` + base64(HMAC-SHA256(key, "<webhook-id>.<webhook-timestamp>.<body>"))),
 //! not with the crate's verifiers: a mistake shared by the ingress's signer and
 //! its verifier cannot make a test pass.

@@ -65,7 +65,8 @@ app.kubernetes.io/component: controller
 
 {{/*
 Selector labels of the webhook ingress pods and Service. The controller sets them
-(src/controller/events.rs); they do not depend on the release.
+(src/controller/ingress.rs, with the names in src/contract.rs); they do not
+depend on the release.
 */}}
 {{- define "dropbox-operator.ingressSelectorLabels" -}}
 app.kubernetes.io/name: dropbox-operator
