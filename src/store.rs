@@ -87,6 +87,23 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
+/// The shared backoff of a controller's merged trigger streams when each of them
+/// already backs off on its own ([`watch_backoff`]): a short constant pause, so
+/// one stream's error never holds the others back for long.
+pub struct TriggerBackoff;
+
+impl Iterator for TriggerBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::from_millis(50))
+    }
+}
+
+impl kube::runtime::utils::Backoff for TriggerBackoff {
+    fn reset(&mut self) {}
+}
+
 /// Drops from a cached instance what neither the controller nor the ingress
 /// reads: field-management bookkeeping and kubectl's last-applied copy of the
 /// spec, together most of a small instance's size. Caches hold every instance
