@@ -437,16 +437,47 @@ async fn dropbox_backoff_and_failures_space_the_long_polls() -> Result<()> {
 async fn each_instance_is_long_polled_by_one_replica_and_a_survivor_takes_over() -> Result<()> {
     let f = fixture("longpoll-replicas").await;
     let receiver = Receiver::start(Some(SIGNING_KEY.as_bytes())).await;
-    let names: Vec<String> = (0..6).map(|i| format!("shared-{i}")).collect();
-    for name in &names {
-        f.instance(name, &receiver.url).await;
+    // The replicas are named, so which one is responsible for an instance
+    // (rendezvous hashing over the two, by uid) is known here. Six instances
+    // whose uids all fall to one replica (1 run in 32) would prove no split:
+    // instances are added until each replica is responsible for at least one.
+    let replicas =
+        ["ingress-a", "ingress-b"].map(|n| contract::replica_id(&contract::heartbeat_key(n)));
+    let mut names: Vec<String> = Vec::new();
+    let mut shares = [0usize; 2];
+    while names.len() < 6 || shares.contains(&0) {
+        let name = format!("shared-{}", names.len());
+        f.instance(&name, &receiver.url).await;
+        let uid = f
+            .instances
+            .get(&name)
+            .await?
+            .metadata
+            .uid
+            .context("instance uid")?;
+        let owner = dropbox_operator::ingress::membership::owner(&replicas, &uid);
+        shares[usize::from(owner == Some(replicas[1].as_str()))] += 1;
+        names.push(name);
     }
-    let mut a = f.ingress().name("ingress-a").start().await;
-    let b = f.ingress().name("ingress-b").start().await;
+    let total = names.len() as f64;
+    let mut a = f
+        .ingress()
+        .name("ingress-a")
+        .env("POD_NAME", "ingress-a")
+        .start()
+        .await;
+    let b = f
+        .ingress()
+        .name("ingress-b")
+        .env("POD_NAME", "ingress-b")
+        .start()
+        .await;
     for name in &names {
         f.wait_condition(name, "Ready", "True", None).await?;
     }
-    // Once both know each other, every instance is polled exactly once.
+    // Once both know each other, every instance is polled exactly once, by the
+    // replica responsible for it.
+    let expected = (shares[0] as f64, shares[1] as f64);
     let (x, y) = support::eventually(
         "the instances split between the replicas",
         Duration::from_secs(30),
@@ -456,15 +487,15 @@ async fn each_instance_is_long_polled_by_one_replica_and_a_survivor_takes_over()
                 b.metric_sum("dropbox_ingress_longpolls", "").await,
             ))
         },
-        |(x, y): &(f64, f64)| x + y == 6.0 && *x >= 1.0 && *y >= 1.0,
+        |seen: &(f64, f64)| *seen == expected,
     )
     .await?;
     println!("long-polls per replica: {x} / {y}");
     support::eventually(
-        "6 long-polls held",
+        "every instance's long-poll held",
         Duration::from_secs(30),
         || async { Ok(f.emu.longpolls_waiting()) },
-        |n: &usize| *n == 6,
+        |n: &usize| *n == names.len(),
     )
     .await?;
 
@@ -475,18 +506,18 @@ async fn each_instance_is_long_polled_by_one_replica_and_a_survivor_takes_over()
         "the survivor polls every instance",
         Duration::from_secs(30),
         || async { Ok(b.metric_sum("dropbox_ingress_longpolls", "").await) },
-        |n: &f64| *n == 6.0,
+        |n: &f64| *n == total,
     )
     .await?;
-    f.wait_longpolls(6).await?;
+    f.wait_longpolls(names.len()).await?;
     f.emu.upload(ACCOUNT, "/shared.txt", b"x");
-    // One account, six instances: each gets the change.
-    let events = wait_events(&receiver, 6, Duration::from_secs(30)).await?;
+    // One account, every instance: each gets the change.
+    let events = wait_events(&receiver, names.len(), Duration::from_secs(30)).await?;
     let instances: BTreeSet<String> = receiver
         .accepted()
         .iter()
         .filter_map(|d| d.body["message"]["instanceId"].as_str().map(str::to_owned))
         .collect();
-    assert_eq!(instances.len(), 6, "{events:?}");
+    assert_eq!(instances.len(), names.len(), "{events:?}");
     Ok(())
 }
