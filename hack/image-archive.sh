@@ -9,8 +9,8 @@
 # digest). CONFIG_JSON is a file with the image's `config` object (User,
 # Entrypoint, Cmd, Env, ExposedPorts, WorkingDir, Labels). NAME is the full
 # image reference the runtime lists it under (e.g.
-# docker.io/library/dropbox-operator:0.1.0, as the kubelet normalises the
-# chart's `dropbox-operator:0.1.0`). The e2e node (`make e2e`) imports the
+# ghcr.io/dropbox-operator/dropbox-operator:0.1.0, the image the chart's
+# default values name). The e2e node (`make e2e`) imports the
 # operator's image from target/runtime-image/rootfs this way
 # (hack/verify-runtime-image.sh assembles it) and its pause image.
 set -euo pipefail

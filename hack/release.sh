@@ -206,8 +206,9 @@ echo "dropbox-operator-$VERSION.tgz: $(stat -c %s "$OUT/dropbox-operator-$VERSIO
 # ---------------------------------------------------------------------------
 step "runtime image (OCI archive, from the root filesystem hack/verify-runtime-image.sh assembles)"
 # The image is what the Dockerfile's runtime stage holds that the binary uses:
-# the binary, the dynamic loader and the glibc/libgcc libraries it links, and
-# the CA bundle; USER 65532:65532, ENTRYPOINT /dropbox-operator. For amd64 the
+# the binary, the dynamic loader and the glibc/libgcc libraries it links, the
+# CA bundle, and the base image's users, /tmp and nonroot home
+# (hack/image-base-files.sh); the Dockerfile's configuration. For amd64 the
 # root filesystem is the one verify-runtime-image.sh assembled and ran the
 # binary in (as uid 65532); for arm64 the same files come from Debian's
 # cross-toolchain sysroot (/usr/aarch64-linux-gnu).
@@ -231,26 +232,40 @@ for arch in $ARCHES; do
             install -D -m 0755 "$(readlink -f "$sysroot/lib/$lib")" "$rootfs/lib/$lib"
         done
         install -m 0644 /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
+        hack/image-base-files.sh "$rootfs"
     fi
     tag=$VERSION-$arch
     umoci new --image "$layout:$tag"
+    # The configuration is the one verify-runtime-image.sh wrote from the
+    # Dockerfile and the distroless base (tests/e2e.rs compares that with the
+    # Dockerfile), plus the release's version and source labels.
+    mapfile -d '' image_config < <(python3 - target/runtime-image/config.json <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+args = ["--config.user", c["User"], "--config.workingdir", c["WorkingDir"]]
+args += [a for e in c["Entrypoint"] for a in ("--config.entrypoint", e)]
+args += [a for e in c["Cmd"] for a in ("--config.cmd", e)]
+args += [a for e in c["Env"] for a in ("--config.env", e)]
+args += [a for p in c["ExposedPorts"] for a in ("--config.exposedports", p)]
+args += [a for k, v in c["Labels"].items() for a in ("--config.label", f"{k}={v}")]
+sys.stdout.write("".join(a + "\0" for a in args))
+PY
+    )
     umoci config --image "$layout:$tag" --os linux --architecture "$arch" \
-        --config.user 65532:65532 --config.entrypoint /dropbox-operator --config.cmd --help \
-        --config.exposedports 8080/tcp --config.workingdir / \
-        --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        --config.label org.opencontainers.image.title=dropbox-operator \
-        --config.label "org.opencontainers.image.description=Kubernetes operator for Dropbox element instances: OAuth lifecycle and signed file-change events" \
-        --config.label org.opencontainers.image.licenses=Apache-2.0 \
+        "${image_config[@]}" \
         --config.label "org.opencontainers.image.version=$VERSION" \
         --config.label "org.opencontainers.image.source=https://github.com/$GITHUB_REPOSITORY" \
         --created "$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)" \
         --author "dropbox-operator maintainers" --no-history
-    # Files owned by root, world-readable: the binary runs as 65532.
-    tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$SOURCE_DATE_EPOCH" \
+    # Files owned by root, world-readable (the binary runs as 65532), but the
+    # nonroot home, which is 65532's.
+    chown -R 0:0 "$rootfs"
+    chown 65532:65532 "$rootfs/home/nonroot"
+    tar --sort=name --numeric-owner --mtime="@$SOURCE_DATE_EPOCH" \
         -C "$rootfs" -cf "$WORK/layer-$arch.tar" .
     umoci raw add-layer --image "$layout:$tag" "$WORK/layer-$arch.tar" \
         --history.created "$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)" \
-        --history.created_by "hack/release.sh: the binary, its shared libraries and the CA bundle"
+        --history.created_by "hack/release.sh: the binary, its shared libraries, the CA bundle and the base files"
     platforms+=("$arch")
 done
 # One tag, $VERSION, for every platform: an OCI image index over the
@@ -304,24 +319,37 @@ for arch in "${platforms[@]}"; do
     ref="oci:$check/layout:$VERSION-$arch"
     skopeo inspect --config "$ref" >"$check/config-$arch.json"
     skopeo inspect "$ref" >"$check/inspect-$arch.json"
-    python3 - "$arch" "$VERSION" "$check/config-$arch.json" "$check/inspect-$arch.json" <<'PY' || fail "image $VERSION-$arch: config"
+    python3 - "$arch" "$VERSION" "$check/config-$arch.json" "$check/inspect-$arch.json" target/runtime-image/config.json <<'PY' || fail "image $VERSION-$arch: config"
 import json, sys
-arch, version, config_file, inspect_file = sys.argv[1:5]
+arch, version, config_file, inspect_file, expected_file = sys.argv[1:6]
 config = json.load(open(config_file))
 inspect = json.load(open(inspect_file))
+expected = json.load(open(expected_file))
 c = config["config"]
 assert config["architecture"] == arch and config["os"] == "linux", config
-assert c["User"] == "65532:65532", c
-assert c["Entrypoint"] == ["/dropbox-operator"], c
-assert "8080/tcp" in c["ExposedPorts"], c
+# Every platform carries the Dockerfile's configuration (as tests/e2e.rs
+# checks it for the e2e image): user, entrypoint, cmd, env, working directory,
+# ports and labels.
+for key in ("User", "Entrypoint", "Cmd", "Env", "WorkingDir"):
+    assert c.get(key) == expected[key], (key, c.get(key), expected[key])
+assert sorted(c["ExposedPorts"]) == sorted(expected["ExposedPorts"]), c
+for key, value in expected["Labels"].items():
+    assert c["Labels"].get(key) == value, (key, c["Labels"])
 assert c["Labels"]["org.opencontainers.image.version"] == version, c
 assert len(inspect["Layers"]) == 1, inspect
-print(f"{arch}: user {c['User']}, entrypoint {c['Entrypoint']}, {len(inspect['Layers'])} layer")
+print(f"{arch}: user {c['User']}, entrypoint {c['Entrypoint']}, ports {sorted(c['ExposedPorts'])}, "
+      f"workdir {c['WorkingDir']}, {len(inspect['Layers'])} layer")
 PY
+    # Every platform's files: the base image's users, /tmp and the nonroot home.
+    umoci unpack --image "$check/layout:$VERSION-$arch" "$check/bundle-$arch" >/dev/null
+    rootfs=$check/bundle-$arch/rootfs
+    grep -qx 'nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin' "$rootfs/etc/passwd" ||
+        fail "image $VERSION-$arch: no nonroot user in /etc/passwd"
+    [[ -f $rootfs/etc/group && $(stat -c %a "$rootfs/tmp") == 1777 && $(stat -c %u:%g "$rootfs/home/nonroot") == 65532:65532 ]] ||
+        fail "image $VERSION-$arch: /etc/group, /tmp (1777) or /home/nonroot (65532) missing"
+    echo "$arch: /etc/passwd and /etc/group, /tmp 1777, /home/nonroot owned by 65532"
     if [[ $arch == amd64 ]]; then
         # The unpacked image runs: as the image's user, from its own files only.
-        umoci unpack --image "$check/layout:$VERSION-$arch" "$check/bundle-$arch" >/dev/null
-        rootfs=$check/bundle-$arch/rootfs
         chroot --userspec=65532:65532 --groups=65532 "$rootfs" /dropbox-operator --version
         chroot --userspec=65532:65532 --groups=65532 "$rootfs" /dropbox-operator crd |
             diff - crds/dropboxelementinstances.elements.dropbox-operator.dev.yaml >/dev/null ||

@@ -104,16 +104,9 @@ if [[ -f /etc/ssl/certs/ca-certificates.crt ]]; then
 else
     echo "note: no /etc/ssl/certs/ca-certificates.crt on this machine; the image has one"
 fi
-# What the distroless base adds that a process may notice: its users (the
-# runtime looks up HOME for uid 65532), /tmp and the nonroot home.
-install -d -m 0755 "$ROOTFS/etc"
-printf '%s\n' 'root:x:0:0:root:/root:/sbin/nologin' 'nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin' \
-    'nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin' >"$ROOTFS/etc/passwd"
-printf '%s\n' 'root:x:0:' 'nobody:x:65534:' 'nonroot:x:65532:' >"$ROOTFS/etc/group"
-chmod 0644 "$ROOTFS/etc/passwd" "$ROOTFS/etc/group"
-install -d -m 1777 "$ROOTFS/tmp"
-install -d -m 0700 "$ROOTFS/root"
-install -d -m 0700 -o "$RUNTIME_UID" -g "$RUNTIME_UID" "$ROOTFS/home/nonroot"
+# What the distroless base adds that a process may notice (users, /tmp, the
+# nonroot home); the release image gets the same (hack/release.sh).
+hack/image-base-files.sh "$ROOTFS"
 echo "$IMAGE_CONFIG" >"$(dirname "$ROOTFS")/config.json"
 (cd "$ROOTFS" && find . -type f -printf '%s\t%p\n' | sort -k2)
 
@@ -134,7 +127,7 @@ diff <(echo "$crd") crds/dropboxelementinstances.elements.dropbox-operator.dev.y
     fail "crd output differs from crds/"
 echo "identical to crds/dropboxelementinstances.elements.dropbox-operator.dev.yaml"
 
-step "as uid $RUNTIME_UID: /dropbox-operator import - (DESIGN §8 example)"
+step "as uid $RUNTIME_UID: /dropbox-operator import - (the Cloud Elements instance JSON of docs/user-guide.md)"
 in_image import - <<'JSON' | grep -E '^(#|kind:|---)'
 {
   "element": { "key": "dropbox" },
