@@ -68,6 +68,8 @@ struct World {
     victim_rx: Receiver,
     attacker_rx: Receiver,
     other_rx: Receiver,
+    /// The victim instance's uid (the peer endpoint is told instance uids).
+    victim_uid: String,
 }
 
 async fn secret(client: &Client, ns: &str, name: &str, data: &[(&str, &str)]) -> Result<()> {
@@ -269,6 +271,7 @@ async fn setup() -> Result<World> {
             })
         })
         .context("no pod names with the wanted owners")?;
+    let victim_uid = uids[0].1.clone();
     let ingress = ingress_base("ingress")
         .env("POD_NAME", &ingress_pod)
         .env("ALLOWED_CALLBACK_CIDRS", "127.0.0.0/8,::1/128")
@@ -308,6 +311,7 @@ async fn setup() -> Result<World> {
         victim_rx,
         attacker_rx,
         other_rx,
+        victim_uid,
     })
 }
 
@@ -332,6 +336,18 @@ async fn post_many(
     tries: usize,
     expected: u16,
 ) -> usize {
+    post_many_with(url, body, signature, &[], tries, expected).await
+}
+
+/// [`post_many`] with extra request headers.
+async fn post_many_with(
+    url: &str,
+    body: &str,
+    signature: Option<&str>,
+    headers: &[(&'static str, String)],
+    tries: usize,
+    expected: u16,
+) -> usize {
     let http = support::dropbox::http_client();
     let ok = Arc::new(AtomicUsize::new(0));
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
@@ -340,10 +356,14 @@ async fn post_many(
         let permit = sem.clone().acquire_owned().await.expect("semaphore");
         let (http, ok, url, body) = (http.clone(), ok.clone(), url.to_owned(), body.to_owned());
         let signature = signature.map(str::to_owned);
+        let headers = headers.to_vec();
         tasks.push(tokio::spawn(async move {
             let mut req = http.post(&url).body(body);
             if let Some(s) = signature {
                 req = req.header("X-Dropbox-Signature", s);
+            }
+            for (name, value) in headers {
+                req = req.header(name, value);
             }
             if let Ok(r) = req.send().await
                 && r.status().as_u16() == expected
@@ -620,11 +640,43 @@ async fn run() -> Result<()> {
         let_through: tries - refused + reads.saturating_sub(allowed_reads),
     });
 
+    // 8b. The peer endpoint (hand-offs between replicas; not behind the public
+    // Service) reached directly, naming the victim's instance: it verifies the
+    // signature with that instance's own app secret, as the public port does.
+    let peer_url = format!(
+        "http://127.0.0.1:{}{}{APP_KEY}",
+        w.ingress.peer_port,
+        dropbox_operator::ingress::handoff::PEER_PREFIX
+    );
+    let named = [(
+        dropbox_operator::ingress::handoff::INSTANCES_HEADER,
+        w.victim_uid.clone(),
+    )];
+    let tries = 20;
+    for (attack, signature) in [
+        (
+            "peer endpoint: forged signature, victim's instance named",
+            forged.clone(),
+        ),
+        (
+            "peer endpoint: another tenant's signature, victim's instance named",
+            sign(ATTACKER_SECRET, &body),
+        ),
+    ] {
+        let refused = post_many_with(&peer_url, &body, Some(&signature), &named, tries, 403).await;
+        rows.push(Row {
+            attack: attack.into(),
+            tries,
+            refused,
+            let_through: tries - refused,
+        });
+    }
+
     // Nothing of the above reached the victim.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leaked = (w.victim_rx.all().len() - delivered_before) + (victim_calls() - calls_before);
     rows.push(Row {
-        attack: "victim deliveries or Dropbox calls caused by rows 1-8".into(),
+        attack: "victim deliveries or Dropbox calls caused by rows 1-8b".into(),
         tries: 1,
         refused: usize::from(leaked == 0),
         let_through: leaked,
