@@ -286,6 +286,7 @@ async fn plain_reconcile(
     let app_secret = String::from_utf8_lossy(&data["oauth.api.secret"].0).into_owned();
     let code_name = format!("code-{}", name.trim_start_matches("i-"));
     let code_secret = secrets.get(&code_name).await?;
+    let code_version = code_secret.resource_version().unwrap_or_default();
     let code = String::from_utf8_lossy(&code_secret.data.context("data")?["code"].0).into_owned();
     let token_name = format!("{name}-dropbox-token");
     let _ = secrets.get_opt(&token_name).await?;
@@ -309,7 +310,10 @@ async fn plain_reconcile(
                 "apiVersion": "elements.dropbox-operator.dev/v1alpha1", "kind": "DropboxElementInstance",
                 "metadata": {
                     "finalizers": ["elements.dropbox-operator.dev/revoke-token"],
-                    "annotations": {"elements.dropbox-operator.dev/code-sent": format!("sha256:{code}")}
+                    "annotations": {
+                        "elements.dropbox-operator.dev/code-sent": format!("sha256:{code}"),
+                        "elements.dropbox-operator.dev/code-secret-version": code_version,
+                    }
             }})),
         )
         .await?;

@@ -52,6 +52,11 @@ pub struct Executor<'a> {
     version: Option<String>,
     /// The token Secret's resourceVersion (None: there is none).
     secret_version: Option<String>,
+    /// The code Secret's resourceVersion as the decision read it.
+    code_secret_version: Option<String>,
+    /// What this run wrote into [`token::CODE_SECRET_VERSION_ANNOTATION`]
+    /// (Some(None): that it removed it).
+    recorded_code_version: Option<Option<String>>,
     /// A code claimed in this process and not yet spent or given back.
     claimed: bool,
 }
@@ -66,6 +71,7 @@ impl<'a> Executor<'a> {
         instance: &'a DropboxElementInstance,
         facts: &'a Facts,
         secret_version: Option<String>,
+        code_secret_version: Option<String>,
     ) -> Self {
         let namespace = instance.namespace().unwrap_or_default();
         Executor {
@@ -77,6 +83,8 @@ impl<'a> Executor<'a> {
             uid: instance.uid().unwrap_or_default(),
             version: instance.resource_version(),
             secret_version,
+            code_secret_version,
+            recorded_code_version: None,
             claimed: false,
         }
     }
@@ -307,8 +315,20 @@ impl<'a> Executor<'a> {
         if let Some(version) = &self.version {
             metadata["resourceVersion"] = json!(version);
         }
+        let mut annotations = serde_json::Map::new();
         if let Some(codes) = spent.to_annotation() {
-            metadata["annotations"] = json!({ token::CODE_SENT_ANNOTATION: codes });
+            annotations.insert(token::CODE_SENT_ANNOTATION.into(), json!(codes));
+        }
+        // The code Secret's version, when its code is among the spent ones: until
+        // that Secret changes, a restart need not read it (`settled.rs`). Left
+        // out otherwise (server-side apply then removes it), e.g. when a code that
+        // was not consumed is given back.
+        let code_version = self.spent_code_version(spent);
+        if let Some(version) = &code_version {
+            annotations.insert(token::CODE_SECRET_VERSION_ANNOTATION.into(), json!(version));
+        }
+        if !annotations.is_empty() {
+            metadata["annotations"] = annotations.into();
         }
         let written = self
             .instances
@@ -325,7 +345,40 @@ impl<'a> Executor<'a> {
             .map_err(|e| conflict_or(e, "the instance"))?;
         self.version = written.resource_version();
         self.ctx.written.note_metadata_write(&written);
+        self.recorded_code_version = Some(code_version);
         Ok(())
+    }
+
+    /// The code Secret's version, when the code it holds is in `spent`.
+    fn spent_code_version(&self, spent: &SpentCodes) -> Option<String> {
+        let code = self.code()?;
+        spent
+            .contains(&code.fingerprint)
+            .then(|| self.code_secret_version.clone())
+            .flatten()
+    }
+
+    /// After a run that ended with working tokens: records the code Secret's
+    /// version on the instance when the annotation does not have it yet (an
+    /// instance from an earlier release, or a code Secret changed without a new
+    /// code), one write, so the next start can skip reading its Secrets
+    /// (`settled.rs`). Nothing when this run already recorded it.
+    pub async fn record_code_secret_version(&mut self) -> Result<(), Error> {
+        let wanted = self.spent_code_version(&self.facts.spent);
+        let recorded = match &self.recorded_code_version {
+            Some(written) => written.clone(),
+            None => self
+                .instance
+                .annotations()
+                .get(token::CODE_SECRET_VERSION_ANNOTATION)
+                .cloned(),
+        };
+        if wanted.is_none() || wanted == recorded {
+            return Ok(());
+        }
+        self.fence()?;
+        let spent = self.facts.spent.clone();
+        self.record(&spent).await
     }
 
     /// Stores tokens; when they cannot be stored they are kept in memory (the

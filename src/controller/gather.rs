@@ -24,6 +24,8 @@ pub struct Gathered {
     pub signature_key: Option<Result<String, Problem>>,
     /// The token Secret's resourceVersion (the precondition of its next write).
     pub token_secret_version: Option<String>,
+    /// The code Secret's resourceVersion as read (oauth2).
+    pub code_secret_version: Option<String>,
 }
 
 /// Gathers the facts of one reconcile.
@@ -43,6 +45,7 @@ pub async fn gather(instance: &DropboxElementInstance, ctx: &Context) -> Result<
     let secret_name = token::secret_name(&instance.name_any());
 
     let mut version = None;
+    let mut code_secret_version = None;
     let (auth, app, token_secret, signature_key) = match read {
         Err(problem) if !deleting => (Auth::Problem(problem), None, TokenSecret::Absent, None),
         Err(problem) => {
@@ -84,21 +87,25 @@ pub async fn gather(instance: &DropboxElementInstance, ctx: &Context) -> Result<
                     code_verifier,
                     redirect_uri,
                     exchange_redirect_uri,
-                } => Auth::OAuth2 {
-                    authorize_url: ctx.dropbox.authorize_url(
-                        &app.as_ref()
-                            .map(|a| a.client_id.clone())
-                            .unwrap_or_default(),
-                        redirect_uri.as_deref(),
-                        &object_key(instance),
-                    ),
-                    code: code.map(|(value, fingerprint)| Code {
-                        value,
-                        fingerprint,
-                        verifier: code_verifier,
-                        redirect_uri: exchange_redirect_uri,
-                    }),
-                },
+                    code_secret_version: read_version,
+                } => {
+                    code_secret_version = read_version;
+                    Auth::OAuth2 {
+                        authorize_url: ctx.dropbox.authorize_url(
+                            &app.as_ref()
+                                .map(|a| a.client_id.clone())
+                                .unwrap_or_default(),
+                            redirect_uri.as_deref(),
+                            &object_key(instance),
+                        ),
+                        code: code.map(|(value, fingerprint)| Code {
+                            value,
+                            fingerprint,
+                            verifier: code_verifier,
+                            redirect_uri: exchange_redirect_uri,
+                        }),
+                    }
+                }
             };
             (auth, app, token_secret, signature_key)
         }
@@ -144,6 +151,7 @@ pub async fn gather(instance: &DropboxElementInstance, ctx: &Context) -> Result<
         inputs_hash,
         signature_key,
         token_secret_version: version,
+        code_secret_version,
     })
 }
 

@@ -36,6 +36,8 @@ pub enum Credentials {
         /// `redirect_uri` when it has one (`Some(None)`: it is empty, the code
         /// was obtained without one), else `redirect_uri`.
         exchange_redirect_uri: Option<String>,
+        /// The code Secret's resourceVersion as read (None: no code Secret).
+        code_secret_version: Option<String>,
     },
     ApiKey {
         token: SecretString,
@@ -153,6 +155,24 @@ impl SecretCache {
             }
         }
         Ok(secret)
+    }
+
+    /// The Secret's metadata as the watch last saw it (after its first list).
+    pub async fn metadata(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Arc<PartialObjectMeta<Secret>>> {
+        crate::store::wait_until_ready(&self.versions).await;
+        self.versions.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Whether this process holds the Secret's contents.
+    pub fn is_cached(&self, namespace: &str, name: &str) -> bool {
+        self.contents
+            .lock()
+            .expect("secret cache lock")
+            .contains_key(&(namespace.to_owned(), name.to_owned()))
     }
 
     /// Secrets (metadata as watched) that carry finalizer `finalizer`.
@@ -303,6 +323,29 @@ impl SecretReader<'_> {
     }
 }
 
+/// The app key (client id) of the instance's app Secret, None when it cannot
+/// be read (the full reconcile says why).
+pub async fn app_key(
+    client: &Client,
+    shared: &SecretCache,
+    instance: &DropboxElementInstance,
+) -> Result<Option<String>, kube::Error> {
+    let Some(app_ref) = &instance.spec.authentication.app_secret_ref else {
+        return Ok(None);
+    };
+    let namespace = instance.namespace().unwrap_or_default();
+    let mut secrets = SecretReader {
+        api: Api::namespaced(client.clone(), &namespace),
+        namespace,
+        shared,
+        cache: BTreeMap::new(),
+    };
+    Ok(secrets
+        .value(&app_ref.name, &app_ref.client_id_key)
+        .await?
+        .ok())
+}
+
 /// Reads the instance's credentials and its token Secret.
 pub async fn read(
     client: &Client,
@@ -355,6 +398,10 @@ pub async fn read(
                 .await?
                 .ok()
                 .map(|code| (fingerprint(&code), SecretString(code)));
+            let code_secret_version = secrets
+                .secret(&code_ref.name)
+                .await?
+                .and_then(|s| s.metadata.resource_version.clone());
             let (code_verifier, code_redirect_uri) = match code {
                 Some(_) => (
                     secrets
@@ -379,6 +426,7 @@ pub async fn read(
                 code_verifier,
                 redirect_uri: auth.callback_url.clone(),
                 exchange_redirect_uri,
+                code_secret_version,
             }
         }
         AuthenticationType::ApiKey => {
@@ -509,6 +557,7 @@ mod tests {
             code_verifier: Some(SecretString("VERIFIERSECRET".into())),
             redirect_uri: None,
             exchange_redirect_uri: None,
+            code_secret_version: None,
         };
         let shown = format!("{c:?} {app:?}");
         assert!(

@@ -30,6 +30,7 @@ pub mod memo;
 pub mod projection;
 pub mod reconcile;
 pub mod revoke;
+pub mod settled;
 pub mod status;
 pub mod token;
 

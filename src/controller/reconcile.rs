@@ -115,6 +115,11 @@ async fn reconcile_once(instance: &DropboxElementInstance, ctx: &Context) -> Res
         // Status mirrors the delivery states: wait for their first listing.
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
+    if !deleting && let Some(left) = super::settled::shortcut(instance, ctx).await? {
+        // Settled, and nothing it was settled on changed: no Secret to read.
+        ctx.backoff.reset(&key);
+        return Ok(Action::requeue(left.min(ctx.config.resync_interval)));
+    }
     let gathered = gather(instance, ctx).await?;
     if !deleting && let Some(wait) = ctx.backoff.remaining(&key, gathered.inputs_hash) {
         // Woken up by our own status write while backing off: nothing changed.
@@ -125,6 +130,7 @@ async fn reconcile_once(instance: &DropboxElementInstance, ctx: &Context) -> Res
         instance,
         &gathered.facts,
         gathered.token_secret_version.clone(),
+        gathered.code_secret_version.clone(),
     );
     let mut verdict = match executor.run().await? {
         Outcome::Released => {
@@ -133,6 +139,9 @@ async fn reconcile_once(instance: &DropboxElementInstance, ctx: &Context) -> Res
         }
         Outcome::Verdict(verdict) => *verdict,
     };
+    if verdict.authorized.reason == Reason::TokenValid {
+        executor.record_code_secret_version().await?;
+    }
 
     let prev = instance.status.clone().unwrap_or_default();
     let projector = Projector {

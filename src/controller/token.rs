@@ -45,6 +45,14 @@ pub const FINALIZER: &str = "elements.dropbox-operator.dev/revoke-token";
 /// here is never sent again, also after a crash, a restart or a failover.
 pub const CODE_SENT_ANNOTATION: &str = "elements.dropbox-operator.dev/code-sent";
 
+/// Annotation on the instance: the resourceVersion of the code Secret as it was
+/// when its code went into [`CODE_SENT_ANNOTATION`] (written in the same write,
+/// left out when the Secret's code is not spent). While the code Secret still
+/// has that version, it holds nothing to send: a restarted controller knows it
+/// from the metadata watch, without reading the Secret (`settled.rs`).
+pub const CODE_SECRET_VERSION_ANNOTATION: &str =
+    "elements.dropbox-operator.dev/code-secret-version";
+
 /// Name of the token Secret of instance `name`: `<name>-dropbox-token`, with
 /// the name shortened (a prefix and a hash) when that would exceed the 253
 /// characters of an object name.
@@ -366,7 +374,15 @@ pub fn refresh_at(
     last_refresh: Option<&Time>,
     margin: Duration,
 ) -> Option<jiff::Timestamp> {
-    let expires_at = stored.expires_at?;
+    Some(refresh_before(stored.expires_at?, last_refresh, margin))
+}
+
+/// [`refresh_at`] for a token that expires at `expires_at`.
+pub fn refresh_before(
+    expires_at: jiff::Timestamp,
+    last_refresh: Option<&Time>,
+    margin: Duration,
+) -> jiff::Timestamp {
     let margin =
         jiff::SignedDuration::try_from(margin).unwrap_or(jiff::SignedDuration::from_secs(300));
     let margin = match last_refresh {
@@ -375,7 +391,7 @@ pub fn refresh_at(
         }
         _ => margin,
     };
-    Some(expires_at.checked_sub(margin).unwrap_or(expires_at))
+    expires_at.checked_sub(margin).unwrap_or(expires_at)
 }
 
 #[cfg(test)]

@@ -336,7 +336,8 @@ fn random_token() -> String {
 
 /// Writes the API server records in its audit log: every create, update,
 /// patch and delete of Secrets and DropboxElementInstances (with its status),
-/// at the Metadata level (who, what, when, the answer; never a body).
+/// and every read (get) of a Secret, at the Metadata level (who, what, when,
+/// the answer; never a body).
 const AUDIT_POLICY: &str = r#"apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
@@ -348,6 +349,11 @@ rules:
     resources: ["secrets"]
   - group: "elements.dropbox-operator.dev"
     resources: ["dropboxelementinstances", "dropboxelementinstances/status"]
+- level: Metadata
+  verbs: ["get"]
+  resources:
+  - group: ""
+    resources: ["secrets"]
 - level: None
 "#;
 
