@@ -123,6 +123,23 @@ impl Fixture {
             .collect()
     }
 
+    /// The instance's Events once one of `type_` with `reason` is among them
+    /// (waiting up to 10 s: the controller publishes it right after the status
+    /// write that a test usually waits for, so it can arrive a moment later).
+    async fn wait_event(&self, name: &str, type_: &str, reason: &str) -> Vec<Event> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let events = self.events_for(name).await;
+            let found = events
+                .iter()
+                .any(|e| e.type_.as_deref() == Some(type_) && e.reason.as_deref() == Some(reason));
+            if found || tokio::time::Instant::now() > deadline {
+                return events;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn calls(&self, route: &str) -> usize {
         self.emu.calls_to(route).len()
     }
@@ -597,7 +614,9 @@ async fn refresh_invalid_grant_requires_reauthorization_with_url_and_warning() -
     ] {
         assert!(url.contains(part), "{url} lacks {part}");
     }
-    let events = f.events_for("gone").await;
+    let events = f
+        .wait_event("gone", "Warning", "ReauthorizationRequired")
+        .await;
     assert!(
         events.iter().any(|e| e.type_.as_deref() == Some("Warning")
             && e.reason.as_deref() == Some("ReauthorizationRequired")),
