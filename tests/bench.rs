@@ -269,9 +269,11 @@ async fn plain_run(ns: &str, emu_url: &str, n: usize) -> Result<()> {
 }
 
 /// One new instance, the calls in the controller's order: the code Secret,
-/// the token Secret (absent), a server-side dry run of the token Secret, the
-/// finalizer and the code marker in one write, the code exchange and the
-/// account lookup at Dropbox, the token Secret, the status.
+/// the token Secret (absent), a server-side dry run of the token Secret's
+/// create, the app key and secret checked at Dropbox (`check/app`), the
+/// finalizer, the code marker and the code Secret's version in one write, the
+/// code exchange at Dropbox, the token Secret's create, the account lookup at
+/// Dropbox, the status.
 async fn plain_reconcile(
     instances: &Api<DropboxElementInstance>,
     secrets: &Api<Secret>,
@@ -290,18 +292,34 @@ async fn plain_reconcile(
     let code = String::from_utf8_lossy(&code_secret.data.context("data")?["code"].0).into_owned();
     let token_name = format!("{name}-dropbox-token");
     let _ = secrets.get_opt(&token_name).await?;
-    let probe: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": token_name},
-        "stringData": {"access_token": "probe"}
-    }))?;
+    let token_secret = |data: Value| -> Result<Secret> {
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": token_name, "ownerReferences": [instance.controller_owner_ref(&())]},
+            "stringData": data
+        }))?)
+    };
+    let probe = token_secret(json!({"access_token": "probe"}))?;
     secrets
-        .patch(
-            &token_name,
-            &PatchParams::apply("plain-loop").force().dry_run(),
-            &Patch::Apply(&probe),
+        .create(
+            &PostParams {
+                dry_run: true,
+                field_manager: Some("plain-loop".into()),
+            },
+            &probe,
         )
         .await?;
+    let checked = http
+        .post(format!("{emu_url}/2/check/app"))
+        .basic_auth(&key, Some(&app_secret))
+        .json(&json!({"query": "plain-loop"}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        checked.status().is_success(),
+        "check/app: {}",
+        checked.status()
+    );
     instances
         .patch(
             &name,
@@ -334,6 +352,19 @@ async fn plain_reconcile(
         .as_str()
         .context("access_token")?
         .to_owned();
+    let stored = token_secret(json!({
+        "access_token": access, "refresh_token": token["refresh_token"],
+        "expires_at": "2030-01-01T00:00:00Z", "account_id": token["account_id"],
+        "scope": token["scope"]}))?;
+    secrets
+        .create(
+            &PostParams {
+                dry_run: false,
+                field_manager: Some("plain-loop".into()),
+            },
+            &stored,
+        )
+        .await?;
     let account: Value = http
         .post(format!("{emu_url}/2/users/get_current_account"))
         .bearer_auth(&access)
@@ -342,19 +373,6 @@ async fn plain_reconcile(
         .send()
         .await?
         .json()
-        .await?;
-    let token_secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": token_name, "ownerReferences": [instance.controller_owner_ref(&())]},
-        "stringData": {"access_token": access, "refresh_token": token["refresh_token"], "expires_at": "2030-01-01T00:00:00Z",
-                       "account_id": account["account_id"], "scope": token["scope"]}
-    }))?;
-    secrets
-        .patch(
-            &token_name,
-            &PatchParams::apply("plain-loop").force(),
-            &Patch::Apply(&token_secret),
-        )
         .await?;
     let status = json!({"apiVersion": "elements.dropbox-operator.dev/v1alpha1", "kind": "DropboxElementInstance",
         "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "message": "ok",
