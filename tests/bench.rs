@@ -299,16 +299,14 @@ async fn plain_reconcile(
             "stringData": data
         }))?)
     };
-    let probe = token_secret(json!({"access_token": "probe"}))?;
-    secrets
-        .create(
-            &PostParams {
-                dry_run: true,
-                field_manager: Some("plain-loop".into()),
-            },
-            &probe,
-        )
-        .await?;
+    let create = |secret: Secret, dry_run: bool| async move {
+        let pp = PostParams {
+            dry_run,
+            field_manager: Some("plain-loop".into()),
+        };
+        secrets.create(&pp, &secret).await
+    };
+    create(token_secret(json!({"access_token": "probe"}))?, true).await?;
     let checked = http
         .post(format!("{emu_url}/2/check/app"))
         .basic_auth(&key, Some(&app_secret))
@@ -356,15 +354,7 @@ async fn plain_reconcile(
         "access_token": access, "refresh_token": token["refresh_token"],
         "expires_at": "2030-01-01T00:00:00Z", "account_id": token["account_id"],
         "scope": token["scope"]}))?;
-    secrets
-        .create(
-            &PostParams {
-                dry_run: false,
-                field_manager: Some("plain-loop".into()),
-            },
-            &stored,
-        )
-        .await?;
+    create(stored, false).await?;
     let account: Value = http
         .post(format!("{emu_url}/2/users/get_current_account"))
         .bearer_auth(&access)
